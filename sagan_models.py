@@ -1,0 +1,191 @@
+"""SAGAN generator and discriminator with Non-local (span-masked) self-attention.
+
+The Non-local idea: a query pixel may not attend to keys inside the (2·span+1)² square
+around itself, because the convolutions already see that neighbourhood; attention is
+left for far pixels. span 0 is plain SAGAN (no mask at all).
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spectral import sn_conv, sn_deconv
+
+IMAGE_SIZES = (32, 64, 128)
+MASK_MODES = ("pre", "post")
+
+
+def span_mask(h: int, w: int, span: int, device=None) -> torch.Tensor:
+    """(N, N) bool, N = h·w row-major: True where key (r, c) is *far enough* from
+    query (i, j) to be attended, i.e. max(|r−i|, |c−j|) > span. Borders clip (no wrap)."""
+    r = torch.arange(h, device=device).repeat_interleave(w)
+    c = torch.arange(w, device=device).repeat(h)
+    cheb = torch.maximum((r[:, None] - r[None, :]).abs(), (c[:, None] - c[None, :]).abs())
+    return cheb > span
+
+
+class Self_Attn(nn.Module):
+    """SAGAN self-attention (seed layout: C/8 query/key, C value, no score scaling,
+    out = γ·attended + x with γ initialised to 0), with the span mask.
+
+    mask_mode "pre" (the seed's code): masked keys are excluded before the softmax, the
+    remaining weights renormalise to 1. "post" (the seed's README): softmax over all keys,
+    then masked weights are zeroed and the rest are not renormalised.
+
+    A query whose whole neighbourhood covers the map (e.g. the discriminator's 4×4 map at
+    span ≥ 2) has no key left: its attended value is exactly 0, so x passes through.
+    To get that without NaNs (softmax of all −inf) or the near-uniform weights a −1e9
+    fill gives, such rows are left unmasked for the softmax and multiplied by 0 after.
+    """
+
+    def __init__(self, in_dim: int, span: int = 0, mask_mode: str = "pre", fused: bool = True):
+        super().__init__()
+        if span < 0:
+            raise ValueError(f"span must be >= 0, got {span}")
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        self.query_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
+        self.key_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
+        self.value_conv = nn.Conv2d(in_dim, in_dim, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.span, self.mask_mode = span, mask_mode
+        # fused: pre-mode attention through scaled_dot_product_attention (no N×N weights
+        # kept for backward when a fused kernel applies). False: the dense reference path.
+        self.fused = fused
+        self.mask_builds = 0  # how often a mask was built; tests check it stays at 1
+
+    def extra_repr(self):
+        return f"span={self.span}, mask_mode={self.mask_mode!r}, fused={self.fused}"
+
+    def masks(self, h: int, w: int, device=None):
+        """(allowed, softmax_allowed, live) for an h×w map, built once and kept as
+        non-persistent buffers so they follow .to() and are never copied per forward.
+        allowed (N,N): the span mask; softmax_allowed: allowed with fully masked rows
+        opened (see class doc); live (N,1): rows that keep at least one key."""
+        name = f"mask_{h}x{w}"
+        if not hasattr(self, name):
+            allowed = span_mask(h, w, self.span, device)
+            live = allowed.any(dim=1, keepdim=True)
+            self.register_buffer(name, allowed, persistent=False)
+            self.register_buffer(name + "_softmax", allowed | ~live, persistent=False)
+            self.register_buffer(name + "_live", live, persistent=False)
+            self.mask_builds += 1
+        return getattr(self, name), getattr(self, name + "_softmax"), getattr(self, name + "_live")
+
+    def forward(self, x, return_attention: bool = False):
+        B, C, H, W = x.shape
+        q = self.query_conv(x).flatten(2).transpose(1, 2)  # B, N, C/8
+        k = self.key_conv(x).flatten(2)                    # B, C/8, N
+        v = self.value_conv(x).flatten(2)                  # B, C, N
+        masked = self.span > 0
+        if masked:
+            allowed, softmax_allowed, live = self.masks(H, W, x.device)
+
+        if self.fused and self.mask_mode == "pre" and not return_attention:
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.transpose(1, 2).unsqueeze(1),
+                attn_mask=softmax_allowed if masked else None, scale=1.0).squeeze(1)  # B, N, C
+            if masked:
+                out = out * live
+            out = out.transpose(1, 2)
+            attn = None
+        else:
+            energy = torch.bmm(q, k)  # B, N(query), N(key)
+            if not masked:
+                attn = energy.softmax(dim=-1)
+            elif self.mask_mode == "pre":
+                attn = energy.masked_fill(~softmax_allowed, float("-inf")).softmax(dim=-1) * live
+            else:
+                attn = energy.softmax(dim=-1) * allowed
+            out = torch.bmm(v, attn.transpose(1, 2))  # B, C, N
+
+        out = self.gamma * out.reshape(B, C, H, W) + x
+        return (out, attn) if return_attention else out
+
+
+def _check_size(image_size):
+    if image_size not in IMAGE_SIZES:
+        raise ValueError(f"image_size must be one of {IMAGE_SIZES}, got {image_size}")
+
+
+def _forward_collecting_attention(net: nn.Sequential, x):
+    """Run a Sequential, returning the output and {name: (B, N, N) weights} of its
+    attention layers (used for the attention pictures, not for training)."""
+    maps = {}
+    for name, layer in net.named_children():
+        if isinstance(layer, Self_Attn):
+            x, maps[name] = layer(x, return_attention=True)
+        else:
+            x = layer(x)
+    return x, maps
+
+
+class Generator(nn.Module):
+    """z → 4×4 → … → image. Channels start at conv_dim·image_size/8 and halve at each
+    doubling; attention after the image_size/4 and image_size/2 maps. At 64:
+    512@4 → 256@8 → 128@16 → attn → 64@32 → attn → 3@64 (the seed's network)."""
+
+    def __init__(self, image_size=64, z_dim=128, conv_dim=64, span=0, mask_mode="pre", fused=True):
+        super().__init__()
+        _check_size(image_size)
+        self.image_size, self.z_dim = image_size, z_dim
+        ch = conv_dim * image_size // 8
+        layers = OrderedDict(block4=nn.Sequential(sn_deconv(z_dim, ch, 4), nn.BatchNorm2d(ch), nn.ReLU()))
+        res = 4
+        while res < image_size // 2:
+            res *= 2
+            layers[f"block{res}"] = nn.Sequential(
+                sn_deconv(ch, ch // 2, 4, 2, 1), nn.BatchNorm2d(ch // 2), nn.ReLU())
+            ch //= 2
+            if res in (image_size // 4, image_size // 2):
+                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused)
+                layers[f"attn{res}"].masks(res, res)
+        layers["to_rgb"] = nn.Sequential(nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh())
+        self.net = nn.Sequential(layers)
+
+    def forward(self, z, return_attention=False):
+        x = z.view(z.shape[0], self.z_dim, 1, 1)
+        return _forward_collecting_attention(self.net, x) if return_attention else self.net(x)
+
+
+class Discriminator(nn.Module):
+    """image → one logit per image. Stride-2 convs 3 → conv_dim, doubling at each halving
+    down to 4×4; attention after the 8×8 and 4×4 stages. At 64:
+    64@32 → 128@16 → 256@8 → attn → 512@4 → attn → logit (the seed's network)."""
+
+    def __init__(self, image_size=64, conv_dim=64, span=0, mask_mode="pre", fused=True):
+        super().__init__()
+        _check_size(image_size)
+        layers = OrderedDict()
+        res, in_ch, ch = image_size, 3, conv_dim
+        while res > 4:
+            res //= 2
+            layers[f"block{res}"] = nn.Sequential(sn_conv(in_ch, ch, 4, 2, 1), nn.LeakyReLU(0.1))
+            if res in (8, 4):
+                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused)
+                layers[f"attn{res}"].masks(res, res)
+            in_ch, ch = ch, ch * 2
+        layers["to_logit"] = nn.Conv2d(in_ch, 1, 4)
+        self.net = nn.Sequential(layers)
+
+    def forward(self, x, return_attention=False):
+        if return_attention:
+            out, maps = _forward_collecting_attention(self.net, x)
+            return out.view(x.shape[0]), maps
+        return self.net(x).view(x.shape[0])
+
+
+def attention_layers(model: nn.Module):
+    """(name, Self_Attn) pairs in forward order, e.g. [('attn16', …), ('attn32', …)]."""
+    return [(n.split(".")[-1], m) for n, m in model.named_modules() if isinstance(m, Self_Attn)]
+
+
+def set_attention_impl(model: nn.Module, fused: bool):
+    """Switch every attention layer between the fused kernel and the dense reference."""
+    for _, m in attention_layers(model):
+        m.fused = fused
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,241 @@
+"""Attention layer and networks against independent references (issue 2)."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from sagan_models import Discriminator, Generator, Self_Attn, attention_layers, count_parameters
+from spectral import spectral_normed_layers
+
+
+def brute_force_attention(layer, x, span, mode):
+    """Independent float64 reference: explicit loops over every (query, key) pair."""
+    xd = x.detach().double().numpy()
+    B, C, H, W = xd.shape
+
+    def conv1x1(conv):
+        w = conv.weight.detach().double().numpy()[:, :, 0, 0]
+        b = conv.bias.detach().double().numpy()
+        return np.einsum("oc,bchw->bohw", w, xd) + b[None, :, None, None]
+
+    q, k, v = conv1x1(layer.query_conv), conv1x1(layer.key_conv), conv1x1(layer.value_conv)
+    gamma = layer.gamma.item()
+    out = np.zeros_like(xd)
+    weights = np.zeros((B, H * W, H * W))
+    for b in range(B):
+        for i, j in itertools.product(range(H), range(W)):
+            scores, masked = [], []
+            for r, c in itertools.product(range(H), range(W)):
+                scores.append(float(q[b, :, i, j] @ k[b, :, r, c]))
+                masked.append(span > 0 and max(abs(r - i), abs(c - j)) <= span)
+            scores, masked = np.array(scores), np.array(masked)
+            if mode == "pre":
+                w = np.zeros(H * W)
+                if (~masked).any():
+                    e = np.exp(scores[~masked] - scores[~masked].max())
+                    w[~masked] = e / e.sum()
+            else:
+                e = np.exp(scores - scores.max())
+                w = np.where(masked, 0.0, e / e.sum())
+            weights[b, i * W + j] = w
+            out[b, :, i, j] = v[b].reshape(C, -1) @ w
+    return gamma * out + xd, weights
+
+
+def random_layer(C, span, mode, seed=0):
+    torch.manual_seed(seed)
+    layer = Self_Attn(C, span=span, mask_mode=mode)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.5)
+    return layer
+
+
+MAPS = [(2, 2), (3, 5), (4, 4), (5, 3), (8, 8), (7, 10), (16, 16)]
+
+
+@pytest.mark.parametrize("hw", MAPS, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_attention_matches_brute_force(hw, mode):
+    H, W = hw
+    for span in range(5):
+        layer = random_layer(16, span, mode, seed=span)
+        x = torch.randn(2, 16, H, W)
+        ref_out, ref_w = brute_force_attention(layer, x, span, mode)
+        with torch.no_grad():
+            layer.fused = False
+            out_dense, w_dense = layer(x, return_attention=True)
+            layer.fused = True
+            out_fused = layer(x)
+        np.testing.assert_allclose(w_dense.double().numpy(), ref_w, atol=1e-5, rtol=0)
+        for out in (out_dense, out_fused):
+            np.testing.assert_allclose(out.double().numpy(), ref_out, atol=1e-5, rtol=1e-5)
+        # Queries with every key masked pass x through exactly (pre mode by renormalising
+        # nothing, post mode because every weight is zeroed).
+        dead = ref_w.reshape(2, H * W, -1).sum(-1) == 0
+        if dead.any():
+            flat_x, flat_out = x.flatten(2).transpose(1, 2), out_fused.flatten(2).transpose(1, 2)
+            assert torch.equal(flat_out[torch.from_numpy(dead)], flat_x[torch.from_numpy(dead)])
+
+
+def test_fully_masked_map_is_identity_and_has_finite_grads():
+    # The discriminator's 4x4 map at span 3: every key of every query is masked.
+    for mode, fused in [("pre", True), ("pre", False), ("post", False)]:
+        layer = random_layer(32, 3, mode)
+        layer.fused = fused
+        x = torch.randn(3, 32, 4, 4, requires_grad=True)
+        y, w = layer(x, return_attention=True) if not fused else (layer(x), None)
+        assert torch.equal(y, x)
+        if w is not None:
+            assert torch.equal(w, torch.zeros_like(w))
+        (y * torch.randn_like(y)).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        assert torch.isfinite(x.grad).all()
+
+
+def test_span0_is_plain_unmasked_softmax_attention():
+    layer = random_layer(16, 0, "pre")
+    x = torch.randn(2, 16, 6, 6)
+    q = layer.query_conv(x).flatten(2)
+    k = layer.key_conv(x).flatten(2)
+    v = layer.value_conv(x).flatten(2)
+    attn = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k), dim=-1)
+    expected = layer.gamma * torch.einsum("bcm,bnm->bcn", v, attn).view_as(x) + x
+    for fused in (True, False):
+        layer.fused = fused
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    _, w = layer(x, return_attention=True)
+    torch.testing.assert_close(w, attn, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_masked_weights_are_exactly_zero_and_rows_sum(mode):
+    H, W, span = 9, 7, 2
+    layer = random_layer(16, span, mode)
+    x = torch.randn(2, 16, H, W)
+    _, w = layer(x, return_attention=True)
+    r = torch.arange(H).repeat_interleave(W)
+    c = torch.arange(W).repeat(H)
+    near = (r[:, None] - r[None]).abs().maximum((c[:, None] - c[None]).abs()) <= span
+    assert (w[:, near] == 0).all()
+    sums = w.sum(-1)
+    if mode == "pre":
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+    else:  # not renormalised: the mass the unmasked softmax put on the square is gone
+        q, k = layer.query_conv(x).flatten(2), layer.key_conv(x).flatten(2)
+        full = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k), dim=-1)
+        torch.testing.assert_close(sums, 1 - (full * near).sum(-1))
+
+
+def test_mask_is_built_once_and_moves_with_the_layer():
+    layer = Self_Attn(16, span=2)
+    x = torch.randn(2, 16, 8, 8)
+    layer(x)
+    first = layer.mask_8x8
+    for _ in range(3):
+        layer(x)
+    assert layer.mask_builds == 1 and layer.mask_8x8 is first
+    # A buffer (moves with .to()), but not saved in checkpoints.
+    assert any(b is first for b in layer.buffers())
+    assert "mask_8x8" not in layer.state_dict()
+    layer.to(torch.float64)
+    layer(x.double())
+    assert layer.mask_builds == 1 and layer.mask_8x8.dtype == torch.bool
+    # Networks build their masks at construction, never in forward.
+    G = Generator(32, span=3)
+    builds = [m.mask_builds for _, m in attention_layers(G)]
+    G(torch.randn(2, 128))
+    G(torch.randn(3, 128))
+    assert [m.mask_builds for _, m in attention_layers(G)] == builds == [1, 1]
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_network_shapes(size):
+    G, D = Generator(size, span=2), Discriminator(size, span=2)
+    for B in (1, 5):
+        img = G(torch.randn(B, 128))
+        assert img.shape == (B, 3, size, size)
+        assert img.abs().max() <= 1
+        assert D(img).shape == (B,)
+    # Attention placement: G after the size/4 and size/2 maps, D after 8x8 and 4x4.
+    assert [n for n, _ in attention_layers(G)] == [f"attn{size // 4}", f"attn{size // 2}"]
+    assert [n for n, _ in attention_layers(D)] == ["attn8", "attn4"]
+
+
+def test_parameter_counts_match_the_seed():
+    assert count_parameters(Generator(64, z_dim=128, conv_dim=64)) == 3_832_885
+    assert count_parameters(Discriminator(64, conv_dim=64)) == 3_175_299
+    # u/v vectors are buffers
+    G = Generator(64)
+    assert not any("_u" in n or "_v" in n for n, _ in G.named_parameters())
+
+
+def test_seed_architecture_at_64():
+    G, D = Generator(64), Discriminator(64)
+    g_convs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels) for m in g_convs] == [
+        (128, 512), (512, 256), (256, 128), (128, 64), (64, 3)]
+    assert [m.value_conv.in_channels for _, m in attention_layers(G)] == [128, 64]
+    d_convs = [m for m in D.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (4, 4)]
+    assert [(m.in_channels, m.out_channels) for m in d_convs] == [
+        (3, 64), (64, 128), (128, 256), (256, 512), (512, 1)]
+    assert [m.value_conv.in_channels for _, m in attention_layers(D)] == [256, 512]
+    # spectral norm on every conv but G's last and D's last
+    assert len(spectral_normed_layers(G)) == 4 and len(spectral_normed_layers(D)) == 4
+    assert not hasattr(g_convs[-1], "parametrizations") and not hasattr(d_convs[-1], "parametrizations")
+
+
+def test_g_and_d_take_their_own_span():
+    G, D = Generator(32, span=1), Discriminator(32, span=4, mask_mode="post")
+    assert {m.span for _, m in attention_layers(G)} == {1}
+    assert {(m.span, m.mask_mode) for _, m in attention_layers(D)} == {(4, "post")}
+
+
+def test_spectral_norm_largest_singular_value_is_one():
+    torch.manual_seed(0)
+    G, D = Generator(32), Discriminator(32)
+    for _ in range(40):  # one power iteration per training forward
+        D(G(torch.randn(4, 128)))
+    for net in (G, D):
+        for name, m in spectral_normed_layers(net):
+            w = m.weight.detach()
+            sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2)
+            assert abs(float(sigma) - 1) < 0.02, (name, float(sigma))
+
+
+def test_eval_mode_does_not_touch_spectral_vectors():
+    G = Generator(32)
+    G(torch.randn(4, 128))
+    before = {n: b.clone() for n, b in G.named_buffers() if n.endswith(("_u", "_v"))}
+    G.eval()
+    with torch.no_grad():
+        G(torch.randn(4, 128))
+    after = dict(G.named_buffers())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    G.train()
+    G(torch.randn(4, 128))
+    assert not all(torch.equal(before[n], dict(G.named_buffers())[n]) for n in before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_autocast_is_finite_for_every_span(dtype):
+    torch.manual_seed(0)
+    for span in range(5):
+        G, D = Generator(32, span=span), Discriminator(32, span=span)
+        for m in list(attention_layers(G)) + list(attention_layers(D)):
+            nn.init.constant_(m[1].gamma, 1.0)
+        with torch.autocast("cpu", dtype=dtype):
+            img = G(torch.randn(3, 128))
+            logits = D(img)
+            _, maps = G(torch.randn(3, 128), return_attention=True)
+        assert torch.isfinite(img).all() and torch.isfinite(logits).all()
+        assert all(torch.isfinite(w).all() for w in maps.values())
+        layer = random_layer(32, span, "pre")
+        with torch.autocast("cpu", dtype=dtype):
+            y, w = layer(torch.randn(2, 32, 4, 4), return_attention=True)
+        assert torch.isfinite(y).all()
+        # Never the near-uniform weights a large negative fill would give.
+        if span >= 3:
+            assert (w == 0).all()
