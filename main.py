@@ -1,0 +1,56 @@
+"""Entry point: `python main.py [flags]` trains (or samples, with --train false).
+Under torchrun (`torchrun --nproc_per_node K main.py ...`) it trains with
+DistributedDataParallel; --parallel starts that for all visible GPUs."""
+import os
+import sys
+
+import torch
+
+from parameter import get_parameters
+from utils import UserError
+
+
+def relaunch_with_torchrun():
+    """--parallel outside torchrun: run this same command under torchrun, one process per
+    GPU. With fewer than two GPUs there is nothing to spread over."""
+    n = torch.cuda.device_count()
+    if n < 2:
+        print(f"--parallel: {n} GPU(s) visible, training in one process "
+              f"(several machines: torchrun --nnodes N --nproc_per_node K main.py ...)")
+        return
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            os.path.abspath(__file__), *sys.argv[1:]]
+    os.execv(sys.executable, args)
+
+
+def init_distributed(cfg):
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def main(argv=None):
+    cfg = get_parameters(argv)
+    if cfg.parallel and "WORLD_SIZE" not in os.environ:
+        relaunch_with_torchrun()
+    distributed = init_distributed(cfg)
+    from trainer import Trainer  # after the process group exists
+    try:
+        trainer = Trainer(cfg)
+        trainer.train() if cfg.train else trainer.sample()
+    except UserError as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Command-line flags. `get_parameters()` returns the one config object (an argparse
+Namespace, resolved and validated) that the Trainer and everything else read."""
+import argparse
+import difflib
+import os
+import sys
+
+from sagan_models import IMAGE_SIZES, MASK_MODES
+
+DATASETS = ("emoji", "celeb", "lsun", "folder")
+METRICS = ("fid", "is", "kid")
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if v.lower() in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _flag(p, name, **kw):
+    """A boolean flag usable as `--name`, `--name true` or `--name false` (the seed's style)."""
+    p.add_argument(name, type=str2bool, nargs="?", const=True, default=kw.pop("default", False), **kw)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """User mistakes end in one line naming the fix, not a usage dump or a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="main.py", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      description="Train SAGAN / Non-local SAGAN, or sample from a checkpoint (--train false).")
+    a = p.add_argument
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="sagan", choices=["sagan"], help="network family")
+    g.add_argument("--imsize", type=int, default=64, help=f"image size, one of {IMAGE_SIZES}")
+    g.add_argument("--z_dim", type=int, default=128)
+    g.add_argument("--g_conv_dim", type=int, default=64)
+    g.add_argument("--d_conv_dim", type=int, default=64)
+    g.add_argument("--span", type=int, default=0,
+                   help="Non-local span: attention ignores keys within the (2·span+1)² square around "
+                        "each query; 0 = plain SAGAN")
+    g.add_argument("--g_span", type=int, default=None, help="span of the generator (default: --span)")
+    g.add_argument("--d_span", type=int, default=None, help="span of the discriminator (default: --span)")
+    g.add_argument("--mask_mode", default="pre", choices=MASK_MODES,
+                   help="pre: masked keys leave the softmax (seed code); post: softmax, then zero them (seed README)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--adv_loss", default="hinge", choices=["hinge", "wgan-gp"])
+    g.add_argument("--lambda_gp", type=float, default=10.0, help="gradient-penalty weight for wgan-gp")
+    g.add_argument("--total_step", type=int, default=100000, help="generator steps")
+    g.add_argument("--d_iters", type=int, default=1, help="discriminator steps per generator step")
+    g.add_argument("--batch_size", type=int, default=64,
+                   help="global batch size; under torchrun each of K processes takes batch_size/K")
+    g.add_argument("--num_workers", type=int, default=2, help="image-decoding worker processes")
+    g.add_argument("--g_lr", type=float, default=1e-4)
+    g.add_argument("--d_lr", type=float, default=4e-4)
+    g.add_argument("--beta1", type=float, default=0.0)
+    g.add_argument("--beta2", type=float, default=0.9)
+    g.add_argument("--ema_decay", type=float, default=0.0,
+                   help="EMA of generator weights (e.g. 0.999); 0 = off. Samples and FID then use it too")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and saved in config.json)")
+    a("--version", default=None, help="run name (default: sagan_<dataset>_span<N>[...])")
+    a("--pretrained_model", type=int, default=None,
+      help="checkpoint step: continue training from it, or sample from it with --train false")
+    _flag(p, "--resume", help="continue from the newest checkpoint of --version")
+    _flag(p, "--train", default=True, help="false: write --n_samples images from a checkpoint instead")
+    a("--n_samples", type=int, default=64, help="images written by --train false")
+    _flag(p, "--parallel", help="all visible GPUs with DistributedDataParallel (re-launches via torchrun)")
+    _flag(p, "--sync_bn", help="under torchrun: BatchNorm statistics over the global batch")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="emoji", choices=DATASETS,
+                   help="emoji: bundled 1,432 emoji; celeb: <image_path>/CelebA; lsun: <image_path>/LSUN; "
+                        "folder: any images under --image_path")
+    g.add_argument("--image_path", default="./data")
+    _flag(g, "--cache", help="decode/crop/resize image files once into a uint8 array next to the data "
+                             "and serve batches from memory")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--amp", default="none", choices=["none", "bf16"], help="bfloat16 autocast for G and D")
+    g.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode for G and D (reduce-overhead uses CUDA graphs)")
+    _flag(g, "--channels_last", help="channels_last memory format for G and D")
+    g.add_argument("--attn_impl", default="fused", choices=["fused", "dense"],
+                   help="fused: scaled_dot_product_attention (pre mode); dense: materialised reference")
+
+    g = p.add_argument_group("outputs")
+    _flag(g, "--use_tensorboard", help="also write TensorBoard scalars (needs tensorboard)")
+    g.add_argument("--log_path", default="./logs")
+    g.add_argument("--model_save_path", default="./models")
+    g.add_argument("--sample_path", default="./samples")
+    g.add_argument("--attn_path", default="./attn")
+    g.add_argument("--log_step", type=int, default=10)
+    g.add_argument("--sample_step", type=int, default=1000)
+    g.add_argument("--model_save_step", type=int, default=10000)
+
+    g = p.add_argument_group("metrics")
+    g.add_argument("--fid_step", type=int, default=None,
+                   help="FID every N steps and at the end; 0 = off (default: 10000 on GPU, off on CPU)")
+    g.add_argument("--fid_samples", type=int, default=10000, help="generated images per FID")
+    g.add_argument("--fid_ref_samples", type=int, default=50000, help="cap on real images in the reference statistics")
+    g.add_argument("--fid_batch_size", type=int, default=None, help="Inception batch (default: 500 on GPU, 50 on CPU)")
+    g.add_argument("--fid_weights", default=None, help="FID-Inception weights file (default: torch hub cache, "
+                                                       "downloaded once)")
+    g.add_argument("--fid_resize", default="tf1", choices=["tf1", "pytorch"],
+                   help="tf1: torch-fidelity/TF reference; pytorch: pytorch-fid's pipeline")
+    g.add_argument("--fid_g_mode", default="batch", choices=["batch", "eval"],
+                   help="BatchNorm of G when sampling for FID, grids and --train false: batch statistics "
+                        "(the seed) or running statistics")
+    g.add_argument("--metrics", default="fid", help=f"comma-separated subset of {','.join(METRICS)}")
+    return p
+
+
+def _unknown_flag_message(unknown, parser):
+    known = [s for a in parser._actions for s in a.option_strings]
+    flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+    close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown argument {flag}{hint}"
+
+
+def validate(cfg, parser):
+    err = parser.error
+    if cfg.imsize not in IMAGE_SIZES:
+        err(f"--imsize {cfg.imsize} is not supported; use 32, 64 or 128")
+    for name in ("span", "g_span", "d_span"):
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            err(f"--{name} must be >= 0 (0 is plain SAGAN), got {v}")
+    positive = ("batch_size", "total_step", "d_iters", "z_dim", "g_conv_dim", "d_conv_dim", "log_step",
+                "sample_step", "model_save_step", "fid_samples", "fid_ref_samples", "n_samples")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            err(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_workers < 0:
+        err("--num_workers must be >= 0")
+    if cfg.fid_step is not None and cfg.fid_step < 0:
+        err("--fid_step must be >= 0 (0 turns FID off)")
+    if cfg.fid_batch_size is not None and cfg.fid_batch_size < 1:
+        err("--fid_batch_size must be >= 1")
+    if not 0 <= cfg.ema_decay < 1:
+        err(f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    for name in ("g_lr", "d_lr", "lambda_gp"):
+        if getattr(cfg, name) < 0:
+            err(f"--{name} must be >= 0")
+    metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        err(f"--metrics {cfg.metrics!r}: choose from {','.join(METRICS)}")
+    cfg.metrics = metrics
+    if cfg.resume and cfg.pretrained_model is not None:
+        err("--resume and --pretrained_model both say where to start; give one")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        err(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
+
+
+def resolve(cfg):
+    """Fill the defaults that depend on other flags."""
+    cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
+    cfg.d_span = cfg.span if cfg.d_span is None else cfg.d_span
+    if cfg.version is None:
+        span = f"span{cfg.g_span}" if cfg.g_span == cfg.d_span else f"g{cfg.g_span}_d{cfg.d_span}"
+        cfg.version = f"sagan_{cfg.dataset}_{span}"
+        if cfg.mask_mode != "pre":
+            cfg.version += f"_{cfg.mask_mode}"
+        if cfg.imsize != 64:
+            cfg.version += f"_{cfg.imsize}px"
+    return cfg
+
+
+def get_parameters(argv=None):
+    parser = build_parser()
+    cfg, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if unknown:
+        parser.error(_unknown_flag_message(unknown, parser))
+    validate(cfg, parser)
+    return resolve(cfg)

@@ -1,0 +1,188 @@
+"""Small helpers shared by the trainer, the data loader and the metrics."""
+import os
+import random
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__version__ = "0.1.0"
+REPO = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, no traceback, exit code 2."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (no source line, unlike warnings.warn)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------- images
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats → uint8 exactly as saving a PNG quantises them (round, clamp)."""
+    return ((x.float() + 1) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
+    """uint8 (B, 3, H, W) → one (rows·(H+pad)+pad, …, 3) uint8 grid on a black frame."""
+    B, C, H, W = images.shape
+    rows = -(-B // nrow)
+    grid = np.zeros((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), np.uint8)
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = arr[i]
+    return grid
+
+
+def save_png(array_hwc: np.ndarray, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array_hwc).save(path)
+
+
+# ---------------------------------------------------------------------------- state
+def atomic_save(obj, path) -> None:
+    """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        # A checkpoint from more (or fewer) GPUs: every rank draws the same global z,
+        # so device 0's state serves all.
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.set_rng_state(state["cuda"][min(i, len(state["cuda"]) - 1)], i)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def sampling_mode(G: torch.nn.Module, bn: str = "batch"):
+    """Sample from G without changing any of its state.
+
+    eval() stops the spectral-norm power iteration. bn="batch" keeps BatchNorm on batch
+    statistics (what the seed's samples used) without updating the running statistics:
+    with its running buffers detached, BatchNorm normalises by the batch and writes
+    nothing. bn="eval" uses the running statistics."""
+    was_training = G.training
+    G.eval()
+    detached = []
+    if bn == "batch":
+        for m in G.modules():
+            if isinstance(m, _BatchNorm):
+                detached.append((m, m.running_mean, m.running_var))
+                m.running_mean = m.running_var = None
+    try:
+        with torch.no_grad():
+            yield G
+    finally:
+        for m, mean, var in detached:
+            m.running_mean, m.running_var = mean, var
+        G.train(was_training)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------- distributed
+def dist_info():
+    """(rank, world_size, local_rank) under torchrun, (0, 1, 0) otherwise."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+class _SumAllReduce(torch.autograd.Function):
+    """all_reduce(SUM) that gradients flow through (backward: all_reduce of the grads)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover the global batch of all ranks.
+    Unlike torch.nn.SyncBatchNorm it also runs on CPU (gloo), so the multi-process test
+    can check it; one all_reduce of [Σx, Σx², n] per layer and forward."""
+
+    def forward(self, x):
+        import torch.distributed as dist
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        C = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), x.numel() / C)])
+        total = _SumAllReduce.apply(local)
+        n = total[-1]
+        mean = total[:C] / n
+        var = total[C:2 * C] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).detach(), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (xf * scale.view(1, C, 1, 1) + (self.bias - mean * scale).view(1, C, 1, 1)).to(x.dtype)
+
+
+def convert_sync_bn(model: torch.nn.Module) -> torch.nn.Module:
+    for name, child in model.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            new = SyncBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            convert_sync_bn(child)
+    return model
