@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data_loader import build_dataset, make_batches
 from sagan_models import Discriminator, Generator, attention_layers
 from utils import (UserError, __version__, atomic_save, convert_sync_bn, dist_info, git_commit, image_grid,
-                   is_tty, pick_device, rng_state, sampling_mode, save_png, seed_everything, set_rng_state,
+                   is_tty, pick_device, rng_state, sampling_mode, save_png, seed_everything, set_rng_state, set_tf32,
                    to_uint8)
 
 # Settings that define a run: on resume they come from the checkpoint.
@@ -65,7 +65,7 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            set_tf32(True)  # fp32 training speed; the FID network turns it off for itself
         self.dirs = {k: Path(getattr(cfg, f"{k}_path")) / cfg.version
                      for k in ("log", "model_save", "sample", "attn")}
         self.ckpt = self._find_start()
@@ -221,6 +221,17 @@ class Trainer:
                 torch._foreach_copy_(self.ema_buffers, self.g_buffers)
         return loss.detach()
 
+    def train_step(self, batches):
+        """--d_iters D steps and one G step; returns [d_loss, g_loss, D(real), D(fake)] as a
+        device tensor (no host sync)."""
+        for _ in range(self.cfg.d_iters):
+            real = next(batches).float().div_(127.5).sub_(1)  # uint8 → [-1, 1] on the device
+            if self.cfg.channels_last:
+                real = real.contiguous(memory_format=torch.channels_last)
+            d_loss, d_real, d_fake = self.d_step(real)
+        g_loss = self.g_step(real.shape[0])
+        return torch.stack([d_loss, g_loss, d_real, d_fake])
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16")
 
@@ -258,7 +269,6 @@ class Trainer:
 
         stop = {"signal": None}
         handlers = {s: signal.signal(s, lambda sig, _: stop.update(signal=sig)) for s in (signal.SIGINT, signal.SIGTERM)}
-        b = cfg.batch_size // self.world
         acc = torch.zeros(4, device=self.device)  # Σ d_loss, g_loss, D(real), D(fake) since last log
         bar = tqdm(total=cfg.total_step, initial=self.step, disable=not (self.main and is_tty()),
                    dynamic_ncols=True, desc=cfg.version)
@@ -266,23 +276,13 @@ class Trainer:
         last_good = max(checkpoints(self.dirs["model_save"]), default=None)
         try:
             while self.step < cfg.total_step:
-                for _ in range(cfg.d_iters):
-                    real = next(batches).float().div_(127.5).sub_(1)
-                    if cfg.channels_last:
-                        real = real.contiguous(memory_format=torch.channels_last)
-                    d_loss, d_real, d_fake = self.d_step(real)
-                g_loss = self.g_step(b)
-                acc += torch.stack([d_loss, g_loss, d_real, d_fake])
+                acc += self.train_step(batches)
                 self.step += 1
                 bar.update(1)
 
                 # Under torchrun a signal may reach ranks at different steps: they agree at
                 # log steps, so all of them stop together.
                 interrupted = stop["signal"] is not None and self.world == 1
-                if self.world > 1 and self.step % cfg.log_step == 0:
-                    flag = torch.tensor([float(stop["signal"] is not None)], device=self.device)
-                    dist.all_reduce(flag)
-                    interrupted = bool(flag.item())
                 last = self.step == cfg.total_step
                 save_now = self.step % cfg.model_save_step == 0 or last or interrupted
                 fid_now = fid is not None and (self.step % cfg.fid_step == 0 or last)
@@ -290,7 +290,13 @@ class Trainer:
                     now = time.perf_counter()
                     self.elapsed += now - t_last
                     n = self.step - step_last
-                    values = (acc / n).tolist()  # the only host sync of the interval
+                    stats = acc / n
+                    if self.world > 1:  # global means, and whether any rank got a signal
+                        stats = torch.cat([stats / self.world, stats.new_tensor([stop["signal"] is not None])])
+                        dist.all_reduce(stats)
+                        interrupted = interrupted or bool(stats[-1] > 0)
+                        save_now = save_now or interrupted
+                    values = stats[:4].tolist()  # the only host sync of the interval
                     if not all(math.isfinite(v) for v in values):
                         where = f"the last good checkpoint is {last_good}.pt in {self.dirs['model_save']}" \
                             if last_good is not None else "no checkpoint was saved yet"

@@ -40,6 +40,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def tf32_enabled() -> bool:
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(m, "fp32_precision") and hasattr(c, "conv"):
+        return m.fp32_precision == "tf32"
+    return m.allow_tf32
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and convolutions. torch >= 2.9 raises when its legacy
+    allow_tf32 flags and the newer fp32_precision API are mixed, so use the newer one
+    where it exists, everywhere in this package."""
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(m, "fp32_precision") and hasattr(c, "conv"):
+        m.fp32_precision = c.conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        m.allow_tf32 = c.allow_tf32 = enabled
+
+
 # ---------------------------------------------------------------------------- images
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats → uint8 exactly as saving a PNG quantises them (round, clamp)."""
