@@ -66,7 +66,7 @@ class ImageDataset(Dataset):
     def key(self) -> dict:
         """What determines the images: the cache and FID-statistics key."""
         return {**self.description, "size": self.size, "crop": self.crop, "n": len(self),
-                "resize": "PIL-bilinear-antialias"}
+                "image_resize": "PIL-bilinear-antialias"}
 
 
 class ArrayDataset(ImageDataset):

@@ -65,7 +65,11 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-            set_tf32(True)  # fp32 training speed; the FID network turns it off for itself
+            set_tf32(True, True)  # fp32 training speed; the FID network turns it off for itself
+        if cfg.fid_step is None:  # FID on CPU takes minutes: there it runs only when asked
+            cfg.fid_step = 10000 if self.device.type == "cuda" else 0
+            if cfg.fid_step == 0 and cfg.train and self.main:
+                print("note: FID is off on CPU unless asked for: --fid_step N (--fid_samples M)")
         self.dirs = {k: Path(getattr(cfg, f"{k}_path")) / cfg.version
                      for k in ("log", "model_save", "sample", "attn")}
         self.ckpt = self._find_start()
@@ -378,7 +382,82 @@ class Trainer:
         print(f"wrote {cfg.n_samples} samples of step {self.step} to " + " and ".join(map(str, written)))
 
     def _fid_monitor(self, dataset):
-        return None
+        """The FID monitor, or None when FID is off or its weights are missing (then
+        fid.resolve_weights has warned once, naming the URL and the path, and training goes on)."""
+        import fid
+        cfg = self.cfg
+        if cfg.fid_step == 0:
+            return None
+        weights = fid.resolve_weights(cfg.fid_weights)
+        return FIDMonitor(self, dataset, weights) if weights is not None else None
+
+
+class FIDMonitor:
+    """FID (and IS / KID with --metrics) of G, and of its EMA when on, every --fid_step:
+    rows in <log>/fid.csv, a plot in <log>/fid.png. The real side is reference statistics
+    cached under <log_path>/fid_stats and shared by every run on the same data, so runs
+    of different spans are measured against identical numbers."""
+
+    def __init__(self, trainer, dataset, weights):
+        import fid
+        self.t, cfg = trainer, trainer.cfg
+        self.batch = cfg.fid_batch_size or (500 if trainer.device.type == "cuda" else 50)
+        self.model = fid.load_inception(weights, cfg.fid_resize, trainer.device)
+        self.ref = fid.reference_stats(
+            dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, self.batch, trainer.device,
+            Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
+            progress=trainer.main and is_tty(), rank=trainer.rank, world=trainer.world)
+        self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]
+        for m in ("is", "kid"):
+            if m in cfg.metrics:
+                self.columns += [m, f"{m}_std", f"{m}_ema", f"{m}_std_ema"]
+        self.path = trainer.dirs["log"] / "fid.csv"
+        if trainer.main:
+            rows = []
+            if self.path.exists():  # resumed: keep rows up to the checkpoint
+                with open(self.path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.step]
+            self._write(rows)
+
+    def evaluate(self, step, G, G_ema):
+        import fid
+        t, cfg = self.t, self.t.cfg
+        start = time.perf_counter()
+        row = {"step": step, "samples": cfg.fid_samples}
+        for suffix, g in (("", G), ("_ema", G_ema)):
+            if g is None:
+                continue
+            pool3, logits = fid.generated_features(
+                g, self.model, cfg.fid_samples, cfg.z_dim, self.batch, t.device, cfg.fid_g_mode, seed=cfg.seed + 3,
+                progress=t.main and is_tty(), rank=t.rank, world=t.world)
+            if not t.main:
+                continue
+            if "fid" in cfg.metrics:
+                row["fid" + suffix] = fid.frechet_distance(*fid.feature_stats(pool3), self.ref.mu, self.ref.sigma)
+            if "is" in cfg.metrics:
+                row["is" + suffix], row["is_std" + suffix] = fid.inception_score(logits)
+            if "kid" in cfg.metrics:
+                row["kid" + suffix], row["kid_std" + suffix] = fid.kernel_inception_distance(pool3, self.ref.pool3)
+        if not t.main:
+            return
+        row["seconds"] = time.perf_counter() - start
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._write(rows + [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}])
+        summary = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
+        print(f"step {step}: {summary}  ({cfg.fid_samples} samples, {row['seconds']:.1f} s)", flush=True)
+
+    def _write(self, rows):
+        import fid
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        if rows:
+            fid.plot_fid({self.t.cfg.version: rows}, self.path.with_name("fid.png"))
 
 
 class MetricsLog:

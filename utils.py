@@ -19,8 +19,14 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, no traceback, exit code 2."""
 
 
-def warn(message: str) -> None:
+_warned = set()
+
+
+def warn(message: str, once: bool = False) -> None:
     """A one-line warning on stderr (no source line, unlike warnings.warn)."""
+    if once and message in _warned:
+        return
+    _warned.add(message)
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -40,22 +46,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def tf32_enabled() -> bool:
+def tf32_flags():
+    """(matmul, conv): whether CUDA float32 matmuls / convolutions may use TF32."""
     m, c = torch.backends.cuda.matmul, torch.backends.cudnn
     if hasattr(m, "fp32_precision") and hasattr(c, "conv"):
-        return m.fp32_precision == "tf32"
-    return m.allow_tf32
+        return m.fp32_precision == "tf32", c.conv.fp32_precision == "tf32"
+    return m.allow_tf32, c.allow_tf32
 
 
-def set_tf32(enabled: bool) -> None:
-    """TF32 for CUDA matmuls and convolutions. torch >= 2.9 raises when its legacy
-    allow_tf32 flags and the newer fp32_precision API are mixed, so use the newer one
-    where it exists, everywhere in this package."""
+def set_tf32(matmul: bool, conv: bool) -> None:
+    """Set both TF32 switches. torch >= 2.9 raises when its legacy allow_tf32 flags and
+    the newer fp32_precision API are mixed, so the newer one is used where it exists,
+    everywhere in this package."""
     m, c = torch.backends.cuda.matmul, torch.backends.cudnn
     if hasattr(m, "fp32_precision") and hasattr(c, "conv"):
-        m.fp32_precision = c.conv.fp32_precision = "tf32" if enabled else "ieee"
+        m.fp32_precision = "tf32" if matmul else "ieee"
+        c.conv.fp32_precision = "tf32" if conv else "ieee"
     else:
-        m.allow_tf32 = c.allow_tf32 = enabled
+        m.allow_tf32, c.allow_tf32 = matmul, conv
 
 
 # ---------------------------------------------------------------------------- images

@@ -45,3 +45,48 @@ def image_folder(tmp_path):
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).convert("P").save(root / "pal.gif")
     (root / "a" / "broken.jpg").write_bytes(b"this is not a jpeg")
     return root
+
+
+def random_fid_state_dict(seed=0):
+    # He-scaled convs and non-trivial BN statistics keep activations O(1) through the ~95
+    # layers (default init shrinks them towards 0 and makes every image look alike)
+    g = torch.Generator().manual_seed(seed)
+    import fid
+    m = fid.FIDInception()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2 / mod.weight[0].numel()) ** 0.5)
+            elif isinstance(mod, torch.nn.BatchNorm2d):
+                c = mod.num_features
+                mod.weight.copy_(0.5 + torch.rand(c, generator=g))
+                mod.bias.copy_(0.2 * torch.randn(c, generator=g))
+                mod.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                mod.running_var.copy_(0.5 + torch.rand(c, generator=g))
+        # pool3 features share a large common part; project it out of the classifier so the
+        # logits follow the per-image differences (else every image gets the same class: IS = 1)
+        x = torch.from_numpy(structured_images(4, 99, 0)).permute(0, 3, 1, 2)
+        mean = m.eval()(x)[0].mean(0)
+        w = 0.3 * torch.randn(m.fc.weight.shape, generator=g)  # IS ~3 of at most 4 per split: unsaturated
+        m.fc.weight.copy_(w - (w @ mean)[:, None] * mean[None] / mean.dot(mean))
+        m.fc.bias.copy_(torch.randn(1008, generator=g))
+    return m.state_dict()
+
+
+def structured_images(n, seed, hue_shift):
+    # gradients + a rectangle + a disc, so images differ in ways a conv net notices
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:48, 0:48] / 47.0
+    out = []
+    for _ in range(n):
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        t = (xx if rng.random() < 0.5 else yy)[..., None]
+        img = c0 * (1 - t) + c1 * t
+        y0, x0 = rng.integers(0, 32, 2)
+        h, w = rng.integers(6, 16, 2)
+        img[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
+        cy, cx, r = rng.uniform(8, 40), rng.uniform(8, 40), rng.uniform(3, 10)
+        img[(yy * 47 - cy) ** 2 + (xx * 47 - cx) ** 2 < r * r] = np.clip(rng.uniform(0, 255, 3) + hue_shift, 0, 255)
+        img += rng.normal(0, 8, img.shape)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)

@@ -1,0 +1,810 @@
+"""
+FID / IS / KID with the Inception network of the TF FID reference (2015-12-05 graph).
+
+The network and weights are the ones pytorch-fid and torch-fidelity port, so numbers
+are comparable with published values. Two input pipelines are offered because the two
+peers differ there: "tf1" (torch-fidelity, bit-faithful to the TF reference) and
+"pytorch" (pytorch-fid). Everything statistical is done in float64 on the host.
+
+CLI:
+    python fid.py A B            # A, B: image folder, .npy/.npz images, stats .npz or checkpoint .pt
+    python fid.py A B --metrics fid,is,kid
+    python fid.py --save-stats A OUT.npz
+    python fid.py compare logs/RUN1 logs/RUN2 ...   # FID table over steps + fid_compare.png
+
+The training side (generated_features, reference_stats) is used by the Trainer's FID
+monitor: FID of G every --fid_step against reference statistics cached per dataset.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from tqdm import tqdm
+
+from utils import UserError, set_tf32, tf32_flags, warn
+
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+                   'pt_inception-2015-12-05-6726825d.pth')
+# the same converted TF weights under pytorch-fid's and torch-fidelity's file names
+WEIGHT_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
+RESIZE_MODES = ("tf1", "pytorch")
+
+
+class FIDError(UserError):
+    """A user mistake (missing file, bad input); printed as one line, no traceback."""
+
+# -----------------------------------------------------------------------------
+# network
+
+
+class _FIDPoolBranch:
+    # The TF graph differs from torchvision's Inception only in the pooling branch:
+    # TF's avg pool ignores padded zeros, and its last block uses a max pool.
+    pool = "avg"
+
+    def _pool_branch(self, x):
+        if self.pool == "max":
+            x = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        else:
+            x = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        return self.branch_pool(x)
+
+
+class FIDInceptionA(_FIDPoolBranch, InceptionA):
+    def _forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), b5, b3, self._pool_branch(x)]
+
+
+class FIDInceptionC(_FIDPoolBranch, InceptionC):
+    def _forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+            bd = conv(bd)
+        return [self.branch1x1(x), b7, bd, self._pool_branch(x)]
+
+
+class FIDInceptionE(_FIDPoolBranch, InceptionE):
+    def __init__(self, in_channels, pool="avg"):
+        super().__init__(in_channels)
+        self.pool = pool
+
+    def _forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        return [self.branch1x1(x), b3, bd, self._pool_branch(x)]
+
+
+def resize_tf1(x, size=(299, 299)):
+    """Bilinear resize the way TF1's resize_bilinear(align_corners=False) does it: source
+    coordinate = dst * in/out (no half-pixel offset, no antialiasing), coordinates and
+    lerps in float32, lerp across x then y. x: float (B, C, H, W)."""
+    def axis(n_in, n_out):
+        # built on x's device (no host->device copy, hence no sync, per batch); TF computes
+        # the scale and coordinates in float32, and a float32-exact Python scalar keeps that
+        scale = float(np.float32(n_in) / np.float32(n_out))
+        src = torch.arange(n_out, dtype=torch.float32, device=x.device) * scale
+        lo = src.floor()
+        hi = (lo + 1).clamp(max=n_in - 1)
+        return lo.long(), hi.long(), (src - lo).to(x.dtype)
+
+    y0, y1, fy = axis(x.shape[-2], size[0])
+    x0, x1, fx = axis(x.shape[-1], size[1])
+    top, bot = x.index_select(-2, y0), x.index_select(-2, y1)
+    tl, tr = top.index_select(-1, x0), top.index_select(-1, x1)
+    bl, br = bot.index_select(-1, x0), bot.index_select(-1, x1)
+    top = tl + (tr - tl) * fx
+    bot = bl + (br - bl) * fx
+    return top + (bot - top) * fy[:, None]
+
+
+@contextlib.contextmanager
+def _strict_fp32(device):
+    """TF32 (the default for cudnn convs on Ampere+) costs ~3 decimal digits, which is
+    visible in FID; force IEEE fp32 while extracting and restore the caller's setting."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = tf32_flags()
+    set_tf32(False, False)
+    try:
+        yield
+    finally:
+        set_tf32(*saved)
+
+
+class FIDInception(nn.Module):
+    """Inception-v3 as in the TF FID graph. Module names match pytorch-fid's state dict
+    (which torch-fidelity's file shares), so either weight file loads strictly.
+    forward(uint8 (B,3,H,W)) -> (pool3 (B,2048), logits without fc bias (B,1008)), float32."""
+
+    def __init__(self, resize="tf1"):
+        super().__init__()
+        if resize not in RESIZE_MODES:
+            raise FIDError(f"unknown resize mode {resize!r}; use one of {RESIZE_MODES}")
+        self.resize = resize
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # 1008 classes in the TF graph (1000 + unused)
+
+    def preprocess(self, x):
+        """uint8 (B,3,H,W) -> float32 (B,3,299,299) in [-1, 1] as the chosen peer does it."""
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise FIDError(f"FIDInception expects uint8 (B,3,H,W) images, got {x.dtype} {tuple(x.shape)}")
+        x = x.float()
+        if self.resize == "tf1":
+            return (resize_tf1(x, (299, 299)) - 128) / 128
+        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+
+    def forward(self, x):
+        # never let an outer bf16 autocast or TF32 degrade the metric
+        with torch.autocast(x.device.type, enabled=False), _strict_fp32(x.device):
+            x = self.preprocess(x)
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for block in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3):
+                x = block(x)
+            x = F.max_pool2d(x, kernel_size=3, stride=2)
+            x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+            x = F.max_pool2d(x, kernel_size=3, stride=2)
+            for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                          self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+                x = block(x)
+            pool3 = F.adaptive_avg_pool2d(x, 1).flatten(1)
+            # IS uses the logits without the fc bias (the TF reference takes them before the bias add)
+            return pool3, pool3 @ self.fc.weight.T
+
+# -----------------------------------------------------------------------------
+# weights
+
+
+_warned_missing = False
+_download_failed = False
+
+
+def _cache_dir():
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _missing_weights_message():
+    return (f"no FID Inception weights found: download {FID_WEIGHTS_URL} and put it at "
+            f"{_cache_dir() / WEIGHT_FILENAMES[0]} (or pass --fid_weights PATH)")
+
+
+def resolve_weights(path=None, download=True, quiet=False):
+    """Path of the FID Inception weights: `path`, else the torch hub cache (either file
+    name), else a one-time download into that cache. None (with one warning per process)
+    when none is available; never falls back to other weights."""
+    global _warned_missing, _download_failed
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FIDError(f"FID weights file {p} does not exist; fix the path or omit it to use {_cache_dir()}")
+        return p
+    cache = _cache_dir()
+    for name in WEIGHT_FILENAMES:
+        if (cache / name).is_file():
+            return cache / name
+    if download and not _download_failed:
+        target = cache / WEIGHT_FILENAMES[0]
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.part")  # no half-written file under the real name
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(tmp), progress=sys.stderr.isatty())
+            os.replace(tmp, target)
+            return target
+        except Exception:
+            _download_failed = True  # offline: don't retry (and wait on timeouts) for every call
+            tmp.unlink(missing_ok=True)
+    if not _warned_missing and not quiet:
+        _warned_missing = True
+        warn(_missing_weights_message() + "; FID is skipped")
+    return None
+
+
+def load_inception(weights_path, resize="tf1", device="cpu"):
+    """FIDInception with weights loaded strictly, in eval mode, no grads, float32."""
+    if weights_path is None:
+        raise FIDError(_missing_weights_message())
+    model = FIDInception(resize)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FIDError(f"{weights_path} is not an FID Inception (2015-12-05) weights file ({first}); "
+                       f"get {FID_WEIGHTS_URL}") from None
+    device = torch.device(device)
+    model = model.float().to(device).eval().requires_grad_(False)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+# -----------------------------------------------------------------------------
+# features and metrics
+
+
+def extract_features(model, batches, device=None, progress=True, desc="features"):
+    """Run uint8 (b,3,H,W) batches through the model -> (pool3, logits_unbiased) as float64 numpy."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pools, logits = [], []
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with torch.inference_mode():
+        for b in tqdm(batches, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
+            b = torch.as_tensor(b)
+            if device.type == "cuda" and not b.is_cuda:
+                b = b.pin_memory()  # lets the upload overlap the previous batch's compute
+            p, l = model(b.to(device, non_blocking=True))
+            pools.append(p)  # stay on device: no host sync per batch
+            logits.append(l)
+    if not pools:
+        raise FIDError("no images to extract features from")
+    to_np = lambda ts: torch.cat(ts).to("cpu", torch.float64).numpy()
+    return to_np(pools), to_np(logits)
+
+
+def feature_stats(pool3):
+    """(mu, sigma) in float64; sigma unbiased (N-1), as both peers compute it."""
+    pool3 = np.asarray(pool3, dtype=np.float64)
+    if pool3.ndim != 2 or len(pool3) < 2:
+        raise FIDError(f"need at least 2 feature vectors for statistics, got shape {pool3.shape}")
+    return pool3.mean(axis=0), np.cov(pool3, rowvar=False)
+
+
+def _sqrt_factor(sigma):
+    # A with A A^T = sigma, keeping only eigenvalues above the numerical-rank tolerance (as
+    # np.linalg.matrix_rank): those below are rounding noise, and dropping them also shrinks
+    # the work to the rank for covariances of few samples
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    keep = w > w.max(initial=0) * len(w) * np.finfo(np.float64).eps
+    return v[:, keep] * np.sqrt(w[keep])
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), in float64.
+
+    Eigenvalue form without sqrtm: with S1 = A A^T and S2 = B B^T from eigh (A = V1 W1^1/2),
+    S1 S2 has the non-zero eigenvalues of (A^T B)(A^T B)^T, so tr(sqrt(S1 S2)) is the sum of
+    the singular values of A^T B. Why this one: it is real by construction (no complex
+    parts, no eps*I fallback as with scipy's sqrtm), it is much faster than sqrtm at d=2048,
+    and it takes no sqrt of near-zero eigenvalues. That matters for the rank-deficient
+    covariances of fewer samples than dimensions, where the peers' sqrt of ~2000 rounding-
+    noise eigenvalues (~1e-16 -> ~1e-8 each) biases FID by ~1e-5 relative; this form
+    matches an exact evaluation to ~1e-12 there, and on ill-conditioned full-rank ones.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise FIDError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                       f"sigma {sigma1.shape} vs {sigma2.shape}")
+    ab = _sqrt_factor(sigma1).T @ _sqrt_factor(sigma2)
+    tr_covmean = np.linalg.svd(ab, compute_uv=False).sum() if ab.size else 0.0
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits_unbiased, splits=10, shuffle=True, seed=2020):
+    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), softmax over all 1008 logits."""
+    logits = np.asarray(logits_unbiased, dtype=np.float64)
+    n = len(logits)
+    if n < splits:
+        raise FIDError(f"Inception Score needs at least splits={splits} images, got {n}")
+    if shuffle:  # same permutation as torch-fidelity for a given seed
+        logits = logits[np.random.RandomState(seed).permutation(n)]
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    scores = []
+    for i in range(splits):
+        lo, hi = i * n // splits, (i + 1) * n // splits
+        log_q = np.log(p[lo:hi].mean(axis=0))
+        kl = (p[lo:hi] * (log_p[lo:hi] - log_q)).sum(axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def kernel_inception_distance(f1, f2, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1, seed=2020):
+    """(mean, std) over random subsets of the unbiased MMD^2 with k(x,y) = (gamma x.y + coef0)^degree.
+
+    Subsets are drawn like torch-fidelity (one RandomState, f1 then f2 indices per subset,
+    without replacement). Where torch-fidelity refuses sets smaller than subset_size, the
+    size is capped to the smaller set (with a warning) so small evaluations still work."""
+    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    if f1.ndim != 2 or f1.shape[1:] != f2.shape[1:]:
+        raise FIDError(f"KID feature sets do not match: {f1.shape} vs {f2.shape}")
+    n1, n2 = len(f1), len(f2)
+    m = min(subset_size, n1, n2)
+    if m < 2:
+        raise FIDError(f"KID needs at least 2 samples per set, got {n1} and {n2}")
+    if m < subset_size:
+        warn(f"KID subset_size {subset_size} capped to {m} (sets have {n1} and {n2} samples)", once=True)
+    gamma = 1.0 / f1.shape[1] if gamma is None else gamma
+    kernel = lambda a, b: (gamma * (a @ b.T) + coef0) ** degree
+    rng = np.random.RandomState(seed)
+    mmds = np.empty(subsets)
+    for s in range(subsets):
+        x = f1[rng.choice(n1, m, replace=False)]
+        y = f2[rng.choice(n2, m, replace=False)]
+        kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+        # unbiased: within-set sums leave out the diagonal (k(x_i, x_i))
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        mmds[s] = within - 2 * kxy.sum() / (m * m)
+    return float(mmds.mean()), float(mmds.std())
+
+# -----------------------------------------------------------------------------
+# statistics files
+
+
+def save_stats(path, mu, sigma, key=None, n=None):
+    """Write mu, sigma, n and a JSON key (what produced the stats) to an .npz, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz"
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                 n=np.int64(-1 if n is None else n), key=np.array(json.dumps(key or {}, sort_keys=True)))
+    os.replace(tmp, path)
+
+
+def _is_stats_file(path):
+    if Path(path).suffix.lower() != ".npz":
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return "mu" in f.files and "sigma" in f.files
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False  # load_images() reports it
+
+
+def load_stats(path):
+    """(mu, sigma, meta) from our .npz or a pytorch-fid one (mu/sigma only);
+    meta = {"n": int or None, "key": dict}."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                raise FIDError(f"{path} is not a statistics file (no 'mu'/'sigma' arrays)")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            n = int(f["n"]) if "n" in f.files else -1
+            key = json.loads(str(f["key"])) if "key" in f.files else {}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise FIDError(f"cannot read statistics {path}: {e}") from None
+    return mu, sigma, {"n": None if n < 0 else n, "key": key}
+
+# -----------------------------------------------------------------------------
+# image inputs
+
+
+def _as_nhwc_uint8(arr, where):
+    arr = np.asarray(arr)
+    if arr.ndim == 4 and arr.shape[-1] != 3 and arr.shape[1] == 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise FIDError(f"{where}: expected a uint8 image array (N,H,W,3) or (N,3,H,W), got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def load_images(path):
+    """uint8 (N,H,W,3) from a folder of images (recursive) or a .npy/.npz image array."""
+    from PIL import Image
+    path = Path(path)
+    if not path.exists():
+        raise FIDError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix.lower() not in (".npy", ".npz"):
+            raise FIDError(f"{path}: expected a folder of images or a .npy/.npz image array")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise FIDError(f"cannot read {path}: {e}") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                names = data.files
+                if "images" in names:
+                    arr = data["images"]
+                elif len(names) == 1:
+                    arr = data[names[0]]
+                else:
+                    raise FIDError(f"{path}: store the images under the key 'images' (found {names})")
+        else:
+            arr = data
+        return _as_nhwc_uint8(arr, path)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images, bad = [], 0
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError, SyntaxError):  # truncated / not really an image
+            bad += 1
+    if bad:
+        warn(f"skipped {bad} unreadable image file(s) under {path}")
+    if not images:
+        raise FIDError(f"no readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {path}")
+    sizes = {im.shape for im in images}
+    if len(sizes) > 1:
+        a, b = sorted(sizes)[:2]
+        raise FIDError(f"images under {path} differ in size ({a[1]}x{a[0]} vs {b[1]}x{b[0]}, ...); "
+                       f"resize them to one size first")
+    return np.stack(images)
+
+
+class _Sized:
+    """A one-pass iterable with a length, so progress bars show a total."""
+    def __init__(self, it, n):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self):
+        return self.n
+
+
+def batches_from_array(arr, batch_size):
+    """uint8 (b,3,H,W) tensors from a uint8 (N,H,W,3) array (one pass, has len())."""
+    gen = (torch.from_numpy(np.ascontiguousarray(arr[i:i + batch_size].transpose(0, 3, 1, 2)))
+           for i in range(0, len(arr), batch_size))
+    return _Sized(gen, -(-len(arr) // batch_size))
+
+# -----------------------------------------------------------------------------
+# generators, reference statistics, FID during training
+
+
+_weights_ids = {}
+
+
+def weights_id(path) -> str:
+    """The weights file's identity for cache keys: a prefix of its sha256 (once per process)."""
+    path = str(Path(path).resolve())
+    if path not in _weights_ids:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _weights_ids[path] = h.hexdigest()[:16]
+    return _weights_ids[path]
+
+
+def generated_features(G, model, n, z_dim, batch_size, device, bn_mode="batch", seed=0, progress=True,
+                       rank=0, world=1):
+    """(pool3, logits) of n images from G, quantised to uint8 as saving PNGs would.
+
+    z comes from a private generator seeded with `seed`: the same n images whatever the
+    process count, and the training RNG is left alone. With BatchNorm on batch statistics
+    an image depends on its batch, so batches have a fixed size; under torchrun batch j is
+    generated by rank j % world and the features are gathered back in batch order."""
+    from utils import sampling_mode, to_uint8
+    z = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+    starts = list(range(0, n, batch_size))
+    mine = starts[rank::world]
+
+    def images():
+        with sampling_mode(G, bn_mode):
+            for s in mine:
+                yield to_uint8(G(z[s:s + batch_size].to(device)))
+
+    if mine:
+        pool3, logits = extract_features(model, _Sized(images(), len(mine)), device, progress, desc="FID samples")
+    else:
+        pool3, logits = np.zeros((0, 2048)), np.zeros((0, 1008))
+    if world == 1:
+        return pool3, logits
+    per_rank = _gather_rows(np.concatenate([pool3, logits], axis=1), device)
+    rows, taken = [], [0] * world
+    for j, s in enumerate(starts):
+        r, size = j % world, min(batch_size, n - s)
+        rows.append(per_rank[r][taken[r]:taken[r] + size])
+        taken[r] += size
+    both = np.concatenate(rows)
+    return both[:, :2048], both[:, 2048:]
+
+
+def _gather_rows(arr, device):
+    """all_gather of a 2-D float64 array whose row count differs between ranks."""
+    import torch.distributed as dist
+    world = dist.get_world_size()
+    local = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    count = torch.tensor([len(local)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), arr.shape[1]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return [c[:k].cpu().numpy() for c, k in zip(chunks, counts)]
+
+
+@dataclass
+class Reference:
+    mu: np.ndarray
+    sigma: np.ndarray
+    pool3: np.ndarray  # per-image features, only kept when KID needs them
+    path: Path
+
+
+def reference_stats(dataset, model, weights, resize, cap, batch_size, device, cache_dir, with_features=False,
+                    num_workers=0, progress=True, rank=0, world=1) -> Reference:
+    """Statistics of the training images as training sees them (after crop/resize): all of
+    them, or a fixed random `cap`. Cached as <cache_dir>/<dataset>_<size>px_<n>_<hash>.npz,
+    the hash over everything that determines them (dataset, path, size, crop/resize,
+    count, protocol, weights), the key itself stored in the file. Every run on the same
+    data reuses them; a changed key computes new ones. Rank 0 computes, others wait."""
+    from torch.utils.data import DataLoader, Subset
+    n = min(len(dataset), cap)
+    key = {**dataset.key(), "count": n, "resize": resize, "weights": weights_id(weights)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
+    feats_path = path.with_suffix(".pool3.npy")
+    if rank == 0 and (not path.exists() or (with_features and not feats_path.exists())):
+        g = torch.Generator().manual_seed(0)
+        idx = range(n) if n == len(dataset) else torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist()
+        loader = DataLoader(Subset(dataset, idx), batch_size, num_workers=num_workers, generator=g)
+        pool3, _ = extract_features(model, loader, device, progress, desc="FID reference")
+        mu, sigma = feature_stats(pool3)
+        save_stats(path, mu, sigma, key, n)
+        if with_features:
+            tmp = feats_path.with_name(feats_path.name + ".tmp.npy")
+            np.save(tmp, pool3.astype(np.float32))
+            os.replace(tmp, feats_path)
+        print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    mu, sigma, meta = load_stats(path)
+    if meta["key"] != key:
+        raise FIDError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
+    pool3 = np.load(feats_path).astype(np.float64) if with_features else None
+    return Reference(mu, sigma, pool3, path)
+
+
+def checkpoint_features(path, model, n, batch_size, device, ema=False, progress=True):
+    """Features of n images from a training checkpoint's generator, built with the
+    checkpoint's own settings (size, spans, mask mode, BatchNorm mode, seed)."""
+    from trainer import build_generator
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or "G" not in ck or "config" not in ck:
+        raise FIDError(f"{path} is not a checkpoint of this package (no 'G' and 'config')")
+    cfg = argparse.Namespace(**ck["config"])
+    if ema and ck.get("G_ema") is None:
+        raise FIDError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema")
+    G = build_generator(cfg)
+    G.load_state_dict(ck["G_ema"] if ema else ck["G"])
+    return generated_features(G.to(device), model, n, cfg.z_dim, batch_size, device, cfg.fid_g_mode,
+                              seed=cfg.seed + 3, progress=progress)
+
+
+def plot_fid(runs: dict, path):
+    """FID against step, a line per run; its EMA generator dashed in the same colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, rows in runs.items():
+        color = None
+        for key, style in (("fid", "-o"), ("fid_ema", "--s")):
+            pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+            if pts:
+                line, = ax.plot(*zip(*pts), style, ms=3, color=color,
+                                label=label + (" (EMA)" if key == "fid_ema" else ""))
+                color = line.get_color()
+    ax.set_xlabel("generator step")
+    ax.set_ylabel("FID (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare(argv):
+    """`python fid.py compare RUN_LOG_DIR ...`: the FID of several runs side by side."""
+    import csv
+    p = argparse.ArgumentParser(prog="fid.py compare",
+                                description="Table and overlaid plot of the fid.csv of several runs.")
+    p.add_argument("runs", nargs="+", metavar="RUN_LOG_DIR", help="<log_path>/<version> folders holding fid.csv")
+    p.add_argument("--out", default="fid_compare.png", help="where to write the plot")
+    p.add_argument("--ema", action="store_true", help="compare the EMA generators (fid_ema)")
+    args = p.parse_args(argv)
+    column = "fid_ema" if args.ema else "fid"
+    runs = {}
+    for d in map(Path, args.runs):
+        if not (d / "fid.csv").is_file():
+            raise FIDError(f"{d} has no fid.csv; pass <log_path>/<version> of a run trained with --fid_step N")
+        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        g, dspan = cfg.get("g_span"), cfg.get("d_span")
+        span = f"span {g}" if g == dspan else f"span G{g}/D{dspan}"
+        label = f"{cfg.get('version', d.name)} ({span})" if g is not None else d.name
+        if label in runs:
+            label += f" [{d}]"
+        with open(d / "fid.csv", newline="") as f:
+            runs[label] = [r for r in csv.DictReader(f) if r.get(column) not in (None, "")]
+    steps = sorted({int(r["step"]) for rows in runs.values() for r in rows})
+    width = max([10] + [len(l) for l in runs])
+    cells = lambda first, vals: f"{first:>10}  " + "  ".join(f"{v:>{width}}" for v in vals)
+    lines = [cells("step", runs)]
+    for step in steps:
+        vals = []
+        for rows in runs.values():
+            hit = [r for r in rows if int(r["step"]) == step]
+            vals.append(f"{float(hit[0][column]):.2f}" if hit else "-")
+        lines.append(cells(step, vals))
+    best = [min(rows, key=lambda r: float(r[column])) if rows else None for rows in runs.values()]
+    lines.append(cells(f"best {column}", [f"{float(b[column]):.2f}" if b else "-" for b in best]))
+    lines.append(cells("at step", [b["step"] if b else "-" for b in best]))
+    print("\n".join(lines))
+    plot_fid({k: [{**r, "fid": r[column], "fid_ema": ""} for r in v] for k, v in runs.items()}, args.out)
+    print(f"plot: {args.out}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class Resolved:
+    """One CLI input: statistics always, features only when computed from images."""
+    spec: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    pool3: np.ndarray = None
+    logits: np.ndarray = None
+    meta: dict = field(default_factory=dict)
+
+
+def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_samples=10000, ema=False):
+    """Turn a CLI input into statistics (+ features when computed from images).
+    `get_model` is called only when features must be computed, so stats-only runs
+    need no weights."""
+    path = Path(spec)
+    if not path.exists():
+        raise FIDError(f"{spec} does not exist")
+    if path.suffix.lower() == ".pt":
+        pool3, logits = checkpoint_features(path, get_model(), n_samples, batch_size, device, ema, progress)
+        return Resolved(str(spec), *feature_stats(pool3), pool3, logits, meta={"n": len(pool3), "key": {}})
+    if path.is_file() and _is_stats_file(path):
+        mu, sigma, meta = load_stats(path)
+        return Resolved(str(spec), mu, sigma, meta=meta)
+    images = load_images(path)
+    model = get_model()
+    pool3, logits = extract_features(model, batches_from_array(images, batch_size), device=device,
+                                     progress=progress, desc=path.name)
+    mu, sigma = feature_stats(pool3)
+    return Resolved(str(spec), mu, sigma, pool3, logits, meta={"n": len(pool3), "key": {}})
+
+
+# first-positional sub-commands, e.g. COMMANDS["compare"] = main_compare(argv) -> int
+COMMANDS = {"compare": compare}
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="fid.py", description="FID / IS / KID with the TF FID Inception network.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image folder, .npy/.npz image array (N,H,W,3 uint8) or statistics .npz (mu/sigma)")
+    p.add_argument("--metrics", default="fid", help="comma list of fid,is,kid (IS is of the first input)")
+    p.add_argument("--save-stats", "--save_stats", dest="save_stats", action="store_true",
+                   help="compute statistics of INPUT and write them to OUT.npz: --save-stats INPUT OUT.npz")
+    p.add_argument("--fid_weights", default=None, help="FID Inception weights file (default: torch hub cache)")
+    p.add_argument("--fid_resize", default="tf1", choices=RESIZE_MODES,
+                   help="tf1: torch-fidelity/TF reference resize; pytorch: pytorch-fid's")
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--kid_subsets", type=int, default=100)
+    p.add_argument("--kid_subset_size", type=int, default=1000)
+    p.add_argument("--isc_splits", type=int, default=10)
+    p.add_argument("--fid_samples", type=int, default=10000, help="images generated from a checkpoint input")
+    p.add_argument("--ema", action="store_true", help="checkpoint inputs: use the EMA generator")
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _run(args):
+    metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
+    unknown = set(metrics) - {"fid", "is", "kid"}
+    if unknown or not metrics:
+        raise FIDError(f"unknown --metrics {','.join(sorted(unknown)) or '(empty)'}; use a comma list of fid,is,kid")
+    need = 2 if (args.save_stats or set(metrics) & {"fid", "kid"}) else 1
+    if len(args.inputs) != need:
+        raise FIDError(f"expected {need} input(s), got {len(args.inputs)}"
+                       + ("; usage: --save-stats INPUT OUT.npz" if args.save_stats else ""))
+    if args.batch_size < 1:
+        raise FIDError("--batch_size must be >= 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FIDError("--device cuda but CUDA is not available; use --device cpu")
+    weights, model = None, None
+    if args.fid_weights is not None:
+        weights = resolve_weights(args.fid_weights)  # fail fast on a bad path
+
+    def get_model():
+        nonlocal weights, model
+        if model is None:
+            if weights is None:
+                weights = resolve_weights(quiet=True)  # load_inception's error says the same
+            model = load_inception(weights, args.fid_resize, device)
+        return model
+
+    key = lambda: {"resize": args.fid_resize, "weights": Path(weights).name if weights else None}
+    resolve = lambda spec: resolve_input(spec, get_model, args.batch_size, device, not args.no_progress,
+                                         args.fid_samples, args.ema)
+
+    if args.save_stats:
+        src, out = args.inputs
+        r = resolve(src)
+        if r.pool3 is None:
+            raise FIDError(f"{src} is already a statistics file")
+        save_stats(out, r.mu, r.sigma, key=key(), n=len(r.pool3))
+        print(f"saved statistics of {len(r.pool3)} images to {out}")
+        return 0
+
+    # check what needs per-image features before spending time on extraction
+    for i, spec in enumerate(args.inputs):
+        if Path(spec).is_file() and _is_stats_file(spec):
+            if "kid" in metrics:
+                raise FIDError(f"KID needs per-image features, but {spec} is a statistics file; pass images")
+            if "is" in metrics and i == 0:
+                raise FIDError(f"IS needs images, but {spec} is a statistics file")
+    inputs = [resolve(s) for s in args.inputs]
+    for r in inputs:  # stats from the other resize pipeline are not comparable
+        saved = r.meta.get("key", {}).get("resize")
+        if r.pool3 is None and saved and saved != args.fid_resize:
+            raise FIDError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
+    if "fid" in metrics:
+        print(f"FID: {frechet_distance(inputs[0].mu, inputs[0].sigma, inputs[1].mu, inputs[1].sigma):.6f}")
+    if "is" in metrics:
+        mean, std = inception_score(inputs[0].logits, splits=args.isc_splits)
+        print(f"IS: {mean:.6f} +- {std:.6f}")
+    if "kid" in metrics:
+        mean, std = kernel_inception_distance(inputs[0].pool3, inputs[1].pool3, subsets=args.kid_subsets,
+                                              subset_size=args.kid_subset_size)
+        print(f"KID: {mean:.6g} +- {std:.6g}")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in COMMANDS:  # sub-command; a folder with that name can be given as ./name
+            return COMMANDS[argv[0]](argv[1:])
+        return _run(_parse_args(argv))
+    except FIDError as e:
+        print(f"fid.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The fast paths compute what the reference paths compute (issue 5, CPU parts)."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, out_dirs, run_cli
+from data_loader import build_dataset, make_batches
+from parameter import get_parameters
+from sagan_models import Self_Attn
+from trainer import Trainer
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_fused_attention_matches_dense_in_values_and_gradients(mode):
+    for span in range(5):
+        for hw in [(4, 4), (8, 8), (6, 10)]:
+            torch.manual_seed(span)
+            layer = Self_Attn(32, span=span, mask_mode=mode)
+            torch.nn.init.constant_(layer.gamma, 0.8)
+            x = torch.randn(3, 32, *hw)
+            upstream = torch.randn(3, 32, *hw)
+            results = []
+            for fused in (False, True):
+                layer.fused = fused
+                layer.zero_grad()
+                xi = x.clone().requires_grad_(True)
+                out = layer(xi)
+                (out * upstream).sum().backward()
+                results.append((out.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
+            (o0, gx0, gp0), (o1, gx1, gp1) = results
+            torch.testing.assert_close(o1, o0, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
+            for a, b in zip(gp1, gp0):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def _first_steps(tmp_path, image_folder, flags, n=2):
+    cfg = get_parameters([*TINY, *out_dirs(tmp_path), "--dataset", "folder", "--image_path", str(image_folder),
+                          "--span", "2", "--version", "v" + str(abs(hash(tuple(flags)))), *flags])
+    t = Trainer(cfg)
+    t._wrap_models()
+    batches = iter(make_batches(build_dataset(cfg), cfg, 0, t.device))
+    return torch.stack([t.train_step(batches) for _ in range(n)])
+
+
+REFERENCE = ["--attn_impl", "dense", "--amp", "none", "--compile", "none"]
+
+
+def test_every_cpu_speed_option_gives_the_reference_losses(tmp_path, image_folder):
+    ref = _first_steps(tmp_path, image_folder, REFERENCE)
+    fast = _first_steps(tmp_path, image_folder, ["--attn_impl", "fused", "--channels_last", "--cache",
+                                                 "--compile", "default"])
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    # bfloat16 autocast: same losses to bf16 precision
+    bf16 = _first_steps(tmp_path, image_folder, ["--attn_impl", "fused", "--amp", "bf16", "--cache"])
+    torch.testing.assert_close(bf16, ref, rtol=0.05, atol=0.02)
+
+
+def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli(["--device", "cpu", "--steps", "2", "--warmup", "1", "--fid_samples", "8", "--fid_batch_size", "8",
+                 "--out", out], cwd=tmp_path, script="bench.py")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert {(row["path"], row["span"]) for row in data["training"]} == {
+        ("reference", 0), ("fast", 0), ("reference", 3), ("fast", 3)}
+    assert all(row["it_per_s"] > 0 for row in data["training"])
+    assert data["fid"]["fid_seconds"] > 0 and data["env"]["torch"] == torch.__version__
+    assert "× ref" in r.stdout
