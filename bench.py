@@ -67,7 +67,7 @@ def time_fid(args, device, trainer_argv):
     """Inception feature throughput and one FID of --fid_samples generated images against
     precomputed reference statistics, through the Trainer's FID path."""
     import fid
-    weights = fid.resolve_weights(args.fid_weights, download=False)
+    weights = fid.resolve_weights(args.fid_weights, download=False, quiet=True)
     model = fid.load_inception(weights, device=device) if weights else \
         fid.FIDInception().to(device).eval().requires_grad_(False)  # speed only; noted in the output
     if device.type == "cuda" and not weights:
@@ -115,7 +115,7 @@ def main(argv=None):
     p.add_argument("--compile", default=None, help="fast path torch.compile mode (default: default GPU, none CPU)")
     p.add_argument("--channels_last", default=None, choices=["true", "false"])
     p.add_argument("--skip_reference", action="store_true", help="time the fast path only")
-    p.add_argument("--fid_samples", type=int, default=None, help="default: 10000 GPU, 64 CPU")
+    p.add_argument("--fid_samples", type=int, default=None, help="default: 10000 GPU, 16 CPU")
     p.add_argument("--fid_batch_size", type=int, default=None, help="default: 500 GPU, 16 CPU")
     p.add_argument("--fid_weights", default=None)
     p.add_argument("--out", default="bench_results/bench.json")
@@ -129,13 +129,13 @@ def main(argv=None):
     args.conv_dim, args.n_images = pick(args.conv_dim, 64, 16), pick(args.n_images, 4096, 64)
     args.amp, args.compile = pick(args.amp, "bf16", "none"), pick(args.compile, "default", "none")
     args.channels_last = pick(args.channels_last, "true", "false")
-    args.fid_samples, args.fid_batch_size = pick(args.fid_samples, 10000, 64), pick(args.fid_batch_size, 500, 16)
+    args.fid_samples, args.fid_batch_size = pick(args.fid_samples, 10000, 16), pick(args.fid_batch_size, 500, 16)
 
     tmp = Path(tempfile.mkdtemp(prefix="sagan_bench_"))
     make_jpegs(tmp / "data", args.n_images)
     common = ["--dataset", "folder", "--image_path", str(tmp / "data"), "--imsize", str(args.imsize),
               "--batch_size", str(args.batch_size), "--g_conv_dim", str(args.conv_dim),
-              "--d_conv_dim", str(args.conv_dim), "--device", device.type, "--seed", "0",
+              "--d_conv_dim", str(args.conv_dim), "--device", device.type, "--seed", "0", "--fid_step", "0",
               "--log_path", str(tmp / "logs"), "--model_save_path", str(tmp / "models"),
               "--sample_path", str(tmp / "samples"), "--attn_path", str(tmp / "attn")]
     paths = {
