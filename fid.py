@@ -239,7 +239,8 @@ def load_inception(weights_path, resize="tf1", device="cpu"):
     """FIDInception with weights loaded strictly, in eval mode, no grads, float32."""
     if weights_path is None:
         raise FIDError(_missing_weights_message())
-    model = FIDInception(resize)
+    with torch.random.fork_rng(devices=[]):  # its random init must not shift the training RNG
+        model = FIDInception(resize)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)

@@ -1,0 +1,115 @@
+"""torchrun / DistributedDataParallel on CPU with gloo (issue 6): K processes with the same
+global batch train the same model as one process, write one set of outputs, compute the
+same FID, and checkpoints resume on any K."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, out_dirs, random_fid_state_dict
+from sagan_models import Generator
+from utils import sampling_mode
+
+STEPS = ["--log_step", "1", "--sample_step", "4", "--model_save_step", "2", "--span", "1", "--sync_bn",
+         "--ema_decay", "0.5", "--fid_samples", "12", "--fid_batch_size", "6", "--fid_ref_samples", "16"]
+V = "sagan_emoji_span1_32px"
+
+
+def launch(root, nproc, *args):
+    cmd = [sys.executable, str(REPO / "main.py")] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(REPO / "main.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    r = subprocess.run([*cmd, *TINY, *out_dirs(root), *STEPS, *map(str, args)], cwd=root, capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def rows(root, name="metrics.csv"):
+    with open(root / "logs" / V / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    weights = base / "w.pth"
+    torch.save(random_fid_state_dict(), weights)
+    fid = ["--fid_step", "4", "--fid_weights", weights]
+    single, k2 = base / "single", base / "k2"
+    single.mkdir(), k2.mkdir()
+    launch(single, 1, "--total_step", "6", *fid)
+    launch(k2, 2, "--total_step", "4", *fid)
+    k2_only = sorted(p.relative_to(k2) for p in k2.rglob("*") if p.is_file())
+    k4 = base / "k4"
+    shutil.copytree(k2, k4)
+    launch(k2, 1, "--total_step", "6", "--resume", *fid)  # a K=2 checkpoint continued by one process
+    launch(k4, 4, "--total_step", "5", "--resume", "--fid_step", "0")  # ... and by four
+    return dict(single=single, k2=k2, k4=k4, k2_files=k2_only)
+
+
+def test_two_processes_log_the_losses_of_one(runs):
+    one, two = rows(runs["single"]), rows(runs["k2"])
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [str(s) for s in range(1, 7)]
+    for a, b in zip(one, two):
+        for k in ("d_loss", "g_loss", "d_real", "d_fake"):
+            # float noise, amplified by Adam's sign-like first steps (see the next test)
+            assert float(b[k]) == pytest.approx(float(a[k]), rel=2e-3, abs=1e-5), (a["step"], k)
+    # steps 5-6 ran in one process from the K=2 checkpoint; K=4 resumed it too
+    k4 = rows(runs["k4"])
+    assert float(k4[4]["d_loss"]) == pytest.approx(float(one[4]["d_loss"]), rel=2e-3)
+
+
+def test_parameters_after_n_steps_equal_a_single_process_run(runs):
+    a = torch.load(runs["single"] / "models" / V / "4.pt", weights_only=False)
+    b = torch.load(runs["k2"] / "models" / V / "4.pt", weights_only=False)
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    # Adam with beta1 = 0 moves every weight by about ±lr per step whatever the size of its
+    # gradient, so a gradient that is zero in exact arithmetic (a conv bias before
+    # BatchNorm, hinge terms of real and fake that cancel) is float noise whose sign
+    # differs between 1 and 2 processes. Such weights may drift by up to steps·lr; all
+    # others must agree to float precision. A real fault (no gradient averaging, a wrong
+    # batch slice) moves most weights, not a few.
+    for net, lr in (("G", 1e-4), ("D", 4e-4)):
+        close = total = 0
+        for k, v in a[net].items():
+            if not v.is_floating_point():
+                assert torch.equal(b[net][k], v), k
+                continue
+            diff = (b[net][k] - v).abs()
+            assert diff.max() <= 4 * lr * 1.01 + 1e-5, (net, k, diff.max())
+            close += int((diff <= 1e-5 + 1e-4 * v.abs()).sum())
+            total += v.numel()
+        assert close / total > 0.99, (net, close / total)
+    # ... and the two generators make the same images
+    z = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    imgs = []
+    for ck in (a, b):
+        G = Generator(32, 32, 16, span=1)
+        G.load_state_dict(ck["G"])
+        with sampling_mode(G, "batch"):
+            imgs.append(G(z))
+    torch.testing.assert_close(imgs[1], imgs[0], rtol=0, atol=1e-3)
+
+
+def test_fid_split_over_ranks_equals_the_single_process_fid(runs):
+    one, two = rows(runs["single"], "fid.csv"), rows(runs["k2"], "fid.csv")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == ["4", "6"]
+    for a, b in zip(one, two):
+        for k in ("fid", "fid_ema"):
+            assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-3), (a["step"], k)
+
+
+def test_only_rank_zero_writes_one_set_of_outputs(runs):
+    files = {str(p) for p in runs["k2_files"]}
+    expected = {f"logs/{V}/metrics.csv", f"logs/{V}/config.json", f"logs/{V}/fid.csv", f"logs/{V}/fid.png",
+                f"models/{V}/2.pt", f"models/{V}/4.pt", f"samples/{V}/4_fake.png", f"samples/{V}/4_fake_ema.png",
+                f"attn/{V}/4_attn.png"}
+    stats = {f for f in files if f.startswith("logs/fid_stats/")}
+    assert files - stats == expected
+    assert len([f for f in stats if f.endswith(".npz")]) == 1
