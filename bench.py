@@ -26,6 +26,7 @@ from PIL import Image
 from data_loader import build_dataset, make_batches
 from parameter import get_parameters
 from trainer import Trainer
+from utils import set_tf32
 
 
 def sync(device):
@@ -47,6 +48,8 @@ def make_jpegs(folder: Path, n: int, seed=0):
 def time_training(argv, steps, warmup, device):
     cfg = get_parameters(argv)
     t = Trainer(cfg)
+    if cfg.attn_impl == "dense":  # the reference path: PyTorch's default precision, no TF32 matmuls
+        set_tf32(False, True)
     t._wrap_models()
     batches = iter(make_batches(build_dataset(cfg), cfg, 0, t.device))
     for _ in range(warmup):

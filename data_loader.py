@@ -117,7 +117,7 @@ class FileDataset(ImageDataset):
                     im.load()
                     return im.convert("RGB")
             except Exception:
-                warn(f"could not decode {path}; using the next image")
+                warn(f"could not decode {path}; using the next image instead", once=True)
         raise UserError(f"no decodable image under {self.description['path']}")
 
 

@@ -244,7 +244,7 @@ def load_inception(weights_path, resize="tf1", device="cpu"):
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, EOFError) as e:
+    except Exception as e:  # truncated download, pickle garbage, wrong keys: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FIDError(f"{weights_path} is not an FID Inception (2015-12-05) weights file ({first}); "
                        f"get {FID_WEIGHTS_URL}") from None
@@ -373,7 +373,7 @@ def save_stats(path, mu, sigma, key=None, n=None):
     """Write mu, sigma, n and a JSON key (what produced the stats) to an .npz, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # parallel runs may write the same stats
     with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz"
         np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
                  n=np.int64(-1 if n is None else n), key=np.array(json.dumps(key or {}, sort_keys=True)))
@@ -578,7 +578,7 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
         mu, sigma = feature_stats(pool3)
         save_stats(path, mu, sigma, key, n)
         if with_features:
-            tmp = feats_path.with_name(feats_path.name + ".tmp.npy")
+            tmp = feats_path.with_name(f"{feats_path.name}.tmp{os.getpid()}.npy")
             np.save(tmp, pool3.astype(np.float32))
             os.replace(tmp, feats_path)
         print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
@@ -595,8 +595,8 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
 def checkpoint_features(path, model, n, batch_size, device, ema=False, progress=True):
     """Features of n images from a training checkpoint's generator, built with the
     checkpoint's own settings (size, spans, mask mode, BatchNorm mode, seed)."""
-    from trainer import build_generator
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    from trainer import build_generator, load_checkpoint
+    ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "G" not in ck or "config" not in ck:
         raise FIDError(f"{path} is not a checkpoint of this package (no 'G' and 'config')")
     cfg = argparse.Namespace(**ck["config"])

@@ -147,6 +147,12 @@ def validate(cfg, parser):
         err("--fid_step must be >= 0 (0 turns FID off)")
     if cfg.fid_batch_size is not None and cfg.fid_batch_size < 1:
         err("--fid_batch_size must be >= 1")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            err(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("g_conv_dim", "d_conv_dim"):
+        if getattr(cfg, name) < 8:
+            err(f"--{name} must be >= 8 (attention projects to channels/8), got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         err(f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
     for name in ("g_lr", "d_lr", "lambda_gp"):
@@ -157,6 +163,8 @@ def validate(cfg, parser):
     if bad or not metrics:
         err(f"--metrics {cfg.metrics!r}: choose from {','.join(METRICS)}")
     cfg.metrics = metrics
+    if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
+        err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
     if cfg.resume and cfg.pretrained_model is not None:
         err("--resume and --pretrained_model both say where to start; give one")
     world = int(os.environ.get("WORLD_SIZE", "1"))

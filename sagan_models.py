@@ -140,7 +140,8 @@ class Generator(nn.Module):
             ch //= 2
             if res in (image_size // 4, image_size // 2):
                 layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused)
-                layers[f"attn{res}"].masks(res, res)
+                if span > 0:  # built once here, never in forward
+                    layers[f"attn{res}"].masks(res, res)
         layers["to_rgb"] = nn.Sequential(nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh())
         self.net = nn.Sequential(layers)
 
@@ -164,7 +165,8 @@ class Discriminator(nn.Module):
             layers[f"block{res}"] = nn.Sequential(sn_conv(in_ch, ch, 4, 2, 1), nn.LeakyReLU(0.1))
             if res in (8, 4):
                 layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused)
-                layers[f"attn{res}"].masks(res, res)
+                if span > 0:
+                    layers[f"attn{res}"].masks(res, res)
             in_ch, ch = ch, ch * 2
         layers["to_logit"] = nn.Conv2d(in_ch, 1, 4)
         self.net = nn.Sequential(layers)

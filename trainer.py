@@ -35,13 +35,23 @@ def build_generator(cfg) -> Generator:
 
 
 def build_discriminator(cfg) -> Discriminator:
-    return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode,
-                         fused=getattr(cfg, "attn_impl", "fused") == "fused")
+    # WGAN-GP differentiates D's gradient once more; the fused attention kernels have no
+    # double backward on CUDA, so D keeps the dense path there.
+    fused = getattr(cfg, "attn_impl", "fused") == "fused" and cfg.adv_loss != "wgan-gp"
+    return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused)
 
 
 def checkpoints(folder: Path) -> dict:
     """{step: path} of the checkpoints in a run's model folder."""
     return {int(p.stem): p for p in folder.glob("*.pt") if p.stem.isdigit()} if folder.is_dir() else {}
+
+
+def load_checkpoint(path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated copy, not a checkpoint at all
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); use another step or "
+                        f"re-copy the file") from None
 
 
 def persistent_buffers(model):
@@ -87,6 +97,9 @@ class Trainer:
         self.D = build_discriminator(cfg).to(self.device)
         if cfg.sync_bn and self.world > 1:
             convert_sync_bn(self.G)
+        if cfg.channels_last:
+            self.G.to(memory_format=torch.channels_last)
+            self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if cfg.ema_decay > 0 else None
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.g_opt = torch.optim.Adam(self.G.parameters(), cfg.g_lr, (cfg.beta1, cfg.beta2), **fused)
@@ -97,9 +110,6 @@ class Trainer:
         if self.ckpt is not None:
             self._load(self.ckpt)
         self.fixed_z = self.fixed_z.to(self.device)
-        if cfg.channels_last:
-            self.G.to(memory_format=torch.channels_last)
-            self.D.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ run bookkeeping
     def _find_start(self):
@@ -132,7 +142,7 @@ class Trainer:
             return None
         if step not in found:
             raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
-        return torch.load(found[step], map_location="cpu", weights_only=False)
+        return load_checkpoint(found[step])
 
     def _adopt_run_settings(self, saved: dict):
         """Architecture, data and seed come from the checkpoint, whatever the flags say."""
@@ -157,8 +167,14 @@ class Trainer:
         if self.G_ema is not None and ck.get("G_ema") is not None:
             self.G_ema.load_state_dict(ck["G_ema"])
         if self.cfg.train:
-            self.g_opt.load_state_dict(ck["g_opt"])
-            self.d_opt.load_state_dict(ck["d_opt"])
+            for opt, key in ((self.g_opt, "g_opt"), (self.d_opt, "d_opt")):
+                opt.load_state_dict(ck[key])
+                # Adam's moments must share their parameter's memory layout (fused kernels
+                # index both flat), also when --channels_last differs from the saved run.
+                for p, state in opt.state.items():
+                    for k, v in state.items():
+                        if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                            state[k] = torch.empty_like(p).copy_(v)
             set_rng_state(ck["rng"])
         self.fixed_z, self.step, self.elapsed = ck["fixed_z"], ck["step"], ck.get("elapsed", 0.0)
 
@@ -173,6 +189,8 @@ class Trainer:
                 "dataset_size": n_images, "world_size": self.world, "torch": torch.__version__,
                 "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name()}
         path = self.dirs["log"] / "config.json"
+        if path.exists():  # a resumed run: keep the original, record this part beside it
+            path = path.with_name(f"config_resumed_at_{self.step}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(info, indent=2, default=str))
 
@@ -181,7 +199,8 @@ class Trainer:
         if "--pretrained_model" in args:
             i = args.index("--pretrained_model")
             del args[i:i + 2]
-        return "python main.py " + " ".join(shlex.quote(a) for a in args + ["--resume"])
+        launcher = "python" if self.world == 1 else f"torchrun --nproc_per_node {self.world}"
+        return f"{launcher} main.py " + " ".join(shlex.quote(a) for a in args + ["--resume"])
 
     # ------------------------------------------------------------------ the steps
     def _z(self, n):
@@ -246,7 +265,9 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
+            # No buffer broadcast: spectral-norm vectors follow identical weights on every
+            # rank anyway, BatchNorm keeps per-rank statistics, masks are constants.
+            G, D = (DDP(m, device_ids=ids, broadcast_buffers=False) for m in (G, D))
         D_frozen = self.D
         if self.cfg.compile != "none":
             mode = None if self.cfg.compile == "default" else self.cfg.compile
@@ -259,6 +280,11 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train(self):
         cfg = self.cfg
+        if self.step >= cfg.total_step:
+            if self.main:
+                print(f"run '{cfg.version}' is already at step {self.step} >= --total_step {cfg.total_step}; "
+                      f"raise --total_step to train further")
+            return
         dataset = build_dataset(cfg)
         if len(dataset) < cfg.batch_size:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")
@@ -366,6 +392,8 @@ class Trainer:
     def sample(self):
         """--train false: write --n_samples PNGs from the checkpoint's generator(s)."""
         cfg = self.cfg
+        if not self.main:
+            return
         z = torch.randn(cfg.n_samples, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
         written = []
         for suffix, G in (("", self.G), ("_ema", self.G_ema)):
@@ -388,7 +416,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.fid_step == 0:
             return None
-        weights = fid.resolve_weights(cfg.fid_weights)
+        weights = fid.resolve_weights(cfg.fid_weights) if self.main else None
+        if self.world > 1:  # one decision for all ranks, or some would wait for FID forever
+            box = [weights]
+            dist.broadcast_object_list(box, src=0)
+            weights = box[0]
         return FIDMonitor(self, dataset, weights) if weights is not None else None
 
 

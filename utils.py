@@ -101,8 +101,8 @@ def atomic_save(obj, path) -> None:
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU: under torchrun every rank holds the same state
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -111,10 +111,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        # A checkpoint from more (or fewer) GPUs: every rank draws the same global z,
-        # so device 0's state serves all.
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.set_rng_state(state["cuda"][min(i, len(state["cuda"]) - 1)], i)
+        # Every rank draws the same global z, so rank 0's state serves any number of GPUs.
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:

@@ -377,6 +377,9 @@ def test_load_inception_rejects_other_weights(tmp_path):
         fid.load_inception(bad)
     with pytest.raises(fid.FIDError, match="download"):
         fid.load_inception(None)
+    (tmp_path / "garbage.pth").write_bytes(b"half a download")  # not even a pickle
+    with pytest.raises(fid.FIDError, match="not an FID Inception"):
+        fid.load_inception(tmp_path / "garbage.pth")
 
 
 def test_strict_fp32_context_restores_flags():

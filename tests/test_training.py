@@ -125,6 +125,11 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_0(tmp_path):
     (["--resume"], "no checkpoint"),
     (["--train", "false"], "no checkpoint"),
     (["--batch_size", "5000"], "fewer than --batch_size 5000"),
+    (["--fid_samples", "1"], "--fid_samples 1 is too few"),
+    (["--metrics", "fid,is", "--fid_samples", "5"], "IS >= 10"),
+    (["--metrics", "fid,ssim"], "--metrics 'fid,ssim': choose from fid,is,kid"),
+    (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+    (["--g_conv_dim", "2"], "--g_conv_dim must be >= 8"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     r = run_cli([*out_dirs(tmp_path), "--total_step", "2", "--device", "cpu", *args], cwd=tmp_path)
@@ -270,3 +275,48 @@ def test_eval_uses_the_checkpoint_architecture(tmp_path):
     t = make_trainer(tmp_path, "--version", "e", "--train", "false", "--pretrained_model", "10", "--span", "0",
                      "--imsize", "64")
     assert {m.span for _, m in attention_layers(t.G)} == {3} and t.cfg.imsize == 32
+
+
+def test_seed_readme_commands_parse_and_every_flag_is_documented():
+    cfg = get_parameters("--batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb "
+                         "--total_step 100000 --span 3".split())
+    assert (cfg.g_span, cfg.d_span, cfg.version, cfg.dataset) == (3, 3, "sagan_celeb", "celeb")
+    cfg = get_parameters("--batch_size 64 --imsize 64 --dataset lsun --adv_loss hinge --version sagan_lsun".split())
+    assert cfg.dataset == "lsun" and cfg.span == 0
+    assert get_parameters(["--span", "2", "--d_span", "0"]).version == "sagan_emoji_g2_d0"
+    from parameter import build_parser
+    readme = (REPO / "README.md").read_text()
+    flags = [s for a in build_parser()._actions for s in a.option_strings if s not in ("-h", "--help")]
+    assert [f for f in flags if f"`{f}`" not in readme] == []
+
+
+def test_corrupt_checkpoint_and_finished_run_are_reported_in_one_line(tmp_path):
+    assert run_cli(train_args(tmp_path, "--total_step", "10", "--version", "c"), cwd=tmp_path).returncode == 0
+    r = run_cli(train_args(tmp_path, "--total_step", "10", "--version", "c", "--resume"), cwd=tmp_path)
+    assert r.returncode == 0 and "already at step 10 >= --total_step 10" in r.stdout
+    (tmp_path / "models/c/10.pt").write_bytes(b"truncated")
+    r = run_cli(train_args(tmp_path, "--total_step", "20", "--version", "c", "--resume"), cwd=tmp_path)
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_with_channels_last_keeps_adam_state_in_the_parameter_layout(tmp_path):
+    assert run_cli(train_args(tmp_path, "--total_step", "10", "--version", "cl"), cwd=tmp_path).returncode == 0
+    t = make_trainer(tmp_path, "--version", "cl", "--resume", "--channels_last", "--total_step", "12")
+    for opt in (t.g_opt, t.d_opt):
+        for p, state in opt.state.items():
+            for v in state.values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    assert v.stride() == p.stride()
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in t.G.parameters())
+    t.train()
+    assert t.step == 12
+
+
+def test_wgan_gp_keeps_the_discriminator_on_the_double_differentiable_path():
+    from trainer import build_discriminator, build_generator
+    cfg = get_parameters(["--adv_loss", "wgan-gp", "--span", "2"])
+    assert not any(m.fused for _, m in attention_layers(build_discriminator(cfg)))
+    assert all(m.fused for _, m in attention_layers(build_generator(cfg)))
+    cfg = get_parameters(["--span", "2"])
+    assert all(m.fused for _, m in attention_layers(build_discriminator(cfg)))
