@@ -13,6 +13,7 @@ of the seed and the batch counter, so resumed and multi-GPU runs see the same da
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -139,11 +140,20 @@ class LsunDataset(ImageDataset):
 
 
 def load_array(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r")
-    with np.load(path) as z:
-        key = "images" if "images" in z.files else z.files[0]
-        return z[key]
+    """An image array from .npy (memory-mapped: big arrays stay on disk) or .npz (the
+    'images' key, or its only array). Shape and dtype are checked by the caller."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, mmap_mode="r")
+        with np.load(path, allow_pickle=False) as z:
+            if "images" in z.files:
+                return z["images"]
+            if len(z.files) == 1:
+                return z[z.files[0]]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    raise UserError(f"{path}: store the images under the key 'images' (found {z.files})")
 
 
 def _from_path(path: Path, size: int, crop, name: str) -> ImageDataset:

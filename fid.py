@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 from tqdm import tqdm
 
+from data_loader import IMAGE_EXTS, load_array
 from utils import UserError, set_tf32, tf32_flags, warn
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 # the same converted TF weights under pytorch-fid's and torch-fidelity's file names
 WEIGHT_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
 RESIZE_MODES = ("tf1", "pytorch")
 
 
@@ -426,23 +426,8 @@ def load_images(path):
     if path.is_file():
         if path.suffix.lower() not in (".npy", ".npz"):
             raise FIDError(f"{path}: expected a folder of images or a .npy/.npz image array")
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise FIDError(f"cannot read {path}: {e}") from None
-        if isinstance(data, np.lib.npyio.NpzFile):
-            with data:
-                names = data.files
-                if "images" in names:
-                    arr = data["images"]
-                elif len(names) == 1:
-                    arr = data[names[0]]
-                else:
-                    raise FIDError(f"{path}: store the images under the key 'images' (found {names})")
-        else:
-            arr = data
-        return _as_nhwc_uint8(arr, path)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        return _as_nhwc_uint8(load_array(path), path)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     images, bad = [], 0
     for f in files:
         try:
@@ -453,7 +438,7 @@ def load_images(path):
     if bad:
         warn(f"skipped {bad} unreadable image file(s) under {path}")
     if not images:
-        raise FIDError(f"no readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {path}")
+        raise FIDError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         a, b = sorted(sizes)[:2]
