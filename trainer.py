@@ -22,7 +22,7 @@ from data_loader import build_dataset, make_batches
 from sagan_models import Discriminator, Generator, attention_layers
 from utils import (UserError, __version__, atomic_save, convert_sync_bn, dist_info, git_commit, image_grid,
                    is_tty, pick_device, rng_state, sampling_mode, save_png, seed_everything, set_rng_state, set_tf32,
-                   to_uint8)
+                   to_uint8, uint8_batches, warn)
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
@@ -31,13 +31,13 @@ RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d
 
 def build_generator(cfg) -> Generator:
     return Generator(cfg.imsize, cfg.z_dim, cfg.g_conv_dim, cfg.g_span, cfg.mask_mode,
-                     fused=getattr(cfg, "attn_impl", "fused") == "fused")
+                     fused=cfg.attn_impl == "fused")
 
 
 def build_discriminator(cfg) -> Discriminator:
     # WGAN-GP differentiates D's gradient once more; the fused attention kernels have no
     # double backward on CUDA, so D keeps the dense path there.
-    fused = getattr(cfg, "attn_impl", "fused") == "fused" and cfg.adv_loss != "wgan-gp"
+    fused = cfg.attn_impl == "fused" and cfg.adv_loss != "wgan-gp"
     return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused)
 
 
@@ -203,11 +203,14 @@ class Trainer:
         return f"{launcher} main.py " + " ".join(shlex.quote(a) for a in args + ["--resume"])
 
     # ------------------------------------------------------------------ the steps
+    def _mine(self, x):
+        """This rank's slice of a global batch of random numbers: every rank draws the same
+        global batch and keeps its part, so K processes see exactly what one process would."""
+        n = len(x) // self.world
+        return x[self.rank * n:(self.rank + 1) * n]
+
     def _z(self, n):
-        """This rank's part of a global batch of z: every rank draws the same numbers and
-        keeps its slice, so K processes see exactly what one process would."""
-        z = torch.randn(n * self.world, self.cfg.z_dim, device=self.device)
-        return z[self.rank * n:(self.rank + 1) * n]
+        return self._mine(torch.randn(n * self.world, self.cfg.z_dim, device=self.device))
 
     def d_step(self, real):
         cfg, b = self.cfg, real.shape[0]
@@ -215,7 +218,7 @@ class Trainer:
             fake = self.G_train(self._z(b))
         x = torch.cat([real, fake.to(real.dtype)])
         if cfg.adv_loss == "wgan-gp":
-            alpha = torch.rand(b * self.world, 1, 1, 1, device=self.device)[self.rank * b:(self.rank + 1) * b]
+            alpha = self._mine(torch.rand(b * self.world, 1, 1, 1, device=self.device))
             interp = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
             x = torch.cat([x, interp])
         with self.autocast():
@@ -350,7 +353,7 @@ class Trainer:
                 if self.step % cfg.sample_step == 0 or last:
                     self.write_samples()
                 if save_now:
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
                     last_good = self.step
                 if fid_now:
                     fid.evaluate(self.step, self.G, self.G_ema)
@@ -359,8 +362,8 @@ class Trainer:
                 self.elapsed += spent
                 if interrupted:
                     if self.main:
-                        print(f"\nstopped by signal at step {self.step}; checkpoint saved to "
-                              f"{self.dirs['model_save'] / f'{self.step}.pt'}. Resume with:\n  {self._resume_hint()}")
+                        print(f"\nstopped by signal at step {self.step}; checkpoint saved to {saved}. "
+                              f"Resume with:\n  {self._resume_hint()}")
                     break
         finally:
             bar.close()
@@ -401,11 +404,10 @@ class Trainer:
                 continue
             out = self.dirs["sample"] / f"eval_{self.step}{suffix}"
             out.mkdir(parents=True, exist_ok=True)
-            with sampling_mode(G, cfg.fid_g_mode):
-                for i in range(0, cfg.n_samples, cfg.batch_size):
-                    imgs = to_uint8(G(z[i:i + cfg.batch_size].to(self.device))).permute(0, 2, 3, 1).cpu().numpy()
-                    for j, im in enumerate(imgs):
-                        save_png(im, out / f"{i + j:05d}.png")
+            starts = range(0, cfg.n_samples, cfg.batch_size)
+            for i, batch in zip(starts, uint8_batches(G, z, starts, cfg.batch_size, self.device, cfg.fid_g_mode)):
+                for j, im in enumerate(batch.permute(0, 2, 3, 1).cpu().numpy()):
+                    save_png(im, out / f"{i + j:05d}.png")
             written.append(out)
         print(f"wrote {cfg.n_samples} samples of step {self.step} to " + " and ".join(map(str, written)))
 
@@ -445,11 +447,7 @@ class FIDMonitor:
                 self.columns += [m, f"{m}_std", f"{m}_ema", f"{m}_std_ema"]
         self.path = trainer.dirs["log"] / "fid.csv"
         if trainer.main:
-            rows = []
-            if self.path.exists():  # resumed: keep rows up to the checkpoint
-                with open(self.path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.step]
-            self._write(rows)
+            self._write(csv_rows_until(self.path, trainer.step))
 
     def evaluate(self, step, G, G_ema):
         import fid
@@ -473,9 +471,7 @@ class FIDMonitor:
         if not t.main:
             return
         row["seconds"] = time.perf_counter() - start
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        self._write(rows + [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}])
+        self._write(csv_rows_until(self.path, step) + [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}])
         summary = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
         print(f"step {step}: {summary}  ({cfg.fid_samples} samples, {row['seconds']:.1f} s)", flush=True)
 
@@ -492,6 +488,15 @@ class FIDMonitor:
             fid.plot_fid({self.t.cfg.version: rows}, self.path.with_name("fid.png"))
 
 
+def csv_rows_until(path: Path, step: int) -> list:
+    """The rows (dicts) of a log CSV up to `step`: a resumed run drops what was logged
+    after its checkpoint."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+
+
 class MetricsLog:
     """metrics.csv (one row per --log_step interval), optional TensorBoard scalars."""
 
@@ -501,24 +506,21 @@ class MetricsLog:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "metrics.csv"
         header = self.COLUMNS + gamma_names
-        if self.path.exists():  # a resumed run: drop rows logged after its checkpoint
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if r and int(r[0]) <= start_step]
-        else:
-            rows = []
+        rows = csv_rows_until(self.path, start_step)
         self.file = open(self.path, "w", newline="")
-        self.csv = csv.writer(self.file)
-        self.csv.writerows([header] + rows)
+        writer = csv.DictWriter(self.file, header)
+        writer.writeheader()
+        writer.writerows(rows)
         self.file.flush()
+        self.csv = csv.writer(self.file)
         self.names, self.tb = header, None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(folder))
             except ImportError:
-                print("--use_tensorboard: tensorboard is not installed (pip install tensorboard); "
-                      "metrics.csv is still written", file=sys.stderr)
+                warn("--use_tensorboard: tensorboard is not installed (pip install tensorboard); "
+                     "metrics.csv is still written")
 
     def write(self, step, seconds, it_s, img_s, values, gammas):
         row = [step, f"{seconds:.2f}", f"{it_s:.3f}", f"{img_s:.1f}"] + [f"{v:.6g}" for v in values + gammas]

@@ -146,6 +146,14 @@ def sampling_mode(G: torch.nn.Module, bn: str = "batch"):
         G.train(was_training)
 
 
+def uint8_batches(G, z, starts, batch_size, device, bn="batch"):
+    """uint8 images from G, one batch per start index into z (a CPU tensor), in sampling
+    mode: what sample PNGs and FID both use."""
+    with sampling_mode(G, bn):
+        for s in starts:
+            yield to_uint8(G(z[s:s + batch_size].to(device)))
+
+
 def is_tty() -> bool:
     return sys.stderr.isatty()
 
