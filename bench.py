@@ -4,12 +4,15 @@
     python bench.py --device cpu         # a tiny version that runs in seconds (CI)
     python bench.py --amp none --compile none --spans 3    # any config by flags
 
-"fast" is the training loop with the speed flags given here (default on GPU: bf16 autocast,
-fused attention, channels_last, torch.compile, --cache data on the GPU); "reference" is the
-same loop in fp32, eager, dense materialised attention, images decoded from JPEG per step
-by DataLoader workers. Both run the Trainer's own train_step on a synthetic CelebA-like
-folder of 178×218 JPEGs, steady state after warm-up, data loading included.
-Prints a table and writes it as JSON with the GPU name, torch version and flags.
+"fast" is the training loop with no speed flags, i.e. main.py's defaults (on CUDA: bf16
+autocast, fused attention, channels_last, torch.compile, --cache data on the GPU, the whole
+step as one CUDA graph); "reference" is the same loop with every speed part switched off:
+fp32 (PyTorch's default precision), eager, dense materialised attention, images decoded
+from JPEG per step by DataLoader workers. Both run the Trainer's own train_step on a
+synthetic CelebA-like folder of 178×218 JPEGs, steady state after warm-up, data loading
+included. --profile adds, per path, the GPU kernels per step and their summed time
+(torch.profiler). Prints a table and writes it as JSON with the GPU name, torch version
+and flags.
 """
 import argparse
 import json
@@ -26,7 +29,7 @@ from PIL import Image
 from data_loader import build_dataset, make_batches
 from parameter import get_parameters
 from trainer import Trainer
-from utils import set_tf32
+from utils import REPO, configure_backends, set_tf32
 
 
 def sync(device):
@@ -45,16 +48,19 @@ def make_jpegs(folder: Path, n: int, seed=0):
         img.save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def time_training(argv, steps, warmup, device):
+def time_training(argv, steps, warmup, device, reference=False, profile=0):
     cfg = get_parameters(argv)
-    t = Trainer(cfg)
-    if cfg.attn_impl == "dense":  # the reference path: PyTorch's default precision, no TF32 matmuls
+    configure_backends(cfg)
+    if reference:  # PyTorch's defaults: no TF32 matmuls (cuDNN convs may use TF32), no autotuning
         set_tf32(False, True)
-    t._wrap_models()
+        torch.backends.cudnn.benchmark = False
+    t = Trainer(cfg)
     batches = iter(make_batches(build_dataset(cfg), cfg, 0, t.device))
+    t0 = time.perf_counter()
     for _ in range(warmup):
         t.train_step(batches)
     sync(t.device)
+    warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     acc = torch.zeros(4, device=t.device)
     for _ in range(steps):
@@ -62,45 +68,79 @@ def time_training(argv, steps, warmup, device):
     losses = (acc / steps).tolist()  # one sync, as the trainer does per log interval
     sync(t.device)
     dt = time.perf_counter() - t0
-    return {"it_per_s": steps / dt, "images_per_s": steps * cfg.batch_size * cfg.d_iters / dt,
-            "seconds": dt, "steps": steps, "losses": dict(zip(["d_loss", "g_loss", "d_real", "d_fake"], losses))}
+    out = {"it_per_s": steps / dt, "images_per_s": steps * cfg.batch_size * cfg.d_iters / dt,
+           "seconds": dt, "steps": steps, "warmup_seconds": warm_s,
+           "losses": dict(zip(["d_loss", "g_loss", "d_real", "d_fake"], losses)),
+           "config": {k: getattr(cfg, k) for k in ("amp", "compile", "channels_last", "cache", "cuda_graph",
+                                                   "attn_impl")}}
+    if profile and device.type == "cuda":
+        out.update(profile_steps(t, batches, profile))
+    return out
+
+
+def profile_steps(t, batches, steps):
+    """GPU kernels (and copies) per step and their summed device time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            t.train_step(batches)
+        sync(t.device)
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in gpu)
+    return {"profile_steps": steps, "gpu_events_per_step": len(gpu) / steps, "gpu_busy_ms_per_step": busy_us / steps / 1e3}
 
 
 def time_fid(args, device, trainer_argv):
-    """Inception feature throughput and one FID of --fid_samples generated images against
-    precomputed reference statistics, through the Trainer's FID path."""
+    """For each FID precision: Inception feature throughput, and one FID of --fid_samples
+    generated images through the Trainer's FID path, in phases (generation + features,
+    statistics, Fréchet distance on the CPU and on the device). The reference side is the
+    bundled emoji's statistics, computed beforehand with the same network."""
     import fid
     weights = fid.resolve_weights(args.fid_weights, download=False, quiet=True)
-    model = fid.load_inception(weights, device=device) if weights else \
-        fid.FIDInception().to(device).eval().requires_grad_(False)  # speed only; noted in the output
-    if device.type == "cuda" and not weights:
-        model = model.to(memory_format=torch.channels_last)
-    batch = torch.randint(0, 256, (args.fid_batch_size, 3, args.imsize, args.imsize), dtype=torch.uint8,
-                          device=device)
-    with torch.inference_mode():
-        model(batch)
-        sync(device)
-        t0 = time.perf_counter()
-        reps = max(1, 2048 // args.fid_batch_size) if device.type == "cuda" else 1
-        for _ in range(reps):
-            model(batch)
-        sync(device)
-    feat_ips = reps * args.fid_batch_size / (time.perf_counter() - t0)
-
     cfg = get_parameters(trainer_argv)
     t = Trainer(cfg)
-    rng = np.random.default_rng(0)
-    ref = rng.standard_normal((4096, 2048)) * 0.1
-    mu, sigma = fid.feature_stats(ref)
-    sync(device)
-    t0 = time.perf_counter()
-    pool3, _ = fid.generated_features(t.G, model, args.fid_samples, cfg.z_dim, args.fid_batch_size, t.device,
-                                      bn_mode="batch", seed=0, progress=False)
-    value = fid.frechet_distance(*fid.feature_stats(pool3), mu, sigma)
-    fid_seconds = time.perf_counter() - t0
-    return {"feature_images_per_s": feat_ips, "fid_seconds": fid_seconds, "fid_samples": args.fid_samples,
-            "fid_batch_size": args.fid_batch_size, "weights": str(weights) if weights else "random (speed only)",
-            "fid_value_vs_random_stats": value}
+    real = fid.load_images(REPO / "data" / "emoji64.npz")
+    if device.type == "cpu":
+        real = real[:4 * args.fid_samples]  # Inception is slow on a CPU; this is a smoke test there
+    rows = {}
+    for precision in fid.PRECISIONS:
+        if weights:
+            model = fid.load_inception(weights, device=device, precision=precision)
+        else:  # speed only (noted in the output)
+            model = fid.FIDInception(precision=precision).to(device).eval().requires_grad_(False)
+        batch = torch.randint(0, 256, (args.fid_batch_size, 3, args.imsize, args.imsize), dtype=torch.uint8,
+                              device=device)
+        with torch.inference_mode():
+            model(batch)
+            sync(device)
+            t0 = time.perf_counter()
+            reps = max(1, 2048 // args.fid_batch_size) if device.type == "cuda" else 1
+            for _ in range(reps):
+                model(batch)
+            sync(device)
+        feat_ips = reps * args.fid_batch_size / (time.perf_counter() - t0)
+        ref_pool3, _ = fid.extract_features(model, fid.batches_from_array(real, args.fid_batch_size), device,
+                                            progress=False)
+        mu, sigma = fid.feature_stats(ref_pool3)
+        sync(device)
+        t0 = time.perf_counter()
+        pool3, _ = fid.generated_features(t.G, model, args.fid_samples, cfg.z_dim, args.fid_batch_size, t.device,
+                                          bn_mode="batch", seed=0, progress=False)
+        t1 = time.perf_counter()
+        stats = fid.feature_stats(pool3)
+        t2 = time.perf_counter()
+        value_cpu = fid.frechet_distance(*stats, mu, sigma, "cpu")
+        t3 = time.perf_counter()
+        value = fid.frechet_distance(*stats, mu, sigma, device)
+        t4 = time.perf_counter()
+        rows[precision] = {"feature_images_per_s": feat_ips, "generate_and_features_s": t1 - t0,
+                           "stats_s": t2 - t1, "distance_cpu_s": t3 - t2, "distance_device_s": t4 - t3,
+                           "fid_seconds": (t2 - t0) + (t4 - t3), "fid": value, "fid_cpu": value_cpu}
+    for r in rows.values():
+        r["fid_rel_diff_vs_fp32"] = abs(r["fid"] - rows["fp32"]["fid"]) / max(rows["fp32"]["fid"], 1e-12)
+    return {"precisions": rows, "fid_samples": args.fid_samples, "fid_batch_size": args.fid_batch_size,
+            "weights": str(weights) if weights else "random (speed only)",
+            "reference": f"{len(real)} bundled emoji", "generator": "untrained (step 0)"}
 
 
 def main(argv=None):
@@ -114,9 +154,9 @@ def main(argv=None):
     p.add_argument("--conv_dim", type=int, default=None, help="G and D width (default: 64 GPU, 16 CPU)")
     p.add_argument("--n_images", type=int, default=None, help="synthetic JPEGs (default: 4096 GPU, 64 CPU)")
     p.add_argument("--num_workers", type=int, default=2, help="reference path's decoding workers")
-    p.add_argument("--amp", default=None, choices=["none", "bf16"], help="fast path (default: bf16 GPU, none CPU)")
-    p.add_argument("--compile", default=None, help="fast path torch.compile mode (default: default GPU, none CPU)")
-    p.add_argument("--channels_last", default=None, choices=["true", "false"])
+    p.add_argument("--fast_flags", default="", help="extra main.py flags for the fast path, e.g. '--amp none' "
+                                                    "(default: none, i.e. main.py's own defaults)")
+    p.add_argument("--profile", type=int, default=0, help="profile this many steps per path (GPU)")
     p.add_argument("--skip_reference", action="store_true", help="time the fast path only")
     p.add_argument("--fid_samples", type=int, default=None, help="default: 10000 GPU, 16 CPU")
     p.add_argument("--fid_batch_size", type=int, default=None, help="default: 500 GPU, 16 CPU")
@@ -130,8 +170,6 @@ def main(argv=None):
     args.steps, args.warmup = pick(args.steps, 300, 5), pick(args.warmup, 30, 2)
     args.batch_size, args.imsize = pick(args.batch_size, 64, 8), pick(args.imsize, 64, 32)
     args.conv_dim, args.n_images = pick(args.conv_dim, 64, 16), pick(args.n_images, 4096, 64)
-    args.amp, args.compile = pick(args.amp, "bf16", "none"), pick(args.compile, "default", "none")
-    args.channels_last = pick(args.channels_last, "true", "false")
     args.fid_samples, args.fid_batch_size = pick(args.fid_samples, 10000, 16), pick(args.fid_batch_size, 500, 16)
 
     tmp = Path(tempfile.mkdtemp(prefix="sagan_bench_"))
@@ -143,19 +181,27 @@ def main(argv=None):
               "--sample_path", str(tmp / "samples"), "--attn_path", str(tmp / "attn")]
     paths = {
         "reference": ["--amp", "none", "--compile", "none", "--attn_impl", "dense", "--channels_last", "false",
-                      "--num_workers", str(args.num_workers)],
-        "fast": ["--amp", args.amp, "--compile", args.compile, "--attn_impl", "fused", "--channels_last",
-                 args.channels_last, "--cache", "--num_workers", str(args.num_workers)],
+                      "--cache", "false", "--cuda_graph", "false", "--num_workers", str(args.num_workers)],
+        "fast": ["--num_workers", str(args.num_workers), *args.fast_flags.split()],
     }
     if args.skip_reference:
         del paths["reference"]
     rows = []
     for span in [int(s) for s in args.spans.split(",")]:
         for name, flags in paths.items():
-            r = time_training(common + flags + ["--span", str(span), "--version", f"{name}{span}"],
-                              args.steps, args.warmup, device)
+            try:
+                r = time_training(common + flags + ["--span", str(span), "--version", f"{name}{span}"],
+                                  args.steps, args.warmup, device, reference=name == "reference", profile=args.profile)
+            except Exception as e:  # a benchmark reports a failing path and goes on with the others
+                print(f"span {span}  {name:9s}  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                rows.append({"path": name, "span": span, "flags": " ".join(flags), "error": repr(e)[:2000],
+                             "it_per_s": float("nan"), "images_per_s": float("nan")})
+                continue
             rows.append({"path": name, "span": span, "flags": " ".join(flags), **r})
-            print(f"span {span}  {name:9s}  {r['it_per_s']:8.1f} it/s  {r['images_per_s']:9.0f} img/s", flush=True)
+            prof = f"  {r['gpu_busy_ms_per_step']:.2f} ms GPU/step, {r['gpu_events_per_step']:.0f} kernels/step" \
+                if "gpu_busy_ms_per_step" in r else ""
+            print(f"span {span}  {name:9s}  {r['it_per_s']:8.1f} it/s  {r['images_per_s']:9.0f} img/s  "
+                  f"(warm-up {r['warmup_seconds']:.1f} s){prof}", flush=True)
     fid_row = time_fid(args, device, common + paths["fast"] + ["--version", "fid"])
 
     env = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
@@ -168,8 +214,12 @@ def main(argv=None):
         ref = next((x for x in rows if x["path"] == "reference" and x["span"] == r["span"]), None)
         ratio = f"{r['it_per_s'] / ref['it_per_s']:.1f}" if ref else "-"
         print(f"{r['span']:>4} | {r['path']:9} | {r['it_per_s']:8.1f} | {r['images_per_s']:9.0f} | {ratio:>6}")
-    print(f"FID features: {fid_row['feature_images_per_s']:.0f} img/s; one FID of {args.fid_samples} samples: "
-          f"{fid_row['fid_seconds']:.2f} s (weights: {fid_row['weights']})")
+    for name, r in fid_row["precisions"].items():
+        print(f"FID {name}: features {r['feature_images_per_s']:.0f} img/s; one FID of {args.fid_samples} samples "
+              f"{r['fid_seconds']:.2f} s (generate+features {r['generate_and_features_s']:.2f}, stats "
+              f"{r['stats_s']:.2f}, distance {r['distance_device_s']:.2f} on {device.type} / "
+              f"{r['distance_cpu_s']:.2f} on cpu); FID {r['fid']:.4f}, {r['fid_rel_diff_vs_fp32']:.2e} from fp32 "
+              f"(weights: {fid_row['weights']})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "args": vars(args), "training": rows, "fid": fid_row}, indent=2))

@@ -116,15 +116,18 @@ def resize_tf1(x, size=(299, 299)):
     return top + (bot - top) * fy[:, None]
 
 
+PRECISIONS = ("fp32", "tf32")
+
+
 @contextlib.contextmanager
-def _strict_fp32(device):
-    """TF32 (the default for cudnn convs on Ampere+) costs ~3 decimal digits, which is
-    visible in FID; force IEEE fp32 while extracting and restore the caller's setting."""
+def _matmul_precision(device, precision):
+    """fp32: IEEE float32 convs and matmuls (TF32, the cuDNN default on Ampere+, costs ~3
+    decimal digits of the features); tf32: TensorFloat-32. Restores the caller's setting."""
     if torch.device(device).type != "cuda":
         yield
         return
     saved = tf32_flags()
-    set_tf32(False, False)
+    set_tf32(precision == "tf32", precision == "tf32")
     try:
         yield
     finally:
@@ -136,11 +139,13 @@ class FIDInception(nn.Module):
     (which torch-fidelity's file shares), so either weight file loads strictly.
     forward(uint8 (B,3,H,W)) -> (pool3 (B,2048), logits without fc bias (B,1008)), float32."""
 
-    def __init__(self, resize="tf1"):
+    def __init__(self, resize="tf1", precision="fp32"):
         super().__init__()
         if resize not in RESIZE_MODES:
             raise FIDError(f"unknown resize mode {resize!r}; use one of {RESIZE_MODES}")
-        self.resize = resize
+        if precision not in PRECISIONS:
+            raise FIDError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
+        self.resize, self.precision = resize, precision
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -170,8 +175,8 @@ class FIDInception(nn.Module):
         return 2 * x - 1
 
     def forward(self, x):
-        # never let an outer bf16 autocast or TF32 degrade the metric
-        with torch.autocast(x.device.type, enabled=False), _strict_fp32(x.device):
+        # never let an outer bf16 autocast or the caller's TF32 setting decide the metric
+        with torch.autocast(x.device.type, enabled=False), _matmul_precision(x.device, self.precision):
             x = self.preprocess(x)
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -235,12 +240,12 @@ def resolve_weights(path=None, download=True, quiet=False):
     return None
 
 
-def load_inception(weights_path, resize="tf1", device="cpu"):
+def load_inception(weights_path, resize="tf1", device="cpu", precision="fp32"):
     """FIDInception with weights loaded strictly, in eval mode, no grads, float32."""
     if weights_path is None:
         raise FIDError(_missing_weights_message())
     with torch.random.fork_rng(devices=[]):  # its random init must not shift the training RNG
-        model = FIDInception(resize)
+        model = FIDInception(resize, precision)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
@@ -289,12 +294,12 @@ def _sqrt_factor(sigma):
     # A with A A^T = sigma, keeping only eigenvalues above the numerical-rank tolerance (as
     # np.linalg.matrix_rank): those below are rounding noise, and dropping them also shrinks
     # the work to the rank for covariances of few samples
-    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-    keep = w > w.max(initial=0) * len(w) * np.finfo(np.float64).eps
-    return v[:, keep] * np.sqrt(w[keep])
+    w, v = torch.linalg.eigh((sigma + sigma.T) / 2)
+    keep = w > w.max().clamp(min=0) * len(w) * torch.finfo(torch.float64).eps
+    return v[:, keep] * w[keep].sqrt()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     """||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)), in float64.
 
     Eigenvalue form without sqrtm: with S1 = A A^T and S2 = B B^T from eigh (A = V1 W1^1/2),
@@ -305,16 +310,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     covariances of fewer samples than dimensions, where the peers' sqrt of ~2000 rounding-
     noise eigenvalues (~1e-16 -> ~1e-8 each) biases FID by ~1e-5 relative; this form
     matches an exact evaluation to ~1e-12 there, and on ill-conditioned full-rank ones.
+    Computed with torch in float64 on `device` (LAPACK on the CPU, cuSOLVER on a GPU).
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (torch.atleast_1d(torch.as_tensor(np.asarray(m, np.float64), device=device)) for m in (mu1, mu2))
+    sigma1, sigma2 = (torch.atleast_2d(torch.as_tensor(np.asarray(s, np.float64), device=device))
+                      for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise FIDError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                       f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise FIDError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+                       f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}")
     ab = _sqrt_factor(sigma1).T @ _sqrt_factor(sigma2)
-    tr_covmean = np.linalg.svd(ab, compute_uv=False).sum() if ab.size else 0.0
+    tr_covmean = torch.linalg.svdvals(ab).sum() if ab.numel() else 0.0
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
 
 
 def inception_score(logits_unbiased, splits=10, shuffle=True, seed=2020):
@@ -547,6 +554,8 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     from torch.utils.data import DataLoader, Subset
     n = min(len(dataset), cap)
     key = {**dataset.key(), "count": n, "resize": resize, "weights": weights_id(weights)}
+    if getattr(model, "precision", "fp32") != "fp32":  # fp32 keys stay as they were
+        key["precision"] = model.precision
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
     feats_path = path.with_suffix(".pool3.npy")
@@ -702,6 +711,8 @@ def _parse_args(argv):
     p.add_argument("--fid_weights", default=None, help="FID Inception weights file (default: torch hub cache)")
     p.add_argument("--fid_resize", default="tf1", choices=RESIZE_MODES,
                    help="tf1: torch-fidelity/TF reference resize; pytorch: pytorch-fid's")
+    p.add_argument("--fid_precision", default="fp32", choices=PRECISIONS,
+                   help="Inception arithmetic on CUDA: fp32 (IEEE) or tf32 (TensorFloat-32)")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--kid_subsets", type=int, default=100)
@@ -736,7 +747,7 @@ def _run(args):
         if model is None:
             if weights is None:
                 weights = resolve_weights(quiet=True)  # load_inception's error says the same
-            model = load_inception(weights, args.fid_resize, device)
+            model = load_inception(weights, args.fid_resize, device, args.fid_precision)
         return model
 
     key = lambda: {"resize": args.fid_resize, "weights": Path(weights).name if weights else None}
@@ -765,7 +776,7 @@ def _run(args):
         if r.pool3 is None and saved and saved != args.fid_resize:
             raise FIDError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
     if "fid" in metrics:
-        print(f"FID: {frechet_distance(inputs[0].mu, inputs[0].sigma, inputs[1].mu, inputs[1].sigma):.6f}")
+        print(f"FID: {frechet_distance(inputs[0].mu, inputs[0].sigma, inputs[1].mu, inputs[1].sigma, device):.6f}")
     if "is" in metrics:
         mean, std = inception_score(inputs[0].logits, splits=args.isc_splits)
         print(f"IS: {mean:.6f} +- {std:.6f}")

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from parameter import get_parameters
-from utils import UserError
+from utils import UserError, configure_backends
 
 
 def relaunch_with_torchrun():
@@ -39,6 +39,7 @@ def main(argv=None):
     if cfg.parallel and "WORLD_SIZE" not in os.environ:
         relaunch_with_torchrun()
     distributed = init_distributed(cfg)
+    configure_backends(cfg)
     from trainer import Trainer  # after the process group exists
     try:
         trainer = Trainer(cfg)

@@ -21,6 +21,11 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+def str2auto(v):
+    """auto, true or false (speed flags: auto means on where it pays, i.e. on CUDA)."""
+    return "auto" if str(v).lower() == "auto" else str2bool(v)
+
+
 def _flag(p, name, **kw):
     """A boolean flag usable as `--name`, `--name true` or `--name false` (the seed's style)."""
     p.add_argument(name, type=str2bool, nargs="?", const=True, default=kw.pop("default", False), **kw)
@@ -81,15 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emoji: bundled 1,432 emoji; celeb: <image_path>/CelebA; lsun: <image_path>/LSUN; "
                         "folder: any images under --image_path")
     g.add_argument("--image_path", default="./data")
-    _flag(g, "--cache", help="decode/crop/resize image files once into a uint8 array next to the data "
-                             "and serve batches from memory")
+    g.add_argument("--cache", type=str2auto, nargs="?", const=True, default="auto",
+                   help="decode/crop/resize image files once into a uint8 array next to the data and serve "
+                        "batches from (GPU) memory; auto: on with CUDA, off on CPU")
 
-    g = p.add_argument_group("speed")
+    g = p.add_argument_group("speed (auto: the fast path on CUDA, the plain one on CPU; flags switch parts off)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--amp", default="none", choices=["none", "bf16"], help="bfloat16 autocast for G and D")
-    g.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode for G and D (reduce-overhead uses CUDA graphs)")
-    _flag(g, "--channels_last", help="channels_last memory format for G and D")
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"],
+                   help="bfloat16 autocast for G and D; auto: bf16 on CUDA, none on CPU")
+    g.add_argument("--compile", default="auto", choices=["auto", "none", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile G and D (fusion); auto: default on CUDA (not with wgan-gp), none on CPU. "
+                        "reduce-overhead and max-autotune are refused (see --cuda_graph)")
+    for name, what in (("--channels_last", "channels_last memory format for G and D"),
+                       ("--cuda_graph", "capture the whole training step (D and G steps, Adam, EMA, z draws) "
+                                        "in one CUDA graph after 3 eager steps; needs one process")):
+        g.add_argument(name, type=str2auto, nargs="?", const=True, default="auto",
+                       help=f"{what}; auto: on with CUDA, off on CPU")
     g.add_argument("--attn_impl", default="fused", choices=["fused", "dense"],
                    help="fused: scaled_dot_product_attention (pre mode); dense: materialised reference")
 
@@ -113,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "downloaded once)")
     g.add_argument("--fid_resize", default="tf1", choices=["tf1", "pytorch"],
                    help="tf1: torch-fidelity/TF reference; pytorch: pytorch-fid's pipeline")
+    g.add_argument("--fid_precision", default="fp32", choices=["fp32", "tf32"],
+                   help="Inception arithmetic on CUDA: fp32 (IEEE) or tf32 (TensorFloat-32, faster; see README)")
     g.add_argument("--fid_g_mode", default="batch", choices=["batch", "eval"],
                    help="BatchNorm of G when sampling for FID, grids and --train false: batch statistics "
                         "(the seed) or running statistics")
@@ -130,6 +144,9 @@ def _unknown_flag_message(unknown, parser):
 
 def validate(cfg, parser):
     err = parser.error
+    if cfg.compile in ("reduce-overhead", "max-autotune"):
+        err(f"--compile {cfg.compile} is not offered: the whole training step is already one CUDA graph "
+            f"(--cuda_graph) and its autotuning is not measured; use --compile default")
     if cfg.imsize not in IMAGE_SIZES:
         err(f"--imsize {cfg.imsize} is not supported; use 32, 64 or 128")
     for name in ("span", "g_span", "d_span"):
@@ -172,6 +189,31 @@ def validate(cfg, parser):
         err(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
 
 
+def resolve_speed(cfg, parser):
+    """The speed flags' auto values: the measured fast path on CUDA (README, Performance),
+    the plain path on CPU; combinations that cannot run are refused here, at start."""
+    import torch
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = cfg.device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.compile == "default" and cfg.adv_loss == "wgan-gp":
+        parser.error("--compile default cannot run wgan-gp: torch.compile has no double backward for the "
+                     "gradient penalty; drop --compile (auto leaves it off for wgan-gp)")
+    if cfg.cuda_graph is True and not cuda:
+        parser.error("--cuda_graph needs a CUDA device; drop it (or --cuda_graph false)")
+    if cfg.cuda_graph is True and world > 1:
+        parser.error(f"--cuda_graph runs in one process, not under torchrun ({world} processes); drop it")
+    auto = {"amp": "bf16" if cuda else "none",
+            "compile": "default" if cuda and cfg.adv_loss != "wgan-gp" else "none",
+            "channels_last": cuda, "cache": cuda, "cuda_graph": cuda and world == 1}
+    for name, value in auto.items():
+        if getattr(cfg, name) == "auto":
+            setattr(cfg, name, value)
+
+
 def resolve(cfg):
     """Fill the defaults that depend on other flags."""
     cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
@@ -192,4 +234,5 @@ def get_parameters(argv=None):
     if unknown:
         parser.error(_unknown_flag_message(unknown, parser))
     validate(cfg, parser)
+    resolve_speed(cfg, parser)
     return resolve(cfg)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spectral import sn_conv, sn_deconv
+from spectral import SpectralNorm, sn_conv, sn_deconv
 
 IMAGE_SIZES = (32, 64, 128)
 MASK_MODES = ("pre", "post")
@@ -53,7 +53,6 @@ class Self_Attn(nn.Module):
         # fused: pre-mode attention through scaled_dot_product_attention (no N×N weights
         # kept for backward when a fused kernel applies). False: the dense reference path.
         self.fused = fused
-        self.mask_builds = 0  # how often a mask was built; tests check it stays at 1
 
     def extra_repr(self):
         return f"span={self.span}, mask_mode={self.mask_mode!r}, fused={self.fused}"
@@ -70,38 +69,68 @@ class Self_Attn(nn.Module):
             self.register_buffer(name, allowed, persistent=False)
             self.register_buffer(name + "_softmax", allowed | ~live, persistent=False)
             self.register_buffer(name + "_live", live, persistent=False)
-            self.mask_builds += 1
         return getattr(self, name), getattr(self, name + "_softmax"), getattr(self, name + "_live")
 
     def forward(self, x, return_attention: bool = False):
         B, C, H, W = x.shape
-        q = self.query_conv(x).flatten(2).transpose(1, 2)  # B, N, C/8
-        k = self.key_conv(x).flatten(2)                    # B, C/8, N
-        v = self.value_conv(x).flatten(2)                  # B, C, N
+        # The three 1×1 convs are one linear map of each pixel: a single matrix product over
+        # (B, N, C) gives q, k and v in the layout attention wants, and no 1×1
+        # convolution_backward is left whose memory format torch.compile mispredicts under
+        # channels_last (pytorch/pytorch#171622, the crash of issue 9).
+        convs = (self.query_conv, self.key_conv, self.value_conv)
+        weight = torch.cat([c.weight for c in convs]).flatten(1)
+        bias = torch.cat([c.bias for c in convs])
+        qkv = F.linear(x.flatten(2).transpose(1, 2), weight, bias)  # B, N, C/8 + C/8 + C
+        q, k, v = qkv.split([C // 8, C // 8, C], dim=-1)
         masked = self.span > 0
         if masked:
             allowed, softmax_allowed, live = self.masks(H, W, x.device)
 
         if self.fused and self.mask_mode == "pre" and not return_attention:
             out = F.scaled_dot_product_attention(
-                q.unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.transpose(1, 2).unsqueeze(1),
+                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
                 attn_mask=softmax_allowed if masked else None, scale=1.0).squeeze(1)  # B, N, C
-            if masked:
-                out = out * live
-            out = out.transpose(1, 2)
             attn = None
         else:
-            energy = torch.bmm(q, k)  # B, N(query), N(key)
+            energy = q @ k.transpose(1, 2)  # B, N(query), N(key)
             if not masked:
                 attn = energy.softmax(dim=-1)
             elif self.mask_mode == "pre":
-                attn = energy.masked_fill(~softmax_allowed, float("-inf")).softmax(dim=-1) * live
+                attn = energy.masked_fill(~softmax_allowed, float("-inf")).softmax(dim=-1)
             else:
                 attn = energy.softmax(dim=-1) * allowed
-            out = torch.bmm(v, attn.transpose(1, 2))  # B, C, N
+            out = attn @ v  # B, N, C
+        if masked and self.mask_mode == "pre":
+            out = out * live  # rows with no key left attend to nothing
+            if attn is not None:
+                attn = attn * live
 
-        out = self.gamma * out.reshape(B, C, H, W) + x
+        # (B, N, C) -> (B, C, H, W) is a view: channels_last strides, no copy
+        out = self.gamma * out.transpose(1, 2).reshape(B, C, H, W) + x
         return (out, attn) if return_attention else out
+
+
+class LatentToMap(nn.ConvTranspose2d):
+    """G's first layer, a 4×4 transposed conv of the 1×1 z: a linear map z → (C, 4, 4),
+    computed as that one matrix product (same weights and state-dict keys as the conv).
+    Its output takes the memory format of the weight, as cuDNN convs do, so the network
+    stays in one format (a 1×1 input has no format of its own)."""
+
+    def forward(self, z):
+        w = self.weight  # (z_dim, C, 4, 4); read once: spectral norm computes it per access
+        out = (z.flatten(1) @ w.flatten(1)).view(z.shape[0], *w.shape[1:]) + self.bias.view(1, -1, 1, 1)
+        fmt = torch.channels_last if w.dim() == 4 and not w.is_contiguous() and \
+            w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return out.contiguous(memory_format=fmt)
+
+
+class MapToLogit(nn.Conv2d):
+    """D's last layer, a conv whose kernel covers the whole 4×4 map: one dot product per
+    image, computed as that (same weights and keys as the conv; no convolution_backward
+    with a 1-channel, 1×1 output, whose memory format torch.compile mispredicts)."""
+
+    def forward(self, x):
+        return (x * self.weight).sum(dim=(1, 2, 3)) + self.bias
 
 
 def _check_size(image_size):
@@ -131,7 +160,7 @@ class Generator(nn.Module):
         _check_size(image_size)
         self.image_size, self.z_dim = image_size, z_dim
         ch = conv_dim * image_size // 8
-        layers = OrderedDict(block4=nn.Sequential(sn_deconv(z_dim, ch, 4), nn.BatchNorm2d(ch), nn.ReLU()))
+        layers = OrderedDict(block4=nn.Sequential(SpectralNorm(LatentToMap(z_dim, ch, 4)), nn.BatchNorm2d(ch), nn.ReLU()))
         res = 4
         while res < image_size // 2:
             res *= 2
@@ -146,8 +175,7 @@ class Generator(nn.Module):
         self.net = nn.Sequential(layers)
 
     def forward(self, z, return_attention=False):
-        x = z.view(z.shape[0], self.z_dim, 1, 1)
-        return _forward_collecting_attention(self.net, x) if return_attention else self.net(x)
+        return _forward_collecting_attention(self.net, z) if return_attention else self.net(z)
 
 
 class Discriminator(nn.Module):
@@ -168,25 +196,19 @@ class Discriminator(nn.Module):
                 if span > 0:
                     layers[f"attn{res}"].masks(res, res)
             in_ch, ch = ch, ch * 2
-        layers["to_logit"] = nn.Conv2d(in_ch, 1, 4)
+        layers["to_logit"] = MapToLogit(in_ch, 1, 4)
         self.net = nn.Sequential(layers)
 
     def forward(self, x, return_attention=False):
         if return_attention:
             out, maps = _forward_collecting_attention(self.net, x)
-            return out.view(x.shape[0]), maps
-        return self.net(x).view(x.shape[0])
+            return out, maps
+        return self.net(x)
 
 
 def attention_layers(model: nn.Module):
     """(name, Self_Attn) pairs in forward order, e.g. [('attn16', …), ('attn32', …)]."""
     return [(n.split(".")[-1], m) for n, m in model.named_modules() if isinstance(m, Self_Attn)]
-
-
-def set_attention_impl(model: nn.Module, fused: bool):
-    """Switch every attention layer between the fused kernel and the dense reference."""
-    for _, m in attention_layers(model):
-        m.fused = fused
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data_loader import build_dataset, make_batches
 from sagan_models import Discriminator, Generator, attention_layers
 from utils import (UserError, __version__, atomic_save, convert_sync_bn, dist_info, git_commit, image_grid,
-                   is_tty, pick_device, rng_state, sampling_mode, save_png, seed_everything, set_rng_state, set_tf32,
+                   is_tty, pick_device, rng_state, sampling_mode, save_png, seed_everything, set_rng_state,
                    to_uint8, uint8_batches, warn)
 
 # Settings that define a run: on resume they come from the checkpoint.
@@ -75,7 +75,6 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-            set_tf32(True, True)  # fp32 training speed; the FID network turns it off for itself
         if cfg.fid_step is None:  # FID on CPU takes minutes: there it runs only when asked
             cfg.fid_step = 10000 if self.device.type == "cuda" else 0
             if cfg.fid_step == 0 and cfg.train and self.main:
@@ -101,15 +100,21 @@ class Trainer:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if cfg.ema_decay > 0 else None
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.g_opt = torch.optim.Adam(self.G.parameters(), cfg.g_lr, (cfg.beta1, cfg.beta2), **fused)
-        self.d_opt = torch.optim.Adam(self.D.parameters(), cfg.d_lr, (cfg.beta1, cfg.beta2), **fused)
+        # Fused Adam on CUDA; capturable keeps its step counts on the GPU so that a CUDA
+        # graph can replay the update.
+        impl = {"fused": True, "capturable": cfg.cuda_graph} if self.device.type == "cuda" else {}
+        self.g_opt = torch.optim.Adam(self.G.parameters(), cfg.g_lr, (cfg.beta1, cfg.beta2), **impl)
+        self.d_opt = torch.optim.Adam(self.D.parameters(), cfg.d_lr, (cfg.beta1, cfg.beta2), **impl)
         # The sample grid's z: fixed for the whole run, across resumes.
         self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
         self.step, self.elapsed = 0, 0.0
         if self.ckpt is not None:
             self._load(self.ckpt)
         self.fixed_z = self.fixed_z.to(self.device)
+        if cfg.train:
+            self._wrap_models()
+        # One training step, as a CUDA graph replayed every step (--cuda_graph) or eagerly.
+        self.step_fn = CUDAGraphStep(self._step) if cfg.cuda_graph else self._step
 
     # ------------------------------------------------------------------ run bookkeeping
     def _find_start(self):
@@ -168,7 +173,11 @@ class Trainer:
             self.G_ema.load_state_dict(ck["G_ema"])
         if self.cfg.train:
             for opt, key in ((self.g_opt, "g_opt"), (self.d_opt, "d_opt")):
-                opt.load_state_dict(ck[key])
+                # The saved param_groups carry the implementation of the run that saved them
+                # (fused, capturable, foreach); this run's device decides those.
+                impl = {k: opt.defaults[k] for k in ("fused", "capturable", "foreach")}
+                saved = {**ck[key], "param_groups": [{**g, **impl} for g in ck[key]["param_groups"]]}
+                opt.load_state_dict(saved)
                 # Adam's moments must share their parameter's memory layout (fused kernels
                 # index both flat), also when --channels_last differs from the saved run.
                 for p, state in opt.state.items():
@@ -250,8 +259,12 @@ class Trainer:
     def train_step(self, batches):
         """--d_iters D steps and one G step; returns [d_loss, g_loss, D(real), D(fake)] as a
         device tensor (no host sync)."""
-        for _ in range(self.cfg.d_iters):
-            real = next(batches).float().div_(127.5).sub_(1)  # uint8 → [-1, 1] on the device
+        return self.step_fn(*[next(batches) for _ in range(self.cfg.d_iters)])
+
+    def _step(self, *reals):
+        """The step itself, on uint8 batches already on the device (what a graph captures)."""
+        for real in reals:
+            real = real.float().div_(127.5).sub_(1)  # uint8 → [-1, 1] on the device
             if self.cfg.channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
             d_loss, d_real, d_fake = self.d_step(real)
@@ -272,9 +285,8 @@ class Trainer:
             # rank anyway, BatchNorm keeps per-rank statistics, masks are constants.
             G, D = (DDP(m, device_ids=ids, broadcast_buffers=False) for m in (G, D))
         D_frozen = self.D
-        if self.cfg.compile != "none":
-            mode = None if self.cfg.compile == "default" else self.cfg.compile
-            G, D, D_frozen = (torch.compile(m, mode=mode) for m in (G, D, D_frozen))
+        if self.cfg.compile == "default":
+            G, D, D_frozen = (torch.compile(m) for m in (G, D, D_frozen))
         self.G_train, self.D_train, self.D_frozen = G, D, D_frozen
         if self.G_ema is not None:
             self.ema_params, self.g_params = list(self.G_ema.parameters()), list(self.G.parameters())
@@ -294,7 +306,6 @@ class Trainer:
         if self.main:
             self._write_config(len(dataset))
         batches = iter(make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world))
-        self._wrap_models()
         fid = self._fid_monitor(dataset)
         log = MetricsLog(self.dirs["log"], [f"{net}_{n}_gamma" for net, m in (("g", self.G), ("d", self.D))
                                             for n, _ in attention_layers(m)], self.step, cfg.use_tensorboard) \
@@ -436,7 +447,7 @@ class FIDMonitor:
         import fid
         self.t, cfg = trainer, trainer.cfg
         self.batch = cfg.fid_batch_size or (500 if trainer.device.type == "cuda" else 50)
-        self.model = fid.load_inception(weights, cfg.fid_resize, trainer.device)
+        self.model = fid.load_inception(weights, cfg.fid_resize, trainer.device, cfg.fid_precision)
         self.ref = fid.reference_stats(
             dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, self.batch, trainer.device,
             Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
@@ -463,7 +474,7 @@ class FIDMonitor:
             if not t.main:
                 continue
             if "fid" in cfg.metrics:
-                row["fid" + suffix] = fid.frechet_distance(*fid.feature_stats(pool3), self.ref.mu, self.ref.sigma)
+                row["fid" + suffix] = fid.frechet_distance(*fid.feature_stats(pool3), self.ref.mu, self.ref.sigma, t.device)
             if "is" in cfg.metrics:
                 row["is" + suffix], row["is_std" + suffix] = fid.inception_score(logits)
             if "kid" in cfg.metrics:
@@ -486,6 +497,44 @@ class FIDMonitor:
         os.replace(tmp, self.path)
         if rows:
             fid.plot_fid({self.t.cfg.version: rows}, self.path.with_name("fid.png"))
+
+
+class CUDAGraphStep:
+    """A training step replayed as one CUDA graph: what costs the CPU ~900 kernel launches
+    per step in eager mode becomes one launch.
+
+    The first `warmup` calls run eagerly (real training steps) on a side stream, as capture
+    requires: they build the lazy state (cuDNN plans, compiled kernels, Adam moments). The
+    next call captures the step into the graph with its inputs copied into static buffers,
+    and it and every later call replays it. Everything the step changes lives in tensors
+    the graph writes in place (weights, Adam state, BatchNorm statistics, spectral-norm
+    vectors, the CUDA RNG offset), so checkpoints, sampling and resume see the same state
+    as in eager mode."""
+
+    def __init__(self, fn, warmup=3):
+        self.fn, self.warmup, self.calls = fn, warmup, 0
+        self.graph = self.static_in = self.static_out = None
+
+    def __call__(self, *inputs):
+        if self.graph is not None:
+            for buf, x in zip(self.static_in, inputs):
+                buf.copy_(x)
+        elif self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*inputs)
+            torch.cuda.synchronize()  # three times per run: no cross-stream lifetime questions
+            return out
+        else:
+            self.static_in = [x.clone() for x in inputs]
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = self.fn(*self.static_in)
+        self.graph.replay()
+        return self.static_out
 
 
 def csv_rows_until(path: Path, step: int) -> list:

@@ -382,14 +382,18 @@ def test_load_inception_rejects_other_weights(tmp_path):
         fid.load_inception(tmp_path / "garbage.pth")
 
 
-def test_strict_fp32_context_restores_flags():
+def test_fid_precision_context_sets_and_restores_flags():
     m, c = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     before = (m.fp32_precision, c.fp32_precision)
     try:
         m.fp32_precision, c.fp32_precision = "tf32", "tf32"
-        with fid._strict_fp32("cuda"):
+        with fid._matmul_precision("cuda", "fp32"):
             assert (m.fp32_precision, c.fp32_precision) == ("ieee", "ieee")
         assert (m.fp32_precision, c.fp32_precision) == ("tf32", "tf32")
+        m.fp32_precision, c.fp32_precision = "ieee", "ieee"
+        with fid._matmul_precision("cuda", "tf32"):
+            assert (m.fp32_precision, c.fp32_precision) == ("tf32", "tf32")
+        assert (m.fp32_precision, c.fp32_precision) == ("ieee", "ieee")
     finally:
         m.fp32_precision, c.fp32_precision = before
 

@@ -136,19 +136,50 @@ def test_mask_is_built_once_and_moves_with_the_layer():
     first = layer.mask_8x8
     for _ in range(3):
         layer(x)
-    assert layer.mask_builds == 1 and layer.mask_8x8 is first
+    assert layer.mask_8x8 is first
     # A buffer (moves with .to()), but not saved in checkpoints.
     assert any(b is first for b in layer.buffers())
     assert "mask_8x8" not in layer.state_dict()
     layer.to(torch.float64)
     layer(x.double())
-    assert layer.mask_builds == 1 and layer.mask_8x8.dtype == torch.bool
+    assert layer.mask_8x8.dtype == torch.bool
     # Networks build their masks at construction, never in forward.
     G = Generator(32, span=3)
-    builds = [m.mask_builds for _, m in attention_layers(G)]
+    built = [dict(m.named_buffers()) for _, m in attention_layers(G)]
+    assert [sorted(b) for b in built] == [["mask_8x8", "mask_8x8_live", "mask_8x8_softmax"],
+                                          ["mask_16x16", "mask_16x16_live", "mask_16x16_softmax"]]
     G(torch.randn(2, 128))
     G(torch.randn(3, 128))
-    assert [m.mask_builds for _, m in attention_layers(G)] == builds == [1, 1]
+    after = [dict(m.named_buffers()) for _, m in attention_layers(G)]
+    assert all(a[k] is b[k] for a, b in zip(after, built) for k in b) and [len(a) for a in after] == [3, 3]
+
+
+def test_first_and_last_layers_equal_the_convolutions_they_replace():
+    # G's z -> 4x4 layer and D's 4x4 -> logit layer are computed as matrix products; they
+    # must equal the transposed conv / conv with the same weights (torch's own conv ops).
+    from sagan_models import LatentToMap, MapToLogit
+    torch.manual_seed(0)
+    up, down = LatentToMap(32, 24, 4), MapToLogit(24, 1, 4)
+    z, x = torch.randn(5, 32), torch.randn(5, 24, 4, 4)
+    torch.testing.assert_close(up(z), torch.nn.functional.conv_transpose2d(z.view(5, 32, 1, 1), up.weight, up.bias))
+    torch.testing.assert_close(down(x), torch.nn.functional.conv2d(x, down.weight, down.bias).view(5))
+    # channels_last weights give channels_last maps (the format the next conv uses)
+    up.to(memory_format=torch.channels_last)
+    y = up(z)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+def test_channels_last_networks_compute_the_same_function():
+    torch.manual_seed(0)
+    G, D = Generator(32, 32, 16, span=1), Discriminator(32, 16, span=1)
+    z = torch.randn(4, 32)
+    G.eval(), D.eval()
+    with torch.no_grad():
+        ref = D(G(z))
+        G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        img = G(z)
+        assert img.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(D(img), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])

@@ -39,7 +39,6 @@ def _first_steps(tmp_path, image_folder, flags, n=2):
     cfg = get_parameters([*TINY, *out_dirs(tmp_path), "--dataset", "folder", "--image_path", str(image_folder),
                           "--span", "2", "--version", "v" + str(abs(hash(tuple(flags)))), *flags])
     t = Trainer(cfg)
-    t._wrap_models()
     batches = iter(make_batches(build_dataset(cfg), cfg, 0, t.device))
     return torch.stack([t.train_step(batches) for _ in range(n)])
 

@@ -222,7 +222,6 @@ def test_sampling_changes_no_model_state(tmp_path):
 def test_discriminator_loss_matches_separate_forwards(tmp_path, adv_loss):
     import copy
     t = make_trainer(tmp_path, "--adv_loss", adv_loss, "--lambda_gp", "7")
-    t._wrap_models()
     t.D.eval()  # freeze D's spectral-norm vectors so separate forwards see the same weights
     G0, D0 = copy.deepcopy(t.G), copy.deepcopy(t.D)
     real = torch.rand(4, 3, 32, 32) * 2 - 1
