@@ -554,7 +554,7 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     from torch.utils.data import DataLoader, Subset
     n = min(len(dataset), cap)
     key = {**dataset.key(), "count": n, "resize": resize, "weights": weights_id(weights)}
-    if getattr(model, "precision", "fp32") != "fp32":  # fp32 keys stay as they were
+    if torch.device(device).type == "cuda" and model.precision != "fp32":  # fp32 keys stay as they were
         key["precision"] = model.precision
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
@@ -711,8 +711,9 @@ def _parse_args(argv):
     p.add_argument("--fid_weights", default=None, help="FID Inception weights file (default: torch hub cache)")
     p.add_argument("--fid_resize", default="tf1", choices=RESIZE_MODES,
                    help="tf1: torch-fidelity/TF reference resize; pytorch: pytorch-fid's")
-    p.add_argument("--fid_precision", default="fp32", choices=PRECISIONS,
-                   help="Inception arithmetic on CUDA: fp32 (IEEE) or tf32 (TensorFloat-32)")
+    p.add_argument("--fid_precision", default="tf32", choices=PRECISIONS,
+                   help="Inception arithmetic on CUDA: tf32 (TensorFloat-32; FID within 1e-4 relative of fp32, "
+                        "2.4x faster, see README) or fp32 (IEEE)")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--kid_subsets", type=int, default=100)

@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "downloaded once)")
     g.add_argument("--fid_resize", default="tf1", choices=["tf1", "pytorch"],
                    help="tf1: torch-fidelity/TF reference; pytorch: pytorch-fid's pipeline")
-    g.add_argument("--fid_precision", default="fp32", choices=["fp32", "tf32"],
-                   help="Inception arithmetic on CUDA: fp32 (IEEE) or tf32 (TensorFloat-32, faster; see README)")
+    g.add_argument("--fid_precision", default="tf32", choices=["fp32", "tf32"],
+                   help="Inception arithmetic on CUDA: tf32 (TensorFloat-32; FID within 1e-4 relative of fp32, "
+                        "2.4x faster, see README) or fp32 (IEEE)")
     g.add_argument("--fid_g_mode", default="batch", choices=["batch", "eval"],
                    help="BatchNorm of G when sampling for FID, grids and --train false: batch statistics "
                         "(the seed) or running statistics")

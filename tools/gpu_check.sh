@@ -11,7 +11,8 @@ log() { echo "=== $(date +%T) $*"; }
 python -c "import torch,os; d=os.environ['TORCH_HOME']+'/hub/checkpoints'; os.makedirs(d,exist_ok=True); sd=torch.load('.device/pt_inception-2015-12-05-fp16.pth'); torch.save({k:v.float() for k,v in sd.items()}, d+'/pt_inception-2015-12-05-6726825d.pth')"
 W=$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth
 
-STAGES=${STAGES:-bench,lane,quality,fid}
+STAGES=${STAGES:-bench,lane,quality,diag,fid}
+export PYTHONFAULTHANDLER=1  # a run stopped by `timeout -s ABRT` prints every thread's stack
 if [[ $STAGES == *bench* ]]; then
   log bench
   timeout ${BENCH_T:-240} python bench.py --profile 20 --fid_weights $W --out $R/bench.json ${BENCH_ARGS:-} 2>&1 | tee $R/bench.txt
@@ -19,21 +20,27 @@ fi
 if [[ $STAGES == *quality* ]]; then  # in the background, beside the test lane (timings not used)
   log quality start
   for amp in bf16 none; do for s in 0 3; do
-    timeout ${QUALITY_T:-240} python main.py --imsize 64 --span $s --amp $amp --compile none --total_step ${Q_STEPS:-2000} \
-      --fid_step ${Q_FID_STEP:-1000} --fid_samples 5000 --seed 0 --version q_${amp}_s$s --log_step 100 --sample_step 1000 \
+    timeout -s ABRT ${QUALITY_T:-240} python main.py --imsize 64 --span $s --amp $amp --compile none --total_step ${Q_STEPS:-3000} \
+      --fid_step ${Q_FID_STEP:-1000} --fid_samples 5000 --seed 0 --version q_${amp}_s$s --log_step 100 --sample_step 1000 --num_workers 0 \
       --log_path $R/logs --model_save_path $R/models --sample_path $R/samples --attn_path $R/attn > $R/q_${amp}_s$s.log 2>&1 &
   done; done
 fi
+if [[ $STAGES == *diag* ]]; then  # FID during training with the default 2 loader workers
+  log diag start
+  timeout -s ABRT ${DIAG_T:-60} python main.py --imsize 32 --total_step 300 --fid_step 150 --fid_samples 1000 --seed 0 \
+    --version diag --log_path $R/dlogs --model_save_path $R/dmodels --sample_path $R/dsamples --attn_path $R/dattn > $R/diag.log 2>&1 &
+fi
 if [[ $STAGES == *lane* ]]; then
   log lane
-  timeout ${LANE_T:-300} python -m pytest -q -m cuda tests/ -p no:cacheprovider --durations=15 ${LANE_ARGS:-} 2>&1 | tee $R/lane.txt | tail -40
+  timeout ${LANE_T:-300} python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=15 ${LANE_ARGS:-} 2>&1 | tee $R/lane.txt | tail -40
 fi
 wait
 if [[ $STAGES == *quality* ]]; then
   log quality done
   for f in $R/q_*.log; do echo "--- $f"; grep -E "^step (1000|2000|3000|4000)[:/ ]|FID|error|Error" $f | tail -6; done
-  tail -3 $R/logs/q_*/fid.csv
+  tail -n 4 $R/logs/q_*/fid.csv
 fi
+if [[ $STAGES == *diag* ]]; then log diag; tail -n 40 $R/diag.log; fi
 if [[ $STAGES == *fid* ]]; then
   CK=$(ls $R/models/q_bf16_s3/*.pt 2>/dev/null | sort -V | tail -1)
   for p in fp32 tf32; do
