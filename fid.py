@@ -545,12 +545,14 @@ class Reference:
 
 
 def reference_stats(dataset, model, weights, resize, cap, batch_size, device, cache_dir, with_features=False,
-                    num_workers=0, progress=True, rank=0, world=1) -> Reference:
+                    num_workers=0, progress=True, rank=0, world=1, images=None) -> Reference:
     """Statistics of the training images as training sees them (after crop/resize): all of
     them, or a fixed random `cap`. Cached as <cache_dir>/<dataset>_<size>px_<n>_<hash>.npz,
     the hash over everything that determines them (dataset, path, size, crop/resize,
     count, protocol, weights), the key itself stored in the file. Every run on the same
-    data reuses them; a changed key computes new ones. Rank 0 computes, others wait."""
+    data reuses them; a changed key computes new ones. Rank 0 computes, others wait.
+    `images`: the dataset already decoded (uint8 (N, 3, H, W), as --cache and in-memory
+    arrays serve training), read directly instead of through loader workers."""
     from torch.utils.data import DataLoader, Subset
     n = min(len(dataset), cap)
     key = {**dataset.key(), "count": n, "resize": resize, "weights": weights_id(weights)}
@@ -562,7 +564,11 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     if rank == 0 and (not path.exists() or (with_features and not feats_path.exists())):
         g = torch.Generator().manual_seed(0)
         idx = range(n) if n == len(dataset) else torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist()
-        loader = DataLoader(Subset(dataset, idx), batch_size, num_workers=num_workers, generator=g)
+        if images is not None:
+            chosen = images if n == len(images) else images[torch.as_tensor(idx, device=images.device)]
+            loader = _Sized((chosen[i:i + batch_size] for i in range(0, n, batch_size)), -(-n // batch_size))
+        else:
+            loader = DataLoader(Subset(dataset, idx), batch_size, num_workers=num_workers, generator=g)
         pool3, _ = extract_features(model, loader, device, progress, desc="FID reference")
         mu, sigma = feature_stats(pool3)
         save_stats(path, mu, sigma, key, n)

@@ -5,6 +5,8 @@ import difflib
 import os
 import sys
 
+import torch
+
 from sagan_models import IMAGE_SIZES, MASK_MODES
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"],
                    help="bfloat16 autocast for G and D; auto: bf16 on CUDA, none on CPU")
     g.add_argument("--compile", default="auto", choices=["auto", "none", "default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile G and D (fusion); auto: default on CUDA (not with wgan-gp), none on CPU. "
+                   help="torch.compile G and D (fusion); auto: default on CUDA in one process (not with wgan-gp), "
+                        "none on CPU. "
                         "reduce-overhead and max-autotune are refused (see --cuda_graph)")
     for name, what in (("--channels_last", "channels_last memory format for G and D"),
                        ("--cuda_graph", "capture the whole training step (D and G steps, Adam, EMA, z draws) "
@@ -193,7 +196,6 @@ def validate(cfg, parser):
 def resolve_speed(cfg, parser):
     """The speed flags' auto values: the measured fast path on CUDA (README, Performance),
     the plain path on CPU; combinations that cannot run are refused here, at start."""
-    import torch
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if cfg.device == "auto":
@@ -207,8 +209,9 @@ def resolve_speed(cfg, parser):
         parser.error("--cuda_graph needs a CUDA device; drop it (or --cuda_graph false)")
     if cfg.cuda_graph is True and world > 1:
         parser.error(f"--cuda_graph runs in one process, not under torchrun ({world} processes); drop it")
+    # Under torchrun, compile and graphs stay off unless asked for: DDP with either is not measured.
     auto = {"amp": "bf16" if cuda else "none",
-            "compile": "default" if cuda and cfg.adv_loss != "wgan-gp" else "none",
+            "compile": "default" if cuda and world == 1 and cfg.adv_loss != "wgan-gp" else "none",
             "channels_last": cuda, "cache": cuda, "cuda_graph": cuda and world == 1}
     for name, value in auto.items():
         if getattr(cfg, name) == "auto":

@@ -305,8 +305,9 @@ class Trainer:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")
         if self.main:
             self._write_config(len(dataset))
-        batches = iter(make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world))
-        fid = self._fid_monitor(dataset)
+        stream = make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world)
+        batches = iter(stream)
+        fid = self._fid_monitor(dataset, getattr(stream, "images", None))
         log = MetricsLog(self.dirs["log"], [f"{net}_{n}_gamma" for net, m in (("g", self.G), ("d", self.D))
                                             for n, _ in attention_layers(m)], self.step, cfg.use_tensorboard) \
             if self.main else None
@@ -422,7 +423,7 @@ class Trainer:
             written.append(out)
         print(f"wrote {cfg.n_samples} samples of step {self.step} to " + " and ".join(map(str, written)))
 
-    def _fid_monitor(self, dataset):
+    def _fid_monitor(self, dataset, images=None):
         """The FID monitor, or None when FID is off or its weights are missing (then
         fid.resolve_weights has warned once, naming the URL and the path, and training goes on)."""
         import fid
@@ -434,7 +435,7 @@ class Trainer:
             box = [weights]
             dist.broadcast_object_list(box, src=0)
             weights = box[0]
-        return FIDMonitor(self, dataset, weights) if weights is not None else None
+        return FIDMonitor(self, dataset, weights, images) if weights is not None else None
 
 
 class FIDMonitor:
@@ -443,7 +444,7 @@ class FIDMonitor:
     cached under <log_path>/fid_stats and shared by every run on the same data, so runs
     of different spans are measured against identical numbers."""
 
-    def __init__(self, trainer, dataset, weights):
+    def __init__(self, trainer, dataset, weights, images=None):
         import fid
         self.t, cfg = trainer, trainer.cfg
         self.batch = cfg.fid_batch_size or (500 if trainer.device.type == "cuda" else 50)
@@ -451,7 +452,7 @@ class FIDMonitor:
         self.ref = fid.reference_stats(
             dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, self.batch, trainer.device,
             Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
-            progress=trainer.main and is_tty(), rank=trainer.rank, world=trainer.world)
+            progress=trainer.main and is_tty(), rank=trainer.rank, world=trainer.world, images=images)
         self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]
         for m in ("is", "kid"):
             if m in cfg.metrics:

@@ -55,7 +55,13 @@ def test_fused_attention_matches_dense_in_values_and_gradients():
                 with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.bfloat16):
                     out = layer(xi)
                 (out.float() * up).sum().backward()
-                results.append([out.detach().float(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
+                grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+                # The key bias shifts every energy of a query's row by the same amount, which the
+                # softmax ignores: its gradient is 0 in exact arithmetic, so both paths give
+                # rounding noise there; it is checked against the query bias gradient's scale.
+                key_bias = grads.pop("key_conv.bias")
+                assert key_bias.norm() <= tol * grads["query_conv.bias"].norm(), (dtype, span, hw, cl)
+                results.append([out.detach().float(), xi.grad, *grads.values()])
             for d, f in zip(*results):
                 assert torch.isfinite(f).all()
                 assert rel(f, d) < tol, (dtype, span, hw, cl)
@@ -64,9 +70,20 @@ def test_fused_attention_matches_dense_in_values_and_gradients():
 def test_graphed_step_equals_eager_step(tmp_path):
     # Same kernels, captured or not: a graph that skipped an update, reused a z draw or read
     # a stale buffer would part from the eager losses at the first replay (step 4).
-    eager = losses(make_trainer(tmp_path, *PLAIN, "--span", "2"), 10)
-    graphed = losses(make_trainer(tmp_path, *PLAIN, "--span", "2", "--cuda_graph", "true"), 10)
-    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
+    # Deterministic kernels only (dense attention, no cuDNN autotuning, deterministic cuDNN):
+    # with atomics in a conv's weight gradient, Adam's first steps (close to sign descent)
+    # turn 1e-7 differences into full-size updates of near-zero gradient components.
+    flags = (*PLAIN, "--attn_impl", "dense", "--span", "2")
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        runs = []
+        for graph in ("false", "true"):
+            t = make_trainer(tmp_path, *flags, "--cuda_graph", graph)
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+            runs.append(losses(t, 10))
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
 
 
 def test_default_fast_step_matches_the_reference_step(tmp_path):

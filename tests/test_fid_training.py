@@ -125,3 +125,17 @@ def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 2
     pytorch_mode = fid.reference_stats(ds, **{**args, "resize": "pytorch"})
     assert len(calls) == 3 and pytorch_mode.path != cropped.path
+
+
+def test_reference_from_decoded_images_equals_reference_from_the_dataset(tmp_path, image_folder, weights):
+    # --cache and in-memory arrays hand the decoded images to the reference statistics
+    # (no loader workers); they must be the statistics of the same images, also when capped.
+    ds = build_dataset(get_parameters(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
+    model = fid.load_inception(weights)
+    images = torch.stack([ds[i] for i in range(len(ds))])
+    for cap in (100, 9):
+        args = dict(model=model, weights=weights, resize="tf1", cap=cap, batch_size=4, device="cpu", progress=False)
+        loaded = fid.reference_stats(ds, cache_dir=tmp_path / f"a{cap}", **args)
+        given = fid.reference_stats(ds, cache_dir=tmp_path / f"b{cap}", images=images, **args)
+        np.testing.assert_allclose(given.mu, loaded.mu, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(given.sigma, loaded.sigma, rtol=1e-5, atol=1e-9)

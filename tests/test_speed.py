@@ -64,6 +64,29 @@ def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
     data = json.loads(out.read_text())
     assert {(row["path"], row["span"]) for row in data["training"]} == {
         ("reference", 0), ("fast", 0), ("reference", 3), ("fast", 3)}
-    assert all(row["it_per_s"] > 0 for row in data["training"])
-    assert data["fid"]["fid_seconds"] > 0 and data["env"]["torch"] == torch.__version__
+    assert all(row["it_per_s"] > 0 and "error" not in row for row in data["training"])
+    assert set(data["fid"]["precisions"]) == {"fp32", "tf32"} and data["env"]["torch"] == torch.__version__
+    for row in data["fid"]["precisions"].values():
+        assert row["fid_seconds"] > 0 and abs(row["fid"] - row["fid_cpu"]) <= 1e-9 * max(1.0, abs(row["fid"]))
     assert "× ref" in r.stdout
+
+
+def test_speed_flags_resolve_to_the_plain_path_on_cpu():
+    cfg = get_parameters(["--device", "cpu"])
+    assert (cfg.amp, cfg.compile, cfg.channels_last, cfg.cache, cfg.cuda_graph) == ("none", "none", False, False, False)
+    cfg = get_parameters(["--device", "cpu", "--amp", "bf16", "--channels_last", "--cache", "true"])
+    assert (cfg.amp, cfg.channels_last, cfg.cache) == ("bf16", True, True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu", "--cuda_graph"], "--cuda_graph needs a CUDA device"),
+    (["--device", "cpu", "--compile", "default", "--adv_loss", "wgan-gp"], "no double backward"),
+    (["--device", "cpu", "--compile", "reduce-overhead"], "already one CUDA graph"),
+    (["--device", "cpu", "--compile", "max-autotune"], "use --compile default"),
+    (["--device", "cpu", "--channels_last", "maybe"], "expected true or false"),
+])
+def test_speed_flag_combinations_that_cannot_run_are_refused_in_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        get_parameters(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
