@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 
+import fid
 from data_loader import build_dataset, make_batches
 from parameter import get_parameters
 from trainer import Trainer
-from utils import REPO, configure_backends, set_tf32
+from utils import REPO, configure_backends, fixed_latents, set_tf32
 
 
 def sync(device):
@@ -80,7 +82,6 @@ def time_training(argv, steps, warmup, device, reference=False, profile=0):
 
 def profile_steps(t, batches, steps):
     """GPU kernels (and copies) per step and their summed device time, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             t.train_step(batches)
@@ -95,7 +96,6 @@ def time_fid(args, device, trainer_argv):
     generated images through the Trainer's FID path, in phases (generation + features,
     statistics, Fréchet distance on the CPU and on the device). The reference side is the
     bundled emoji's statistics, computed beforehand with the same network."""
-    import fid
     weights = fid.resolve_weights(args.fid_weights, download=False, quiet=True)
     cfg = get_parameters(trainer_argv)
     t = Trainer(cfg)
@@ -124,8 +124,9 @@ def time_fid(args, device, trainer_argv):
         mu, sigma = fid.feature_stats(ref_pool3)
         sync(device)
         t0 = time.perf_counter()
-        pool3, _ = fid.generated_features(t.G, model, args.fid_samples, cfg.z_dim, args.fid_batch_size, t.device,
-                                          bn_mode="batch", seed=0, progress=False)
+        z = fixed_latents(0, "fid", args.fid_samples, cfg.z_dim)
+        pool3, _ = fid.generated_features(t.G, model, z, args.fid_batch_size, t.device, bn_mode="batch",
+                                          progress=False)
         t1 = time.perf_counter()
         stats = fid.feature_stats(pool3)
         t2 = time.perf_counter()

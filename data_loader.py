@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import make_dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from tqdm import tqdm
 
 from utils import REPO, UserError, warn
 
@@ -70,13 +72,23 @@ class ImageDataset(Dataset):
                 "image_resize": "PIL-bilinear-antialias"}
 
 
+def as_nhwc_uint8(arr, where) -> np.ndarray:
+    """A uint8 image array as (N, H, W, 3): (N, H, W, 3) passes as is, (N, 3, H, W) is
+    transposed. Returns a view, never a copy, so a memory-mapped .npy stays on disk
+    (wrap it in np.ascontiguousarray where contiguous memory is needed). Anything else
+    raises UserError, one line naming `where` and the expected layout."""
+    arr = np.asarray(arr)
+    if arr.ndim == 4 and arr.shape[-1] != 3 and arr.shape[1] == 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise UserError(f"{where}: expected a uint8 image array (N, H, W, 3) or (N, 3, H, W), "
+                        f"got {arr.dtype} {tuple(arr.shape)}")
+    return arr
+
+
 class ArrayDataset(ImageDataset):
     def __init__(self, array: np.ndarray, size: int, crop, description: dict):
-        if array.ndim != 4 or array.dtype != np.uint8 or 3 not in (array.shape[1], array.shape[3]):
-            raise UserError(f"{description.get('path')}: expected a uint8 array (N, H, W, 3), "
-                            f"got {array.dtype} {tuple(array.shape)}")
-        if array.shape[-1] != 3:  # (N, 3, H, W)
-            array = array.transpose(0, 2, 3, 1)
+        array = as_nhwc_uint8(array, description.get("path"))
         self.array, self.size, self.description = array, size, description
         square = array.shape[1] == array.shape[2]
         self.crop = None if square else crop
@@ -88,24 +100,55 @@ class ArrayDataset(ImageDataset):
         return self.array[i]
 
 
+def _is_image_name(path: str) -> bool:
+    # is_file: os.walk lists broken links and other non-files among the files
+    return Path(path).suffix.lower() in IMAGE_EXTS and os.path.isfile(path)
+
+
+def _header_readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.size  # header only: cheap, catches non-images and empty files
+        return True
+    except Exception:
+        return False
+
+
+def image_files(root) -> tuple[list[Path], int]:
+    """The image files under `root`, flat or nested to any depth, as one unlabeled set:
+    (files, n_unreadable).
+
+    files: pathlib.Path objects (root joined with the relative path, so a relative root
+    gives relative paths), sorted as Paths (component by component), which is the
+    order training batches and --cache keys depend on. A file counts as an image when
+    its suffix, in any case, is in IMAGE_EXTS and PIL can read its header; the
+    n_unreadable files that have such a suffix but no readable header (empty,
+    truncated, not an image) are left out. Nothing is printed: the caller reports
+    n_unreadable in its one warning. A missing root gives ([], 0).
+
+    The walk is torchvision's `make_dataset` with the root itself as the only "class"
+    (ImageFolder wants class subfolders and rejects flat folders); subfolder links are
+    followed. Its order (each folder's files before its subfolders) is re-sorted."""
+    root = Path(root)
+    directory = str(root)
+    if directory.startswith("~"):  # make_dataset expands "~"; a folder named "~x" is literal here
+        directory = os.path.join(".", directory)
+    found = make_dataset(directory, class_to_idx={"": 0}, is_valid_file=_is_image_name, allow_empty=True)
+    files = sorted(Path(p) for p, _ in found)
+    good = [p for p in files if _header_readable(p)]
+    return good, len(files) - len(good)
+
+
 class FileDataset(ImageDataset):
-    """Image files found recursively. Files whose header PIL cannot read are dropped
-    up front with one warning that counts them; a file that fails later while decoding
-    is replaced by the next readable one."""
+    """Image files under `root`, flat or nested (see `image_files`). Files whose header
+    PIL cannot read are dropped up front with one warning that counts them; a file that
+    fails later while decoding is replaced by the next readable one."""
 
     def __init__(self, root: Path, size: int, crop, description: dict):
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        good = []
-        for p in files:
-            try:
-                with Image.open(p) as im:
-                    im.size  # header only: cheap, catches non-images and empty files
-                good.append(p)
-            except Exception:
-                pass
-        if len(good) < len(files):
-            warn(f"skipped {len(files) - len(good)} unreadable image file(s) under {root}")
-        self.files, self.size, self.crop, self.description = good, size, crop, description
+        files, bad = image_files(root)
+        if bad:
+            warn(f"skipped {bad} unreadable image file(s) under {root}")
+        self.files, self.size, self.crop, self.description = files, size, crop, description
 
     def __len__(self):
         return len(self.files)
@@ -271,7 +314,6 @@ class TensorBatches:
 
 def decode_all(dataset, num_workers=0, desc="decoding") -> torch.Tensor:
     """Every image of a dataset as one uint8 (N, 3, H, W) tensor, decoded in parallel."""
-    from tqdm import tqdm
     loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, generator=_own_generator())
     out = torch.empty((len(dataset), 3, dataset.size, dataset.size), dtype=torch.uint8)
     i = 0

@@ -5,8 +5,10 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from parameter import get_parameters
+from trainer import Trainer
 from utils import UserError, configure_backends
 
 
@@ -26,7 +28,6 @@ def relaunch_with_torchrun():
 def init_distributed(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    import torch.distributed as dist
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -35,12 +36,15 @@ def init_distributed(cfg):
 
 
 def main(argv=None):
-    cfg = get_parameters(argv)
+    try:
+        cfg = get_parameters(argv)
+    except UserError as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if cfg.parallel and "WORLD_SIZE" not in os.environ:
         relaunch_with_torchrun()
     distributed = init_distributed(cfg)
     configure_backends(cfg)
-    from trainer import Trainer  # after the process group exists
     try:
         trainer = Trainer(cfg)
         trainer.train() if cfg.train else trainer.sample()
@@ -49,8 +53,7 @@ def main(argv=None):
         sys.exit(2)
     finally:
         if distributed:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+                    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ import sys
 import torch
 
 from sagan_models import IMAGE_SIZES, MASK_MODES
+from utils import UserError, checkpoints, load_checkpoint, run_dirs
+
+# Settings that define a run: on resume they come from the checkpoint.
+RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
+            "adv_loss", "dataset", "seed", "ema_decay")
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
 METRICS = ("fid", "is", "kid")
@@ -183,7 +188,6 @@ def validate(cfg, parser):
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         err(f"--metrics {cfg.metrics!r}: choose from {','.join(METRICS)}")
-    cfg.metrics = metrics
     if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
         err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
     if cfg.resume and cfg.pretrained_model is not None:
@@ -193,9 +197,11 @@ def validate(cfg, parser):
         err(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
 
 
-def resolve_speed(cfg, parser):
-    """The speed flags' auto values: the measured fast path on CUDA (README, Performance),
-    the plain path on CPU; combinations that cannot run are refused here, at start."""
+def resolve_device_defaults(cfg, parser):
+    """Defaults that depend on the device. The speed flags' auto values: the measured fast
+    path on CUDA (README, Performance), the plain path on CPU; combinations that cannot run
+    are refused here, at start. FID: every 10,000 steps on CUDA; on a CPU, where Inception
+    takes minutes, only when asked for."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if cfg.device == "auto":
@@ -216,12 +222,18 @@ def resolve_speed(cfg, parser):
     for name, value in auto.items():
         if getattr(cfg, name) == "auto":
             setattr(cfg, name, value)
+    if cfg.fid_step is None:
+        cfg.fid_step = 10000 if cuda else 0
+    if cfg.fid_batch_size is None:
+        cfg.fid_batch_size = 500 if cuda else 50
 
 
 def resolve(cfg):
     """Fill the defaults that depend on other flags."""
+    cfg.metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
     cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
     cfg.d_span = cfg.span if cfg.d_span is None else cfg.d_span
+    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None  # never disagrees with them
     if cfg.version is None:
         span = f"span{cfg.g_span}" if cfg.g_span == cfg.d_span else f"g{cfg.g_span}_d{cfg.d_span}"
         cfg.version = f"sagan_{cfg.dataset}_{span}"
@@ -238,5 +250,48 @@ def get_parameters(argv=None):
     if unknown:
         parser.error(_unknown_flag_message(unknown, parser))
     validate(cfg, parser)
-    resolve_speed(cfg, parser)
-    return resolve(cfg)
+    resolve_device_defaults(cfg, parser)
+    return resolve_start(resolve(cfg))
+
+
+def resolve_start(cfg):
+    """The checkpoint the run starts from (cfg.start_checkpoint: its path, or None for a new
+    run), refusing what would overwrite a run; a checkpoint's architecture, data and seed
+    (RUN_KEYS) replace the flags'. Raises UserError."""
+    folder = run_dirs(cfg)["model_save"]
+    found = checkpoints(folder)
+    if not cfg.train:
+        if not found:
+            raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
+                            f"(and --model_save_path) of a trained run")
+        step = cfg.pretrained_model if cfg.pretrained_model is not None else max(found)
+    elif cfg.resume:
+        if not found:
+            raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
+                            f"'{cfg.version}' from scratch")
+        step = max(found)
+    elif cfg.pretrained_model is not None:
+        step = cfg.pretrained_model
+        newer = sorted(s for s in found if s > step)
+        if step in found and newer:
+            raise UserError(f"{folder} has checkpoints after step {step} ({newer}); continuing from "
+                            f"{step} would overwrite them. Move them away first, or use --resume")
+    else:
+        if found or (run_dirs(cfg)["log"] / "metrics.csv").exists():
+            newest = f"checkpoints up to step {max(found)}" if found else "logs"
+            raise UserError(f"run '{cfg.version}' already exists ({newest} in {folder.parent}/"
+                            f"{cfg.version}); add --resume to continue it, pick another --version, "
+                            f"or delete its folders to start over")
+        cfg.start_checkpoint = None
+        return cfg
+    if step not in found:
+        raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
+    saved = load_checkpoint(found[step], mmap=True)["config"]
+    differ = [f"{k}={saved[k]}" for k in RUN_KEYS if getattr(cfg, k) not in (None, saved[k])]
+    for k in RUN_KEYS:
+        setattr(cfg, k, saved[k])
+    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
+    if differ and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
+    cfg.start_checkpoint = str(found[step])
+    return cfg

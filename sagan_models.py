@@ -206,6 +206,19 @@ class Discriminator(nn.Module):
         return self.net(x)
 
 
+def build_generator(cfg) -> Generator:
+    """G as the config describes it (also a checkpoint's saved config)."""
+    return Generator(cfg.imsize, cfg.z_dim, cfg.g_conv_dim, cfg.g_span, cfg.mask_mode,
+                     fused=cfg.attn_impl == "fused")
+
+
+def build_discriminator(cfg) -> Discriminator:
+    # WGAN-GP differentiates D's gradient once more; the fused attention kernels have no
+    # double backward on CUDA, so D keeps the dense path there.
+    fused = cfg.attn_impl == "fused" and cfg.adv_loss != "wgan-gp"
+    return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused)
+
+
 def attention_layers(model: nn.Module):
     """(name, Self_Attn) pairs in forward order, e.g. [('attn16', …), ('attn32', …)]."""
     return [(n.split(".")[-1], m) for n, m in model.named_modules() if isinstance(m, Self_Attn)]

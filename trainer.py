@@ -4,7 +4,6 @@ import copy
 import csv
 import json
 import math
-import os
 import random
 import shlex
 import signal
@@ -16,43 +15,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import matplotlib
+from matplotlib.patches import Rectangle
 from tqdm import tqdm
 
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+import fid  # noqa: E402
 from data_loader import build_dataset, make_batches
-from sagan_models import Discriminator, Generator, attention_layers
-from utils import (UserError, __version__, atomic_save, convert_sync_bn, dist_info, git_commit, image_grid,
-                   is_tty, pick_device, rng_state, sampling_mode, save_png, seed_everything, set_rng_state,
-                   to_uint8, uint8_batches, warn)
-
-# Settings that define a run: on resume they come from the checkpoint.
-RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
-            "adv_loss", "dataset", "seed", "ema_decay")
-
-
-def build_generator(cfg) -> Generator:
-    return Generator(cfg.imsize, cfg.z_dim, cfg.g_conv_dim, cfg.g_span, cfg.mask_mode,
-                     fused=cfg.attn_impl == "fused")
-
-
-def build_discriminator(cfg) -> Discriminator:
-    # WGAN-GP differentiates D's gradient once more; the fused attention kernels have no
-    # double backward on CUDA, so D keeps the dense path there.
-    fused = cfg.attn_impl == "fused" and cfg.adv_loss != "wgan-gp"
-    return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused)
-
-
-def checkpoints(folder: Path) -> dict:
-    """{step: path} of the checkpoints in a run's model folder."""
-    return {int(p.stem): p for p in folder.glob("*.pt") if p.stem.isdigit()} if folder.is_dir() else {}
-
-
-def load_checkpoint(path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated copy, not a checkpoint at all
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); use another step or "
-                        f"re-copy the file") from None
-
+from sagan_models import attention_layers, build_discriminator, build_generator
+from utils import (UserError, __version__, atomic_open, atomic_save, checkpoints, convert_sync_bn, csv_rows_until,
+                   dist_info, fixed_latents, git_commit, image_grid, is_tty, load_checkpoint, pick_device, rng_state,
+                   run_dirs, sampling_mode, save_png, seed_everything, set_rng_state, to_uint8, uint8_batches, warn)
 
 def persistent_buffers(model):
     """BatchNorm statistics and spectral-norm vectors (not the span masks)."""
@@ -75,15 +50,10 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-        if cfg.fid_step is None:  # FID on CPU takes minutes: there it runs only when asked
-            cfg.fid_step = 10000 if self.device.type == "cuda" else 0
-            if cfg.fid_step == 0 and cfg.train and self.main:
-                print("note: FID is off on CPU unless asked for: --fid_step N (--fid_samples M)")
-        self.dirs = {k: Path(getattr(cfg, f"{k}_path")) / cfg.version
-                     for k in ("log", "model_save", "sample", "attn")}
-        self.ckpt = self._find_start()
-        if self.ckpt is not None:
-            self._adopt_run_settings(self.ckpt["config"])
+        self.dirs = run_dirs(cfg)
+        # parameter.py chose the checkpoint and took its run settings; the state is read here
+        self.ckpt = load_checkpoint(cfg.start_checkpoint) if cfg.start_checkpoint else None
+        # Drawn here, not with the other settings: under torchrun every rank needs rank 0's.
         if cfg.seed is None:
             cfg.seed = random.SystemRandom().randrange(2**31)
             if self.world > 1:  # every rank must draw the same z and data order
@@ -106,7 +76,7 @@ class Trainer:
         self.g_opt = torch.optim.Adam(self.G.parameters(), cfg.g_lr, (cfg.beta1, cfg.beta2), **impl)
         self.d_opt = torch.optim.Adam(self.D.parameters(), cfg.d_lr, (cfg.beta1, cfg.beta2), **impl)
         # The sample grid's z: fixed for the whole run, across resumes.
-        self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+        self.fixed_z = fixed_latents(cfg.seed, "grid", 64, cfg.z_dim)
         self.step, self.elapsed = 0, 0.0
         if self.ckpt is not None:
             self._load(self.ckpt)
@@ -117,47 +87,6 @@ class Trainer:
         self.step_fn = CUDAGraphStep(self._step) if cfg.cuda_graph else self._step
 
     # ------------------------------------------------------------------ run bookkeeping
-    def _find_start(self):
-        """The checkpoint to start from, or None for a new run; refuses to overwrite."""
-        cfg, found = self.cfg, checkpoints(self.dirs["model_save"])
-        folder = self.dirs["model_save"]
-        if not cfg.train:
-            if not found:
-                raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
-                                f"(and --model_save_path) of a trained run")
-            step = cfg.pretrained_model if cfg.pretrained_model is not None else max(found)
-        elif cfg.resume:
-            if not found:
-                raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
-                                f"'{cfg.version}' from scratch")
-            step = max(found)
-        elif cfg.pretrained_model is not None:
-            step = cfg.pretrained_model
-            newer = sorted(s for s in found if s > step)
-            if step in found and newer:
-                raise UserError(f"{folder} has checkpoints after step {step} ({newer}); continuing from "
-                                f"{step} would overwrite them. Move them away first, or use --resume")
-        else:
-            metrics = self.dirs["log"] / "metrics.csv"
-            if found or metrics.exists():
-                newest = f"checkpoints up to step {max(found)}" if found else "logs"
-                raise UserError(f"run '{cfg.version}' already exists ({newest} in {folder.parent}/"
-                                f"{cfg.version}); add --resume to continue it, pick another --version, "
-                                f"or delete its folders to start over")
-            return None
-        if step not in found:
-            raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
-        return load_checkpoint(found[step])
-
-    def _adopt_run_settings(self, saved: dict):
-        """Architecture, data and seed come from the checkpoint, whatever the flags say."""
-        differ = [f"{k}={saved[k]}" for k in RUN_KEYS
-                  if getattr(self.cfg, k) not in (None, saved[k])]
-        for k in RUN_KEYS:
-            setattr(self.cfg, k, saved[k])
-        if differ and self.main:
-            print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
-
     def _state(self) -> dict:
         return {"step": self.step, "elapsed": self.elapsed, "G": self.G.state_dict(), "D": self.D.state_dict(),
                 "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
@@ -200,8 +129,8 @@ class Trainer:
         path = self.dirs["log"] / "config.json"
         if path.exists():  # a resumed run: keep the original, record this part beside it
             path = path.with_name(f"config_resumed_at_{self.step}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(info, indent=2, default=str))
+        with atomic_open(path, "w") as f:
+            f.write(json.dumps(info, indent=2, default=str))
 
     def _resume_hint(self):
         args = [a for a in sys.argv[1:] if a not in ("--resume",)]
@@ -409,7 +338,7 @@ class Trainer:
         cfg = self.cfg
         if not self.main:
             return
-        z = torch.randn(cfg.n_samples, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
+        z = fixed_latents(cfg.seed, "eval", cfg.n_samples, cfg.z_dim)
         written = []
         for suffix, G in (("", self.G), ("_ema", self.G_ema)):
             if G is None:
@@ -426,7 +355,6 @@ class Trainer:
     def _fid_monitor(self, dataset, images=None):
         """The FID monitor, or None when FID is off or its weights are missing (then
         fid.resolve_weights has warned once, naming the URL and the path, and training goes on)."""
-        import fid
         cfg = self.cfg
         if cfg.fid_step == 0:
             return None
@@ -435,69 +363,10 @@ class Trainer:
             box = [weights]
             dist.broadcast_object_list(box, src=0)
             weights = box[0]
-        return FIDMonitor(self, dataset, weights, images) if weights is not None else None
-
-
-class FIDMonitor:
-    """FID (and IS / KID with --metrics) of G, and of its EMA when on, every --fid_step:
-    rows in <log>/fid.csv, a plot in <log>/fid.png. The real side is reference statistics
-    cached under <log_path>/fid_stats and shared by every run on the same data, so runs
-    of different spans are measured against identical numbers."""
-
-    def __init__(self, trainer, dataset, weights, images=None):
-        import fid
-        self.t, cfg = trainer, trainer.cfg
-        self.batch = cfg.fid_batch_size or (500 if trainer.device.type == "cuda" else 50)
-        self.model = fid.load_inception(weights, cfg.fid_resize, trainer.device, cfg.fid_precision)
-        self.ref = fid.reference_stats(
-            dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, self.batch, trainer.device,
-            Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
-            progress=trainer.main and is_tty(), rank=trainer.rank, world=trainer.world, images=images)
-        self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]
-        for m in ("is", "kid"):
-            if m in cfg.metrics:
-                self.columns += [m, f"{m}_std", f"{m}_ema", f"{m}_std_ema"]
-        self.path = trainer.dirs["log"] / "fid.csv"
-        if trainer.main:
-            self._write(csv_rows_until(self.path, trainer.step))
-
-    def evaluate(self, step, G, G_ema):
-        import fid
-        t, cfg = self.t, self.t.cfg
-        start = time.perf_counter()
-        row = {"step": step, "samples": cfg.fid_samples}
-        for suffix, g in (("", G), ("_ema", G_ema)):
-            if g is None:
-                continue
-            pool3, logits = fid.generated_features(
-                g, self.model, cfg.fid_samples, cfg.z_dim, self.batch, t.device, cfg.fid_g_mode, seed=cfg.seed + 3,
-                progress=t.main and is_tty(), rank=t.rank, world=t.world)
-            if not t.main:
-                continue
-            if "fid" in cfg.metrics:
-                row["fid" + suffix] = fid.frechet_distance(*fid.feature_stats(pool3), self.ref.mu, self.ref.sigma, t.device)
-            if "is" in cfg.metrics:
-                row["is" + suffix], row["is_std" + suffix] = fid.inception_score(logits)
-            if "kid" in cfg.metrics:
-                row["kid" + suffix], row["kid_std" + suffix] = fid.kernel_inception_distance(pool3, self.ref.pool3)
-        if not t.main:
-            return
-        row["seconds"] = time.perf_counter() - start
-        self._write(csv_rows_until(self.path, step) + [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}])
-        summary = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
-        print(f"step {step}: {summary}  ({cfg.fid_samples} samples, {row['seconds']:.1f} s)", flush=True)
-
-    def _write(self, rows):
-        import fid
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
-        if rows:
-            fid.plot_fid({self.t.cfg.version: rows}, self.path.with_name("fid.png"))
+        if weights is None:
+            return None
+        return fid.FIDMonitor(cfg, dataset, weights, self.device, self.dirs["log"], self.step, self.rank, self.world,
+                              images=images)
 
 
 class CUDAGraphStep:
@@ -536,15 +405,6 @@ class CUDAGraphStep:
                 self.static_out = self.fn(*self.static_in)
         self.graph.replay()
         return self.static_out
-
-
-def csv_rows_until(path: Path, step: int) -> list:
-    """The rows (dicts) of a log CSV up to `step`: a resumed run drops what was logged
-    after its checkpoint."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["step"]) <= step]
 
 
 class MetricsLog:
@@ -590,10 +450,6 @@ def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25,
                                                                          (0.5, 0.5), (0.75, 0.4))):
     """For a few query pixels of one generated image, each G attention layer's weights as
     a heat map over the image, with the query marked and its masked square outlined."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     layers = dict(attention_layers(G))
     img = image_u8.permute(1, 2, 0).cpu().numpy()

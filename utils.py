@@ -1,4 +1,5 @@
 """Small helpers shared by the trainer, the data loader and the metrics."""
+import csv
 import os
 import random
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -99,13 +101,67 @@ def save_png(array_hwc: np.ndarray, path) -> None:
 
 
 # ---------------------------------------------------------------------------- state
-def atomic_save(obj, path) -> None:
-    """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
+@contextmanager
+def atomic_open(path, mode="wb", **kwargs):
+    """Write through a hidden temp file beside `path`, renamed over it when the block ends
+    without error: readers, crashes and parallel writers never see half a file. On error
+    the temp file is removed and `path` keeps what it had."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save that never leaves a half-written file."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+# Fixed latent streams, one per use, each a private generator seeded from the run's seed:
+# the same images at every call and on every resume, and the training RNG left alone.
+LATENT_STREAMS = {"grid": 1, "eval": 2, "fid": 3}
+
+
+def fixed_latents(seed: int, stream: str, n: int, z_dim: int) -> torch.Tensor:
+    """n latent vectors (CPU) of the named stream: "grid" (sample grids), "eval"
+    (--train false samples) or "fid" (FID samples)."""
+    g = torch.Generator().manual_seed(seed + LATENT_STREAMS[stream])
+    return torch.randn(n, z_dim, generator=g)
+
+
+def checkpoints(folder: Path) -> dict:
+    """{step: path} of the checkpoints in a run's model folder."""
+    return {int(p.stem): p for p in folder.glob("*.pt") if p.stem.isdigit()} if folder.is_dir() else {}
+
+
+def run_dirs(cfg) -> dict:
+    """A run's output folders: {"log", "model_save", "sample", "attn"} → <root>/<version>."""
+    return {k: Path(getattr(cfg, f"{k}_path")) / cfg.version for k in ("log", "model_save", "sample", "attn")}
+
+
+def load_checkpoint(path, mmap=False) -> dict:
+    """A checkpoint on the CPU; mmap=True reads tensors lazily (cheap when only the config is needed)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:  # truncated copy, not a checkpoint at all
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); use another step or "
+                        f"re-copy the file") from None
+
+
+def csv_rows_until(path: Path, step: int) -> list:
+    """The rows (dicts) of a log CSV up to `step`: a resumed run drops what was logged
+    after its checkpoint."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= step]
 
 
 def rng_state() -> dict:
@@ -170,7 +226,6 @@ def is_tty() -> bool:
 # ---------------------------------------------------------------------------- distributed
 def dist_info():
     """(rank, world_size, local_rank) under torchrun, (0, 1, 0) otherwise."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     return 0, 1, 0
@@ -181,14 +236,12 @@ class _SumAllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        import torch.distributed as dist
         x = x.clone()
         dist.all_reduce(x)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
@@ -201,7 +254,6 @@ class SyncBatchNorm2d(torch.nn.BatchNorm2d):
     the variance as accurate as single-process BatchNorm's."""
 
     def forward(self, x):
-        import torch.distributed as dist
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
         C = x.shape[1]

@@ -9,8 +9,8 @@ from conftest import out_dirs
 from data_loader import build_dataset, make_batches
 from parameter import get_parameters
 from sagan_models import Self_Attn
-from trainer import Trainer, load_checkpoint
-from utils import configure_backends, set_tf32
+from trainer import Trainer
+from utils import configure_backends, load_checkpoint, set_tf32
 
 pytestmark = pytest.mark.cuda
 

@@ -1,6 +1,5 @@
 """Attention layer and networks against independent references (issue 2)."""
 import itertools
-import math
 
 import numpy as np
 import pytest

@@ -313,7 +313,7 @@ def test_resume_with_channels_last_keeps_adam_state_in_the_parameter_layout(tmp_
 
 
 def test_wgan_gp_keeps_the_discriminator_on_the_double_differentiable_path():
-    from trainer import build_discriminator, build_generator
+    from sagan_models import build_discriminator, build_generator
     cfg = get_parameters(["--adv_loss", "wgan-gp", "--span", "2"])
     assert not any(m.fused for _, m in attention_layers(build_discriminator(cfg)))
     assert all(m.fused for _, m in attention_layers(build_generator(cfg)))

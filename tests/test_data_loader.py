@@ -1,0 +1,171 @@
+"""Image-file scanning and the array-layout check in data_loader (CPU, offline, fast)."""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_loader
+from data_loader import ArrayDataset, FileDataset, as_nhwc_uint8, build_dataset, image_files
+from utils import UserError
+
+# Written out here rather than imported, so a change to IMAGE_EXTS shows up as a failure.
+EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def reference_files(root, unreadable=()):
+    """Independent listing: every file under root (os.walk) with an image suffix in any
+    case, minus the known-bad ones, sorted as Paths (component by component)."""
+    found = []
+    for folder, _, names in os.walk(root):
+        found += [Path(folder) / n for n in names if os.path.splitext(n)[1].lower() in EXTS]
+    bad = {Path(root) / u for u in unreadable}
+    return sorted(p for p in found if p not in bad)
+
+
+def save(path, size=(8, 8), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), 77, np.uint8)).save(path, format=fmt)
+
+
+@pytest.fixture
+def flat_folder(tmp_path):
+    root = tmp_path / "flat"
+    for name in ["b.png", "A.JPG", "c.Jpeg", "a.bmp"]:
+        save(root / name, fmt={"b.png": "PNG", "a.bmp": "BMP"}.get(name, "JPEG"))
+    (root / "notes.txt").write_text("not an image")
+    (root / "empty.png").write_bytes(b"")
+    (root / "junk.gif").write_bytes(b"GIF? no")
+    return root
+
+
+@pytest.fixture
+def tricky_folder(tmp_path):
+    """Names where Path order, plain string order and torchvision's walk order all differ:
+    files at the root next to subfolders, and `a-b/` next to `a/b/`."""
+    root = tmp_path / "tricky"
+    for rel in ["a/b/x.png", "a-b/y.png", "a.png", "a/z.png", "m.png", "a/b/c/d/deep.png", "dir.png/in.png"]:
+        save(root / rel, fmt="PNG")
+    return root
+
+
+def test_nested_folder_matches_reference(image_folder, capsys):
+    files, bad = image_files(image_folder)
+    assert files == reference_files(image_folder, ["a/broken.jpg"])
+    assert len(files) == 15 and bad == 1
+    assert all(type(p) is type(image_folder) for p in files)  # Paths: the cache key stats them
+    assert capsys.readouterr().err == ""  # image_files itself is silent: the caller warns
+
+
+def test_order_is_path_order_not_walk_order(tricky_folder):
+    files, bad = image_files(tricky_folder)
+    ref = reference_files(tricky_folder)
+    assert bad == 0 and files == ref
+    # the case is only meaningful if Path order differs from plain string order
+    assert [str(p) for p in ref] != sorted(str(p) for p in ref)
+    assert [p.relative_to(tricky_folder).as_posix() for p in files] == [
+        "a/b/c/d/deep.png", "a/b/x.png", "a/z.png", "a-b/y.png", "a.png", "dir.png/in.png", "m.png"]
+
+
+def test_relative_root_gives_relative_paths(tricky_folder, monkeypatch):
+    monkeypatch.chdir(tricky_folder.parent)
+    files, _ = image_files(Path("tricky"))
+    assert [str(p) for p in files] == [str(p.relative_to(tricky_folder.parent)) for p in reference_files(tricky_folder)]
+
+
+def test_tilde_folder_is_literal(tmp_path, monkeypatch):
+    # "~root" is a user's home to os.path.expanduser (which make_dataset applies), but a
+    # plain relative folder to pathlib and to the old scanner
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "~root" / "i.png", fmt="PNG")
+    assert image_files(Path("~root")) == ([Path("~root/i.png")], 0)
+
+
+def test_missing_root_is_empty(tmp_path):
+    assert image_files(tmp_path / "nope") == ([], 0)
+
+
+def test_file_dataset_nested_warns_once(image_folder, capsys):
+    ds = FileDataset(image_folder, 16, "square", {"path": str(image_folder)})
+    assert ds.files == reference_files(image_folder, ["a/broken.jpg"])
+    assert len(ds) == 15
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: skipped 1 unreadable image file(s) under {image_folder}"]
+    x = ds[0]
+    assert tuple(x.shape) == (3, 16, 16) and str(x.dtype) == "torch.uint8"
+    assert ds.raw(3).mode == "RGB"
+    assert ds.key()["n"] == 15
+
+
+def test_flat_folder(flat_folder, capsys):
+    ds = FileDataset(flat_folder, 8, None, {"path": str(flat_folder)})
+    ref = reference_files(flat_folder, ["empty.png", "junk.gif"])
+    assert ds.files == ref and [p.name for p in ref] == ["A.JPG", "a.bmp", "b.png", "c.Jpeg"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: skipped 2 unreadable image file(s) under {flat_folder}"]
+    assert all(tuple(ds[i].shape) == (3, 8, 8) for i in range(len(ds)))
+
+
+def test_flat_folder_through_build_dataset(flat_folder, capsys):
+    cfg = SimpleNamespace(dataset="folder", image_path=str(flat_folder), imsize=8)
+    ds = build_dataset(cfg)
+    assert isinstance(ds, FileDataset) and len(ds) == 4
+    assert capsys.readouterr().err.count("warning:") == 1
+    assert data_loader.cache_path(ds).name.startswith(".sagan_cache_folder_8_")
+
+
+def test_clean_folder_does_not_warn(tricky_folder, capsys):
+    FileDataset(tricky_folder, 8, None, {"path": str(tricky_folder)})
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------- array layout
+def test_as_nhwc_uint8_accepts_both_layouts():
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    out = as_nhwc_uint8(nhwc, "x")
+    assert out.shape == (5, 6, 7, 3) and np.shares_memory(out, nhwc) and np.array_equal(out, nhwc)
+    nchw = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
+    out = as_nhwc_uint8(nchw, "x")
+    assert out.shape == (5, 6, 7, 3) and np.array_equal(out, nhwc)
+    assert np.shares_memory(out, nchw)  # a view: memory-mapped arrays are not read in
+
+
+def test_as_nhwc_uint8_keeps_memmap_lazy(tmp_path):
+    arr = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
+    np.save(tmp_path / "a.npy", arr)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    out = as_nhwc_uint8(mm, "a.npy")
+    assert out.shape == (2, 4, 5, 3) and np.shares_memory(out, mm)
+    assert np.array_equal(out, arr.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((2, 8, 8, 3), np.float32),   # dtype
+    np.zeros((2, 8, 8, 3), np.int64),
+    np.zeros((8, 8, 3), np.uint8),        # one image, no N
+    np.zeros((2, 8, 8, 4), np.uint8),     # RGBA
+    np.zeros((2, 1, 8, 8), np.uint8),     # greyscale NCHW
+    np.zeros((2, 8, 8), np.uint8),
+    np.zeros((1, 2, 8, 8, 3), np.uint8),
+])
+def test_as_nhwc_uint8_rejects(bad):
+    with pytest.raises(UserError) as e:
+        as_nhwc_uint8(bad, "data/x.npy")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("data/x.npy: ")
+    assert "(N, H, W, 3)" in msg and "(N, 3, H, W)" in msg
+    assert str(bad.dtype) in msg and str(tuple(bad.shape)) in msg
+
+
+def test_array_dataset_uses_the_check():
+    rng = np.random.default_rng(1)
+    nhwc = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    ds = ArrayDataset(nhwc.transpose(0, 3, 1, 2), 8, None, {"path": "p.npy"})
+    assert np.array_equal(ds.raw(2), nhwc[2])
+    assert np.array_equal(ds[2].numpy(), nhwc[2].transpose(2, 0, 1))
+    with pytest.raises(UserError, match=r"^p\.npy: expected a uint8 image array \(N, H, W, 3\) or \(N, 3, H, W\)"):
+        ArrayDataset(nhwc.astype(np.float32), 8, None, {"path": "p.npy"})
