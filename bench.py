@@ -31,7 +31,7 @@ import fid
 from data_loader import build_dataset, make_batches
 from parameter import get_parameters
 from trainer import Trainer
-from utils import REPO, configure_backends, fixed_latents, set_tf32
+from utils import REPO, configure_backends, fixed_latents, pick_device, set_tf32
 
 
 def sync(device):
@@ -164,8 +164,7 @@ def main(argv=None):
     p.add_argument("--fid_weights", default=None)
     p.add_argument("--out", default="bench_results/bench.json")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     gpu = device.type == "cuda"
     pick = lambda v, g, c: v if v is not None else (g if gpu else c)
     args.steps, args.warmup = pick(args.steps, 300, 5), pick(args.warmup, 30, 2)

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import LSUN
 from torchvision.datasets.folder import make_dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from utils import REPO, UserError, warn
+from utils import REPO, UserError, atomic_open, warn
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 ARRAY_EXTS = {".npy", ".npz"}
@@ -168,10 +169,9 @@ class FileDataset(ImageDataset):
 class LsunDataset(ImageDataset):
     def __init__(self, root: Path, size: int, description: dict):
         try:
-            import lmdb  # noqa: F401  (torchvision's LSUN needs it)
+            import lmdb  # noqa: F401  (optional: torchvision's LSUN needs it)
         except ImportError:
             raise UserError(f"{root} is an LSUN LMDB folder, which needs the lmdb package: pip install lmdb")
-        from torchvision.datasets import LSUN
         self.lsun = LSUN(str(root), classes=[LSUN_CLASS])
         self.size, self.crop, self.description = size, "square", description
 
@@ -344,10 +344,8 @@ def cached_images(dataset: ImageDataset, num_workers=0, log=print) -> torch.Tens
         return torch.from_numpy(np.load(path))
     log(f"--cache: decoding {len(dataset):,} images once into {path}")
     images = decode_all(dataset, num_workers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, images.numpy())
-    os.replace(tmp, path)
+    with atomic_open(path) as f:  # a file object keeps np.save from renaming it
+        np.save(f, images.numpy())
     return images
 
 

@@ -26,6 +26,7 @@ import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import matplotlib
@@ -44,8 +45,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array
 from sagan_models import build_generator
-from utils import (UserError, atomic_open, csv_rows_until, fixed_latents, is_tty, load_checkpoint, set_tf32,
-                   tf32_flags, uint8_batches, warn)
+from utils import (UserError, atomic_open, csv_rows_until, fixed_latents, is_tty, load_checkpoint, pick_device,
+                   set_tf32, tf32_flags, uint8_batches, warn)
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -131,7 +132,7 @@ PRECISIONS = ("fp32", "tf32")
 
 
 @contextlib.contextmanager
-def _matmul_precision(device, precision):
+def matmul_precision(device, precision):
     """fp32: IEEE float32 convs and matmuls (TF32, the cuDNN default on Ampere+, costs ~3
     decimal digits of the features); tf32: TensorFloat-32. Restores the caller's setting."""
     if torch.device(device).type != "cuda":
@@ -187,7 +188,7 @@ class FIDInception(nn.Module):
 
     def forward(self, x):
         # never let an outer bf16 autocast or the caller's TF32 setting decide the metric
-        with torch.autocast(x.device.type, enabled=False), _matmul_precision(x.device, self.precision):
+        with torch.autocast(x.device.type, enabled=False), matmul_precision(x.device, self.precision):
             x = self.preprocess(x)
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -207,8 +208,8 @@ class FIDInception(nn.Module):
 # weights
 
 
-_warned_missing = False
-_download_failed = False
+# Download targets that failed in this process: offline, every retry would wait on a timeout.
+_failed_downloads = set()
 
 
 def _cache_dir():
@@ -222,9 +223,8 @@ def _missing_weights_message():
 
 def resolve_weights(path=None, download=True, quiet=False):
     """Path of the FID Inception weights: `path`, else the torch hub cache (either file
-    name), else a one-time download into that cache. None (with one warning per process)
-    when none is available; never falls back to other weights."""
-    global _warned_missing, _download_failed
+    name), else a one-time download into that cache. None (with one warning per process
+    and cache folder) when none is available; never falls back to other weights."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -234,8 +234,8 @@ def resolve_weights(path=None, download=True, quiet=False):
     for name in WEIGHT_FILENAMES:
         if (cache / name).is_file():
             return cache / name
-    if download and not _download_failed:
-        target = cache / WEIGHT_FILENAMES[0]
+    target = cache / WEIGHT_FILENAMES[0]
+    if download and target not in _failed_downloads:
         tmp = target.with_name(f"{target.name}.{os.getpid()}.part")  # no half-written file under the real name
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -243,11 +243,10 @@ def resolve_weights(path=None, download=True, quiet=False):
             os.replace(tmp, target)
             return target
         except Exception:
-            _download_failed = True  # offline: don't retry (and wait on timeouts) for every call
+            _failed_downloads.add(target)
             tmp.unlink(missing_ok=True)
-    if not _warned_missing and not quiet:
-        _warned_missing = True
-        warn(_missing_weights_message() + "; FID is skipped")
+    if not quiet:
+        warn(_missing_weights_message() + "; FID is skipped", once=True)
     return None
 
 
@@ -578,9 +577,9 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     return Reference(mu, sigma, pool3, path)
 
 
-def checkpoint_features(path, model, n, batch_size, device, ema=False, progress=True):
-    """Features of n images from a training checkpoint's generator, built with the
-    checkpoint's own settings (size, spans, mask mode, BatchNorm mode, seed)."""
+def generator_from_checkpoint(path, ema=False):
+    """(G, its config) from a training checkpoint, built with the checkpoint's own settings
+    (size, spans, mask mode, BatchNorm mode, seed). UserError for anything else."""
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "G" not in ck or "config" not in ck:
         raise FIDError(f"{path} is not a checkpoint of this package (no 'G' and 'config')")
@@ -589,8 +588,38 @@ def checkpoint_features(path, model, n, batch_size, device, ema=False, progress=
         raise FIDError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema")
     G = build_generator(cfg)
     G.load_state_dict(ck["G_ema"] if ema else ck["G"])
-    z = fixed_latents(cfg.seed, "fid", n, cfg.z_dim)
-    return generated_features(G.to(device), model, z, batch_size, device, cfg.fid_g_mode, progress=progress)
+    return G, cfg
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One entry of the metric registry. compute(a, b, device, options) -> one float per
+    column, where a is the measured side (mu, sigma, pool3, logits: generated images, or
+    the CLI's first input) and b the reference side (mu, sigma, pool3)."""
+    columns: tuple
+    needs: str  # "stats": mu/sigma of both; "logits": a's logits; "features": per-image pool3 of both
+    compute: Callable
+    text: str  # how the CLI prints the values
+
+
+METRICS = {
+    "fid": Metric(("fid",), "stats", lambda a, b, device, o: (frechet_distance(a.mu, a.sigma, b.mu, b.sigma, device),),
+                  "{:.6f}"),
+    "is": Metric(("is", "is_std"), "logits", lambda a, b, device, o: inception_score(a.logits, o.get("isc_splits", 10)),
+                 "{:.6f} +- {:.6f}"),
+    "kid": Metric(("kid", "kid_std"), "features",
+                  lambda a, b, device, o: kernel_inception_distance(a.pool3, b.pool3, o.get("kid_subsets", 100),
+                                                                    o.get("kid_subset_size", 1000)),
+                  "{:.6g} +- {:.6g}"),
+}
+
+
+def parse_metrics(text) -> list:
+    """'fid,is' -> ["fid", "is"], checked against the registry (UserError otherwise)."""
+    names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    if not names or set(names) - set(METRICS):
+        raise FIDError(f"--metrics {text!r}: choose a comma list of {','.join(METRICS)}")
+    return names
 
 
 class FIDMonitor:
@@ -609,10 +638,10 @@ class FIDMonitor:
             Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
             progress=self.progress, rank=rank, world=world, images=images)
         self.z = fixed_latents(cfg.seed, "fid", cfg.fid_samples, cfg.z_dim)
-        self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]
-        for m in ("is", "kid"):
-            if m in cfg.metrics:
-                self.columns += [m, f"{m}_std", f"{m}_ema", f"{m}_std_ema"]
+        self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]  # fid's always: compare reads them
+        for name in cfg.metrics:
+            if name != "fid":
+                self.columns += [c + suffix for suffix in ("", "_ema") for c in METRICS[name].columns]
         self.path = Path(log_dir) / "fid.csv"
         if rank == 0:  # a resumed run drops what was logged after its checkpoint
             self._write(csv_rows_until(self.path, start_step))
@@ -627,12 +656,11 @@ class FIDMonitor:
                                                progress=self.progress, rank=self.rank, world=self.world)
             if self.rank != 0:
                 continue
-            if "fid" in cfg.metrics:
-                row["fid" + suffix] = frechet_distance(*feature_stats(pool3), self.ref.mu, self.ref.sigma, self.device)
-            if "is" in cfg.metrics:
-                row["is" + suffix], row["is_std" + suffix] = inception_score(logits)
-            if "kid" in cfg.metrics:
-                row["kid" + suffix], row["kid_std" + suffix] = kernel_inception_distance(pool3, self.ref.pool3)
+            generated = Resolved("generated", *feature_stats(pool3), pool3, logits)
+            for name in cfg.metrics:
+                metric = METRICS[name]
+                values = metric.compute(generated, self.ref, self.device, {})
+                row.update({c + suffix: v for c, v in zip(metric.columns, values)})
         if self.rank != 0:
             return
         row["seconds"] = time.perf_counter() - start
@@ -733,7 +761,10 @@ def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_
     if not path.exists():
         raise FIDError(f"{spec} does not exist")
     if path.suffix.lower() == ".pt":
-        pool3, logits = checkpoint_features(path, get_model(), n_samples, batch_size, device, ema, progress)
+        G, cfg = generator_from_checkpoint(path, ema)  # a bad file fails before the network loads
+        z = fixed_latents(cfg.seed, "fid", n_samples, cfg.z_dim)
+        pool3, logits = generated_features(G.to(device), get_model(), z, batch_size, device, cfg.fid_g_mode,
+                                           progress=progress)
         return Resolved(str(spec), *feature_stats(pool3), pool3, logits, meta={"n": len(pool3), "key": {}})
     if path.is_file() and _is_stats_file(path):
         mu, sigma, meta = load_stats(path)
@@ -771,19 +802,14 @@ def _parse_args(argv):
 
 
 def _run(args):
-    metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(metrics) - {"fid", "is", "kid"}
-    if unknown or not metrics:
-        raise FIDError(f"unknown --metrics {','.join(sorted(unknown)) or '(empty)'}; use a comma list of fid,is,kid")
-    need = 2 if (args.save_stats or set(metrics) & {"fid", "kid"}) else 1
+    metrics = parse_metrics(args.metrics)
+    need = 2 if args.save_stats or any(METRICS[m].needs != "logits" for m in metrics) else 1
     if len(args.inputs) != need:
         raise FIDError(f"expected {need} input(s), got {len(args.inputs)}"
                        + ("; usage: --save-stats INPUT OUT.npz" if args.save_stats else ""))
     if args.batch_size < 1:
         raise FIDError("--batch_size must be >= 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FIDError("--device cuda but CUDA is not available; use --device cpu")
+    device = pick_device(args.device)
     weights, model = None, None
     if args.fid_weights is not None:
         weights = resolve_weights(args.fid_weights)  # fail fast on a bad path
@@ -812,24 +838,21 @@ def _run(args):
     # check what needs per-image features before spending time on extraction
     for i, spec in enumerate(args.inputs):
         if Path(spec).is_file() and _is_stats_file(spec):
-            if "kid" in metrics:
-                raise FIDError(f"KID needs per-image features, but {spec} is a statistics file; pass images")
-            if "is" in metrics and i == 0:
-                raise FIDError(f"IS needs images, but {spec} is a statistics file")
+            for m in metrics:
+                if METRICS[m].needs == "features":
+                    raise FIDError(f"{m.upper()} needs per-image features, but {spec} is a statistics file; pass images")
+                if METRICS[m].needs == "logits" and i == 0:
+                    raise FIDError(f"{m.upper()} needs images, but {spec} is a statistics file")
     inputs = [resolve(s) for s in args.inputs]
     for r in inputs:  # stats from the other resize pipeline are not comparable
         saved = r.meta.get("key", {}).get("resize")
         if r.pool3 is None and saved and saved != args.fid_resize:
             raise FIDError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
-    if "fid" in metrics:
-        print(f"FID: {frechet_distance(inputs[0].mu, inputs[0].sigma, inputs[1].mu, inputs[1].sigma, device):.6f}")
-    if "is" in metrics:
-        mean, std = inception_score(inputs[0].logits, splits=args.isc_splits)
-        print(f"IS: {mean:.6f} +- {std:.6f}")
-    if "kid" in metrics:
-        mean, std = kernel_inception_distance(inputs[0].pool3, inputs[1].pool3, subsets=args.kid_subsets,
-                                              subset_size=args.kid_subset_size)
-        print(f"KID: {mean:.6g} +- {std:.6g}")
+    options = {"isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size}
+    for name in [m for m in METRICS if m in metrics]:  # printed in the registry's order
+        metric = METRICS[name]
+        values = metric.compute(inputs[0], inputs[-1], device, options)
+        print(f"{name.upper()}: " + metric.text.format(*values))
     return 0
 
 

@@ -5,17 +5,15 @@ import difflib
 import os
 import sys
 
-import torch
-
+from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
 from sagan_models import IMAGE_SIZES, MASK_MODES
-from utils import UserError, checkpoints, load_checkpoint, run_dirs
+from utils import UserError, checkpoints, load_checkpoint, pick_device, run_dirs
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
             "adv_loss", "dataset", "seed", "ema_decay")
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
-METRICS = ("fid", "is", "kid")
 
 
 def str2bool(v):
@@ -51,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sagan", choices=["sagan"], help="network family")
+    g.add_argument("--model", default="sagan", choices=["sagan"],
+                   help="network family; only sagan: the flag exists so the seed's command lines run as written")
     g.add_argument("--imsize", type=int, default=64, help=f"image size, one of {IMAGE_SIZES}")
     g.add_argument("--z_dim", type=int, default=128)
     g.add_argument("--g_conv_dim", type=int, default=64)
@@ -131,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fid_batch_size", type=int, default=None, help="Inception batch (default: 500 on GPU, 50 on CPU)")
     g.add_argument("--fid_weights", default=None, help="FID-Inception weights file (default: torch hub cache, "
                                                        "downloaded once)")
-    g.add_argument("--fid_resize", default="tf1", choices=["tf1", "pytorch"],
+    g.add_argument("--fid_resize", default="tf1", choices=RESIZE_MODES,
                    help="tf1: torch-fidelity/TF reference; pytorch: pytorch-fid's pipeline")
-    g.add_argument("--fid_precision", default="tf32", choices=["fp32", "tf32"],
+    g.add_argument("--fid_precision", default="tf32", choices=PRECISIONS,
                    help="Inception arithmetic on CUDA: tf32 (TensorFloat-32; FID within 1e-4 relative of fp32, "
                         "2.4x faster, see README) or fp32 (IEEE)")
     g.add_argument("--fid_g_mode", default="batch", choices=["batch", "eval"],
@@ -184,10 +183,10 @@ def validate(cfg, parser):
     for name in ("g_lr", "d_lr", "lambda_gp"):
         if getattr(cfg, name) < 0:
             err(f"--{name} must be >= 0")
-    metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
-    bad = [m for m in metrics if m not in METRICS]
-    if bad or not metrics:
-        err(f"--metrics {cfg.metrics!r}: choose from {','.join(METRICS)}")
+    try:
+        metrics = parse_metrics(cfg.metrics)
+    except UserError as e:
+        err(str(e))
     if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
         err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
     if cfg.resume and cfg.pretrained_model is not None:
@@ -202,10 +201,10 @@ def resolve_device_defaults(cfg, parser):
     path on CUDA (README, Performance), the plain path on CPU; combinations that cannot run
     are refused here, at start. FID: every 10,000 steps on CUDA; on a CPU, where Inception
     takes minutes, only when asked for."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg.device = pick_device(cfg.device).type
+    except UserError as e:
+        parser.error(str(e))
     cuda = cfg.device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.compile == "default" and cfg.adv_loss == "wgan-gp":
@@ -230,7 +229,7 @@ def resolve_device_defaults(cfg, parser):
 
 def resolve(cfg):
     """Fill the defaults that depend on other flags."""
-    cfg.metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
+    cfg.metrics = parse_metrics(cfg.metrics)
     cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
     cfg.d_span = cfg.span if cfg.d_span is None else cfg.d_span
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None  # never disagrees with them

@@ -9,12 +9,14 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 import matplotlib
 from matplotlib.patches import Rectangle
 from tqdm import tqdm
@@ -35,7 +37,7 @@ def persistent_buffers(model):
     return [b for n, b in model.named_buffers() if n in keys]
 
 
-def d_hinge_or_wgan(adv_loss, d_real, d_fake):
+def discriminator_loss(adv_loss, d_real, d_fake):
     if adv_loss == "hinge":
         return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
     return d_fake.mean() - d_real.mean()
@@ -45,7 +47,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.rank, self.world, local_rank = dist_info()
-        self.main = self.rank == 0
+        self.is_main = self.rank == 0
         self.device = pick_device(cfg.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
@@ -70,6 +72,9 @@ class Trainer:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if cfg.ema_decay > 0 else None
+        if self.G_ema is not None:  # what g_step averages: weights, and BatchNorm/spectral-norm state copied
+            self.ema_params, self.g_params = list(self.G_ema.parameters()), list(self.G.parameters())
+            self.ema_buffers, self.g_buffers = persistent_buffers(self.G_ema), persistent_buffers(self.G)
         # Fused Adam on CUDA; capturable keeps its step counts on the GPU so that a CUDA
         # graph can replay the update.
         impl = {"fused": True, "capturable": cfg.cuda_graph} if self.device.type == "cuda" else {}
@@ -78,6 +83,7 @@ class Trainer:
         # The sample grid's z: fixed for the whole run, across resumes.
         self.fixed_z = fixed_latents(cfg.seed, "grid", 64, cfg.z_dim)
         self.step, self.elapsed = 0, 0.0
+        self.last_saved = max(checkpoints(self.dirs["model_save"]), default=None)  # named if a loss turns NaN
         if self.ckpt is not None:
             self._load(self.ckpt)
         self.fixed_z = self.fixed_z.to(self.device)
@@ -118,8 +124,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.dirs["model_save"] / f"{self.step}.pt"
-        if self.main:
+        if self.is_main:
             atomic_save(self._state(), path)
+        self.last_saved = self.step
         return path
 
     def _write_config(self, n_images):
@@ -141,14 +148,14 @@ class Trainer:
         return f"{launcher} main.py " + " ".join(shlex.quote(a) for a in args + ["--resume"])
 
     # ------------------------------------------------------------------ the steps
-    def _mine(self, x):
+    def _rank_slice(self, x):
         """This rank's slice of a global batch of random numbers: every rank draws the same
         global batch and keeps its part, so K processes see exactly what one process would."""
         n = len(x) // self.world
         return x[self.rank * n:(self.rank + 1) * n]
 
     def _z(self, n):
-        return self._mine(torch.randn(n * self.world, self.cfg.z_dim, device=self.device))
+        return self._rank_slice(torch.randn(n * self.world, self.cfg.z_dim, device=self.device))
 
     def d_step(self, real):
         cfg, b = self.cfg, real.shape[0]
@@ -156,13 +163,13 @@ class Trainer:
             fake = self.G_train(self._z(b))
         x = torch.cat([real, fake.to(real.dtype)])
         if cfg.adv_loss == "wgan-gp":
-            alpha = self._mine(torch.rand(b * self.world, 1, 1, 1, device=self.device))
+            alpha = self._rank_slice(torch.rand(b * self.world, 1, 1, 1, device=self.device))
             interp = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
             x = torch.cat([x, interp])
         with self.autocast():
             out = self.D_train(x).float()  # one forward for real, fake (and interpolates)
         d_real, d_fake = out[:b], out[b:2 * b]
-        loss = d_hinge_or_wgan(cfg.adv_loss, d_real, d_fake)
+        loss = discriminator_loss(cfg.adv_loss, d_real, d_fake)
         if cfg.adv_loss == "wgan-gp":
             grad, = torch.autograd.grad(out[2 * b:].sum(), interp, create_graph=True)
             loss = loss + cfg.lambda_gp * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
@@ -208,7 +215,6 @@ class Trainer:
         that checkpoints, sampling and EMA use."""
         G, D = self.G, self.D
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
             # No buffer broadcast: spectral-norm vectors follow identical weights on every
             # rank anyway, BatchNorm keeps per-rank statistics, masks are constants.
@@ -217,106 +223,83 @@ class Trainer:
         if self.cfg.compile == "default":
             G, D, D_frozen = (torch.compile(m) for m in (G, D, D_frozen))
         self.G_train, self.D_train, self.D_frozen = G, D, D_frozen
-        if self.G_ema is not None:
-            self.ema_params, self.g_params = list(self.G_ema.parameters()), list(self.G.parameters())
-            self.ema_buffers, self.g_buffers = persistent_buffers(self.G_ema), persistent_buffers(self.G)
 
     # ------------------------------------------------------------------ training
     def train(self):
         cfg = self.cfg
         if self.step >= cfg.total_step:
-            if self.main:
+            if self.is_main:
                 print(f"run '{cfg.version}' is already at step {self.step} >= --total_step {cfg.total_step}; "
                       f"raise --total_step to train further")
             return
+        batches, fid_monitor = self._prepare_data_and_fid()
+        interval = Interval(self.device, self.step)
+        with StopSignals() as stop, RunLog(self) as log:
+            while self.step < cfg.total_step:
+                interval.add(self.train_step(batches))
+                self.step += 1
+                last = self.step == cfg.total_step
+                stopping = stop.received and self.world == 1  # under torchrun: decided at log steps
+                save_now = self.step % cfg.model_save_step == 0 or last or stopping
+                fid_now = fid_monitor is not None and (self.step % cfg.fid_step == 0 or last)
+                if self.step % cfg.log_step == 0 or save_now or fid_now:
+                    stopping = self._close_interval(interval, log, stop.received) or stopping
+                    save_now = save_now or stopping
+                with interval.paused():  # outputs count in "seconds", not in it/s
+                    if self.step % cfg.sample_step == 0 or last:
+                        self.write_samples()
+                    if save_now:
+                        self.save_checkpoint()
+                    if fid_now:
+                        fid_monitor.evaluate(self.step, self.G, self.G_ema)
+                if stopping:
+                    self._announce_stop()
+                    break
+
+    def _prepare_data_and_fid(self):
+        """The batch stream from the current step on, and the FID monitor (or None); writes
+        config.json."""
+        cfg = self.cfg
         dataset = build_dataset(cfg)
         if len(dataset) < cfg.batch_size:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")
-        if self.main:
+        if self.is_main:
             self._write_config(len(dataset))
+            if cfg.fid_step == 0 and self.device.type == "cpu":
+                print("note: FID is off on CPU unless asked for: --fid_step N (--fid_samples M)")
         stream = make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world)
-        batches = iter(stream)
-        fid = self._fid_monitor(dataset, getattr(stream, "images", None))
-        log = MetricsLog(self.dirs["log"], [f"{net}_{n}_gamma" for net, m in (("g", self.G), ("d", self.D))
-                                            for n, _ in attention_layers(m)], self.step, cfg.use_tensorboard) \
-            if self.main else None
+        return iter(stream), self._fid_monitor(dataset, getattr(stream, "images", None))
 
-        stop = {"signal": None}
-        handlers = {s: signal.signal(s, lambda sig, _: stop.update(signal=sig)) for s in (signal.SIGINT, signal.SIGTERM)}
-        acc = torch.zeros(4, device=self.device)  # Σ d_loss, g_loss, D(real), D(fake) since last log
-        bar = tqdm(total=cfg.total_step, initial=self.step, disable=not (self.main and is_tty()),
-                   dynamic_ncols=True, desc=cfg.version)
-        t_last, step_last, last_print = time.perf_counter(), self.step, 0.0
-        last_good = max(checkpoints(self.dirs["model_save"]), default=None)
-        try:
-            while self.step < cfg.total_step:
-                acc += self.train_step(batches)
-                self.step += 1
-                bar.update(1)
+    def _close_interval(self, interval, log, signalled):
+        """At a log step: the interval's mean losses (global under torchrun), the NaN check,
+        the metrics.csv row. Returns whether a signal reached any rank."""
+        means, steps, train_s, wall_s = interval.close(self.step)
+        self.elapsed += wall_s
+        if self.world > 1:  # global means, and whether any rank got a signal
+            means = torch.cat([means / self.world, means.new_tensor([signalled])])
+            dist.all_reduce(means)
+            signalled = bool(means[-1] > 0)
+        values = means[:4].tolist()  # the only host sync of the interval
+        if not all(math.isfinite(v) for v in values):
+            where = f"the last good checkpoint is {self.last_saved}.pt in {self.dirs['model_save']}" \
+                if self.last_saved is not None else "no checkpoint was saved yet"
+            raise UserError(f"loss became NaN/inf by step {self.step}; {where}. Try a lower "
+                            f"--d_lr/--g_lr or --adv_loss hinge")
+        if self.is_main:
+            gammas = torch.cat([m.gamma.detach() for net in (self.G, self.D)
+                                for _, m in attention_layers(net)]).tolist()
+            log.write(self.step, self.elapsed, steps / max(train_s, 1e-9), values, gammas)
+        return signalled
 
-                # Under torchrun a signal may reach ranks at different steps: they agree at
-                # log steps, so all of them stop together.
-                interrupted = stop["signal"] is not None and self.world == 1
-                last = self.step == cfg.total_step
-                save_now = self.step % cfg.model_save_step == 0 or last or interrupted
-                fid_now = fid is not None and (self.step % cfg.fid_step == 0 or last)
-                if self.step % cfg.log_step == 0 or save_now or fid_now:
-                    now = time.perf_counter()
-                    self.elapsed += now - t_last
-                    n = self.step - step_last
-                    stats = acc / n
-                    if self.world > 1:  # global means, and whether any rank got a signal
-                        stats = torch.cat([stats / self.world, stats.new_tensor([stop["signal"] is not None])])
-                        dist.all_reduce(stats)
-                        interrupted = interrupted or bool(stats[-1] > 0)
-                        save_now = save_now or interrupted
-                    values = stats[:4].tolist()  # the only host sync of the interval
-                    if not all(math.isfinite(v) for v in values):
-                        where = f"the last good checkpoint is {last_good}.pt in {self.dirs['model_save']}" \
-                            if last_good is not None else "no checkpoint was saved yet"
-                        raise UserError(f"loss became NaN/inf by step {self.step}; {where}. Try a lower "
-                                        f"--d_lr/--g_lr or --adv_loss hinge")
-                    if self.main:
-                        it_s = n / max(now - t_last, 1e-9)
-                        gammas = torch.cat([m.gamma.detach() for net in (self.G, self.D)
-                                            for _, m in attention_layers(net)]).tolist()
-                        log.write(self.step, self.elapsed, it_s, it_s * cfg.batch_size * cfg.d_iters, values, gammas)
-                        bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}", refresh=False)
-                        if not is_tty() and (now - last_print > 5 or last or last_print == 0):
-                            print(f"step {self.step}/{cfg.total_step}  {it_s:.1f} it/s  d_loss {values[0]:.4f}  "
-                                  f"g_loss {values[1]:.4f}  D(real) {values[2]:.3f}  D(fake) {values[3]:.3f}",
-                                  flush=True)
-                            last_print = now
-                    acc.zero_()
-                    t_last, step_last = now, self.step
-
-                t_out = time.perf_counter()  # outputs count in "seconds", not in it/s
-                if self.step % cfg.sample_step == 0 or last:
-                    self.write_samples()
-                if save_now:
-                    saved = self.save_checkpoint()
-                    last_good = self.step
-                if fid_now:
-                    fid.evaluate(self.step, self.G, self.G_ema)
-                spent = time.perf_counter() - t_out
-                t_last += spent
-                self.elapsed += spent
-                if interrupted:
-                    if self.main:
-                        print(f"\nstopped by signal at step {self.step}; checkpoint saved to {saved}. "
-                              f"Resume with:\n  {self._resume_hint()}")
-                    break
-        finally:
-            bar.close()
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            if log is not None:
-                log.close()
+    def _announce_stop(self):
+        if self.is_main:
+            print(f"\nstopped by signal at step {self.step}; checkpoint saved to {self.dirs['model_save']}/"
+                  f"{self.step}.pt. Resume with:\n  {self._resume_hint()}")
 
     # ------------------------------------------------------------------ outputs
     def write_samples(self):
         """An 8×8 grid from the fixed z, and the attention picture (rank 0 only)."""
-        if not self.main:
+        if not self.is_main:
             return
         for name, G in (("", self.G), ("_ema", self.G_ema)):
             if G is None:
@@ -336,7 +319,7 @@ class Trainer:
     def sample(self):
         """--train false: write --n_samples PNGs from the checkpoint's generator(s)."""
         cfg = self.cfg
-        if not self.main:
+        if not self.is_main:
             return
         z = fixed_latents(cfg.seed, "eval", cfg.n_samples, cfg.z_dim)
         written = []
@@ -358,7 +341,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.fid_step == 0:
             return None
-        weights = fid.resolve_weights(cfg.fid_weights) if self.main else None
+        weights = fid.resolve_weights(cfg.fid_weights) if self.is_main else None
         if self.world > 1:  # one decision for all ranks, or some would wait for FID forever
             box = [weights]
             dist.broadcast_object_list(box, src=0)
@@ -407,41 +390,115 @@ class CUDAGraphStep:
         return self.static_out
 
 
-class MetricsLog:
-    """metrics.csv (one row per --log_step interval), optional TensorBoard scalars."""
+class StopSignals:
+    """SIGINT / SIGTERM while training are remembered (not raised), so the loop can save a
+    checkpoint and stop cleanly; the previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.received = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interval:
+    """The steps between two log steps: losses summed on the device (the host reads them
+    once, at the log step) and the time, with outputs (samples, checkpoints, FID) left
+    out of the it/s."""
+
+    def __init__(self, device, step):
+        self.sum = torch.zeros(4, device=device)  # d_loss, g_loss, D(real), D(fake)
+        self.start_time, self.start_step, self.excluded = time.perf_counter(), step, 0.0
+
+    def add(self, losses):
+        self.sum += losses
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+    def close(self, step):
+        """(mean losses, steps, training seconds, wall seconds) since the last close; starts
+        the next interval."""
+        now = time.perf_counter()
+        steps, wall = step - self.start_step, now - self.start_time
+        means = self.sum / steps
+        self.sum.zero_()
+        train = wall - self.excluded
+        self.start_time, self.start_step, self.excluded = now, step, 0.0
+        return means, steps, train, wall
+
+
+class RunLog:
+    """Rank 0's record of training: metrics.csv (one row per --log_step interval; a resumed
+    run drops the rows after its checkpoint), optional TensorBoard scalars, and progress:
+    a tqdm bar on a terminal, else a plain line at most every 5 s. Other ranks write nothing."""
 
     COLUMNS = ["step", "seconds", "it_per_s", "images_per_s", "d_loss", "g_loss", "d_real", "d_fake"]
 
-    def __init__(self, folder: Path, gamma_names, start_step, tensorboard=False):
+    def __init__(self, trainer):
+        t, cfg = trainer, trainer.cfg
+        self.active, self.total = t.is_main, cfg.total_step
+        self.images_per_step = cfg.batch_size * cfg.d_iters
+        self.bar = tqdm(total=cfg.total_step, initial=t.step, disable=not (t.is_main and is_tty()),
+                        dynamic_ncols=True, desc=cfg.version)
+        self.file = self.tb = None
+        self.last_print = 0.0
+        if not self.active:
+            return
+        folder = t.dirs["log"]
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / "metrics.csv"
-        header = self.COLUMNS + gamma_names
-        rows = csv_rows_until(self.path, start_step)
-        self.file = open(self.path, "w", newline="")
-        writer = csv.DictWriter(self.file, header)
+        path = folder / "metrics.csv"
+        self.names = self.COLUMNS + [f"{net}_{n}_gamma" for net, m in (("g", t.G), ("d", t.D))
+                                     for n, _ in attention_layers(m)]
+        rows = csv_rows_until(path, t.step)
+        self.file = open(path, "w", newline="")
+        writer = csv.DictWriter(self.file, self.names)
         writer.writeheader()
         writer.writerows(rows)
         self.file.flush()
         self.csv = csv.writer(self.file)
-        self.names, self.tb = header, None
-        if tensorboard:
+        if cfg.use_tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
                 self.tb = SummaryWriter(str(folder))
             except ImportError:
                 warn("--use_tensorboard: tensorboard is not installed (pip install tensorboard); "
                      "metrics.csv is still written")
 
-    def write(self, step, seconds, it_s, img_s, values, gammas):
-        row = [step, f"{seconds:.2f}", f"{it_s:.3f}", f"{img_s:.1f}"] + [f"{v:.6g}" for v in values + gammas]
-        self.csv.writerow(row)
+    def __enter__(self):
+        return self
+
+    def write(self, step, seconds, it_s, values, gammas):
+        self.bar.update(step - self.bar.n)
+        img_s = it_s * self.images_per_step
+        self.csv.writerow([step, f"{seconds:.2f}", f"{it_s:.3f}", f"{img_s:.1f}"] +
+                          [f"{v:.6g}" for v in values + gammas])
         self.file.flush()
         if self.tb is not None:
             for name, v in zip(self.names[2:], [it_s, img_s] + values + gammas):
                 self.tb.add_scalar(name, v, step)
+        self.bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}", refresh=False)
+        now = time.perf_counter()
+        if not is_tty() and (now - self.last_print > 5 or step == self.total or self.last_print == 0):
+            print(f"step {step}/{self.total}  {it_s:.1f} it/s  d_loss {values[0]:.4f}  g_loss {values[1]:.4f}  "
+                  f"D(real) {values[2]:.3f}  D(fake) {values[3]:.3f}", flush=True)
+            self.last_print = now
 
-    def close(self):
-        self.file.close()
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

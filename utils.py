@@ -187,17 +187,17 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def sampling_mode(G: torch.nn.Module, bn: str = "batch"):
+def sampling_mode(G: torch.nn.Module, bn_mode: str = "batch"):
     """Sample from G without changing any of its state.
 
-    eval() stops the spectral-norm power iteration. bn="batch" keeps BatchNorm on batch
+    eval() stops the spectral-norm power iteration. bn_mode="batch" (--fid_g_mode) keeps BatchNorm on batch
     statistics (what the seed's samples used) without updating the running statistics:
     with its running buffers detached, BatchNorm normalises by the batch and writes
-    nothing. bn="eval" uses the running statistics."""
+    nothing. bn_mode="eval" uses the running statistics."""
     was_training = G.training
     G.eval()
     detached = []
-    if bn == "batch":
+    if bn_mode == "batch":
         for m in G.modules():
             if isinstance(m, _BatchNorm):
                 detached.append((m, m.running_mean, m.running_var))
@@ -211,10 +211,10 @@ def sampling_mode(G: torch.nn.Module, bn: str = "batch"):
         G.train(was_training)
 
 
-def uint8_batches(G, z, starts, batch_size, device, bn="batch"):
+def uint8_batches(G, z, starts, batch_size, device, bn_mode="batch"):
     """uint8 images from G, one batch per start index into z (a CPU tensor), in sampling
     mode: what sample PNGs and FID both use."""
-    with sampling_mode(G, bn):
+    with sampling_mode(G, bn_mode):
         for s in starts:
             yield to_uint8(G(z[s:s + batch_size].to(device)))
 

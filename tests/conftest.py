@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -23,6 +25,25 @@ def run_cli(args, cwd, script="main.py", timeout=300, env=None):
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=e)
+
+
+def run_main(args, cwd=None):
+    """main.main(args) in this process, answered like run_cli: a CompletedProcess with the
+    exit code and what was printed (a subprocess costs seconds of imports per call)."""
+    import main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main.main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def out_dirs(tmp):

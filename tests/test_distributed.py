@@ -14,6 +14,8 @@ from conftest import REPO, TINY, out_dirs, random_fid_state_dict
 from sagan_models import Generator
 from utils import sampling_mode
 
+pytestmark = pytest.mark.slow  # training runs and multi-process launches
+
 STEPS = ["--log_step", "1", "--sample_step", "4", "--model_save_step", "2", "--span", "1", "--sync_bn",
          "--ema_decay", "0.5", "--fid_samples", "12", "--fid_batch_size", "6", "--fid_ref_samples", "16"]
 V = "sagan_emoji_span1_32px"
@@ -113,3 +115,46 @@ def test_only_rank_zero_writes_one_set_of_outputs(runs):
     stats = {f for f in files if f.startswith("logs/fid_stats/")}
     assert files - stats == expected
     assert len([f for f in stats if f.endswith(".npz")]) == 1
+
+
+def _sync_bn_rank(rank, world, store, x, up, out):
+    import torch.distributed as dist
+    from utils import SyncBatchNorm2d
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = SyncBatchNorm2d(x.shape[1])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    xi = x[part].clone().requires_grad_(True)
+    y = bn(xi)
+    (y * up[part]).sum().backward()
+    torch.save({"y": y.detach(), "x_grad": xi.grad, "w_grad": bn.weight.grad,
+                "b_grad": bn.bias.grad, "mean": bn.running_mean, "var": bn.running_var}, out / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_over_two_ranks_equals_batchnorm_of_the_global_batch(tmp_path):
+    # Each of 2 gloo processes normalises its half of a batch; statistics, input gradients,
+    # summed weight gradients and running statistics must be those of torch's BatchNorm2d
+    # on the whole batch.
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(1)
+    x, up = torch.randn(6, 5, 3, 4, generator=g) * 3 + 1, torch.randn(6, 5, 3, 4, generator=g)
+    mp.spawn(_sync_bn_rank, args=(2, tmp_path / "store", x, up, tmp_path), nprocs=2)
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    xr = x.clone().requires_grad_(True)
+    y = bn(xr)
+    (y * up).sum().backward()
+    torch.testing.assert_close(torch.cat([p["y"] for p in parts]), y.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([p["x_grad"] for p in parts]), xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts[0]["w_grad"] + parts[1]["w_grad"], bn.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts[0]["b_grad"] + parts[1]["b_grad"], bn.bias.grad, rtol=1e-5, atol=1e-6)
+    for p in parts:
+        torch.testing.assert_close(p["mean"], bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p["var"], bn.running_var, rtol=1e-5, atol=1e-6)

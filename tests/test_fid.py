@@ -90,6 +90,7 @@ def rel_err(a, b):
 # network: layout and features against the peers
 
 
+@pytest.mark.slow
 def test_state_dict_layout_matches_both_peers(env):
     ours = fid.FIDInception().state_dict()
     # pytorch-fid's network (its file's layout); it loads our cached file strictly via torch.hub
@@ -108,6 +109,7 @@ def test_state_dict_layout_matches_both_peers(env):
     assert torch.equal(m.fc.weight, tf_sd["fc.weight"])
 
 
+@pytest.mark.slow
 def test_features_pytorch_mode_match_pytorch_fid(env):
     imgs = fid.load_images(env["A"])[:8]
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
@@ -120,6 +122,7 @@ def test_features_pytorch_mode_match_pytorch_fid(env):
     assert err <= 1e-5 * np.abs(ref).max(), err  # observed: 0 (same float32 ops)
 
 
+@pytest.mark.slow
 def test_features_tf1_match_torch_fidelity(env):
     imgs = fid.load_images(env["A"])[:8]
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
@@ -168,6 +171,7 @@ def test_resize_tf1_matches_bruteforce(hw, out, tol):
 # metrics against the peers
 
 
+@pytest.mark.slow
 def test_fid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     (pa, _), (pb, _) = ours_tf1["A"], ours_tf1["B"]
     ours = fid.frechet_distance(*fid.feature_stats(pa), *fid.feature_stats(pb))
@@ -178,6 +182,7 @@ def test_fid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     assert rel_err(ours, ref) < 1e-4, (ours, ref)
 
 
+@pytest.mark.slow
 def test_is_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     mean, std = fid.inception_score(ours_tf1["A"][1], splits=IS_SPLITS)
     assert fidelity_metrics["inception_score_mean"] > 1.05  # not the degenerate IS = 1
@@ -186,6 +191,7 @@ def test_is_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     assert rel_err(std, fidelity_metrics["inception_score_std"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_kid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     fa, fb = ours_tf1["A"][0], ours_tf1["B"][0]
     mean, std = fid.kernel_inception_distance(fa, fb, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE)
@@ -210,6 +216,7 @@ def test_is_matches_torch_fidelity_random_logits():
         assert abs(std - ref["inception_score_std"]) < 1e-10 * mean
 
 
+@pytest.mark.slow
 def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
     # calculate_fid_given_paths in two halves (the whole call is the next test): its
     # statistics over the folder, and its distance on a 256-d block of those (still
@@ -228,6 +235,7 @@ def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
     assert rel_err(ours, ref_fid) < 1e-4, (ours, ref_fid)  # observed 2.5e-6 (sqrtm noise, as below)
 
 
+@pytest.mark.slow
 def test_fid_matches_pytorch_fid_end_to_end(env, ours_pytorch):
     ref = pf_score.calculate_fid_given_paths([str(env["A"]), str(env["B"])], 8, "cpu", 2048, num_workers=0)
     (pa, _), (pb, _) = ours_pytorch["A"], ours_pytorch["B"]
@@ -277,6 +285,7 @@ def exact_fid(x, y):
     return d @ d + (xc ** 2).sum() / (len(x) - 1) + (yc ** 2).sum() / (len(y) - 1) - 2 * nuclear
 
 
+@pytest.mark.slow
 def test_fid_rank_deficient_matches_exact(ours_tf1):
     fa, fb = ours_tf1["A"][0], ours_tf1["B"][0]
     mu, sigma = fid.feature_stats(fa)
@@ -342,8 +351,6 @@ def test_resolve_weights_from_hub_cache(tmp_path, monkeypatch, name):
 
 def test_resolve_weights_offline_warns_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(fid, "_warned_missing", False)
-    monkeypatch.setattr(fid, "_download_failed", False)
     calls = []
 
     def offline(url, dst, *a, **k):
@@ -354,7 +361,7 @@ def test_resolve_weights_offline_warns_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     assert fid.resolve_weights() is None
     assert fid.resolve_weights() is None
-    assert calls == [fid.FID_WEIGHTS_URL]  # tried once per process
+    assert calls == [fid.FID_WEIGHTS_URL]  # tried once per process (and cache folder)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1  # one warning, one line
     msg = err[0]
@@ -364,11 +371,11 @@ def test_resolve_weights_offline_warns_once(tmp_path, monkeypatch, capsys):
 
 def test_resolve_weights_download_success(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(fid, "_download_failed", False)
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, *a, **k: Path(dst).write_bytes(b"w"))
     assert fid.resolve_weights() == tmp_path / "hub" / "checkpoints" / fid.WEIGHT_FILENAMES[0]
 
 
+@pytest.mark.slow
 def test_load_inception_rejects_other_weights(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(3)}, bad)
@@ -386,11 +393,11 @@ def test_fid_precision_context_sets_and_restores_flags():
     before = (m.fp32_precision, c.fp32_precision)
     try:
         m.fp32_precision, c.fp32_precision = "tf32", "tf32"
-        with fid._matmul_precision("cuda", "fp32"):
+        with fid.matmul_precision("cuda", "fp32"):
             assert (m.fp32_precision, c.fp32_precision) == ("ieee", "ieee")
         assert (m.fp32_precision, c.fp32_precision) == ("tf32", "tf32")
         m.fp32_precision, c.fp32_precision = "ieee", "ieee"
-        with fid._matmul_precision("cuda", "tf32"):
+        with fid.matmul_precision("cuda", "tf32"):
             assert (m.fp32_precision, c.fp32_precision) == ("tf32", "tf32")
         assert (m.fp32_precision, c.fp32_precision) == ("ieee", "ieee")
     finally:
@@ -455,6 +462,7 @@ def _value(out, name):
     return float(line.split()[1])
 
 
+@pytest.mark.slow
 def test_cli_fid_is_kid_and_saved_stats(env, capsys, fidelity_metrics, tmp_path):
     out = _cli(capsys, env["A"], env["B"], "--metrics", "fid,is,kid", "--batch_size", 7, "--isc_splits", IS_SPLITS,
                "--kid_subsets", KID_SUBSETS, "--kid_subset_size", KID_SUBSET_SIZE, "--device", "cpu")
@@ -477,6 +485,7 @@ def test_cli_fid_is_kid_and_saved_stats(env, capsys, fidelity_metrics, tmp_path)
     assert e.value.code == 2 and "KID needs per-image features" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(env, capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         fid.main([str(tmp_path / "missing"), str(env["B"])])
@@ -484,8 +493,6 @@ def test_cli_user_errors_are_one_line(env, capsys, tmp_path, monkeypatch):
     assert e.value.code == 2 and err.startswith("fid.py: error:") and len(err.strip().splitlines()) == 1
     # no weights anywhere and offline: the error says what to download and where to put it
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(fid, "_warned_missing", False)
-    monkeypatch.setattr(fid, "_download_failed", False)
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CLI must not add a warning on top of its error line
@@ -505,6 +512,7 @@ def test_cli_subcommand_dispatch(monkeypatch):
     assert fid.main(["compare", "x", "--y"]) == 0 and seen == [["x", "--y"]]
 
 
+@pytest.mark.slow
 def test_cli_subprocess_bad_path(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "fid.py"), str(tmp_path / "x"), str(tmp_path / "y")],
                        capture_output=True, text=True, timeout=120)

@@ -12,6 +12,8 @@ from conftest import TINY, out_dirs, random_fid_state_dict, run_cli
 from data_loader import build_dataset
 from parameter import get_parameters
 
+pytestmark = pytest.mark.slow  # training runs and multi-process launches
+
 FID_FLAGS = ["--fid_step", "5", "--fid_samples", "12", "--fid_batch_size", "6", "--fid_ref_samples", "16"]
 
 

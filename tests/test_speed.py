@@ -46,6 +46,7 @@ def _first_steps(tmp_path, image_folder, flags, n=2):
 REFERENCE = ["--attn_impl", "dense", "--amp", "none", "--compile", "none"]
 
 
+@pytest.mark.slow
 def test_every_cpu_speed_option_gives_the_reference_losses(tmp_path, image_folder):
     ref = _first_steps(tmp_path, image_folder, REFERENCE)
     fast = _first_steps(tmp_path, image_folder, ["--attn_impl", "fused", "--channels_last", "--cache",
@@ -56,9 +57,10 @@ def test_every_cpu_speed_option_gives_the_reference_losses(tmp_path, image_folde
     torch.testing.assert_close(bf16, ref, rtol=0.05, atol=0.02)
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_cli(["--device", "cpu", "--steps", "2", "--warmup", "1", "--fid_samples", "8", "--fid_batch_size", "8",
+    r = run_cli(["--device", "cpu", "--steps", "2", "--warmup", "1", "--fid_samples", "4", "--fid_batch_size", "4",
                  "--out", out], cwd=tmp_path, script="bench.py")
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
