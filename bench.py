@@ -31,7 +31,7 @@ import fid
 from data_loader import build_dataset, make_batches
 from parameter import get_parameters
 from trainer import Trainer
-from utils import REPO, configure_backends, fixed_latents, pick_device, set_tf32
+from utils import REPO, UserError, configure_backends, fixed_latents, pick_device, set_tf32
 
 
 def sync(device):
@@ -126,7 +126,7 @@ def time_fid(args, device, trainer_argv):
         t0 = time.perf_counter()
         z = fixed_latents(0, "fid", args.fid_samples, cfg.z_dim)
         pool3, _ = fid.generated_features(t.G, model, z, args.fid_batch_size, t.device, bn_mode="batch",
-                                          progress=False)
+                                          progress=False, gen_batch=cfg.batch_size)
         t1 = time.perf_counter()
         stats = fid.feature_stats(pool3)
         t2 = time.perf_counter()
@@ -227,4 +227,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # e.g. --device cuda without a GPU: one line, exit 2
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -129,13 +129,19 @@ def image_files(root) -> tuple[list[Path], int]:
 
     The walk is torchvision's `make_dataset` with the root itself as the only "class"
     (ImageFolder wants class subfolders and rejects flat folders); subfolder links are
-    followed. Its order (each folder's files before its subfolders) is re-sorted."""
+    followed, and a file reached twice (a link back into the tree) counts once. Its order
+    (each folder's files before its subfolders) is re-sorted."""
     root = Path(root)
     directory = str(root)
     if directory.startswith("~"):  # make_dataset expands "~"; a folder named "~x" is literal here
         directory = os.path.join(".", directory)
     found = make_dataset(directory, class_to_idx={"": 0}, is_valid_file=_is_image_name, allow_empty=True)
-    files = sorted(Path(p) for p, _ in found)
+    files, seen = [], set()
+    for p in sorted(Path(p) for p, _ in found):  # a file reached again through a linked folder counts once
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            files.append(p)
     good = [p for p in files if _header_readable(p)]
     return good, len(files) - len(good)
 

@@ -55,9 +55,6 @@ WEIGHT_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2
 RESIZE_MODES = ("tf1", "pytorch")
 
 
-class FIDError(UserError):
-    """A user mistake (missing file, bad input); printed as one line, no traceback."""
-
 # -----------------------------------------------------------------------------
 # network
 
@@ -154,9 +151,9 @@ class FIDInception(nn.Module):
     def __init__(self, resize="tf1", precision="fp32"):
         super().__init__()
         if resize not in RESIZE_MODES:
-            raise FIDError(f"unknown resize mode {resize!r}; use one of {RESIZE_MODES}")
+            raise UserError(f"unknown resize mode {resize!r}; use one of {RESIZE_MODES}")
         if precision not in PRECISIONS:
-            raise FIDError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
+            raise UserError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
         self.resize, self.precision = resize, precision
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
@@ -179,7 +176,7 @@ class FIDInception(nn.Module):
     def preprocess(self, x):
         """uint8 (B,3,H,W) -> float32 (B,3,299,299) in [-1, 1] as the chosen peer does it."""
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-            raise FIDError(f"FIDInception expects uint8 (B,3,H,W) images, got {x.dtype} {tuple(x.shape)}")
+            raise UserError(f"FIDInception expects uint8 (B,3,H,W) images, got {x.dtype} {tuple(x.shape)}")
         x = x.float()
         if self.resize == "tf1":
             return (resize_tf1(x, (299, 299)) - 128) / 128
@@ -228,7 +225,7 @@ def resolve_weights(path=None, download=True, quiet=False):
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FIDError(f"FID weights file {p} does not exist; fix the path or omit it to use {_cache_dir()}")
+            raise UserError(f"FID weights file {p} does not exist; fix the path or omit it to use {_cache_dir()}")
         return p
     cache = _cache_dir()
     for name in WEIGHT_FILENAMES:
@@ -253,7 +250,7 @@ def resolve_weights(path=None, download=True, quiet=False):
 def load_inception(weights_path, resize="tf1", device="cpu", precision="fp32"):
     """FIDInception with weights loaded strictly, in eval mode, no grads, float32."""
     if weights_path is None:
-        raise FIDError(_missing_weights_message())
+        raise UserError(_missing_weights_message())
     with torch.random.fork_rng(devices=[]):  # its random init must not shift the training RNG
         model = FIDInception(resize, precision)
     try:
@@ -261,7 +258,7 @@ def load_inception(weights_path, resize="tf1", device="cpu", precision="fp32"):
         model.load_state_dict(state, strict=True)
     except Exception as e:  # truncated download, pickle garbage, wrong keys: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FIDError(f"{weights_path} is not an FID Inception (2015-12-05) weights file ({first}); "
+        raise UserError(f"{weights_path} is not an FID Inception (2015-12-05) weights file ({first}); "
                        f"get {FID_WEIGHTS_URL}") from None
     device = torch.device(device)
     model = model.float().to(device).eval().requires_grad_(False)
@@ -287,7 +284,7 @@ def extract_features(model, batches, device=None, progress=True, desc="features"
             pools.append(p)  # stay on device: no host sync per batch
             logits.append(l)
     if not pools:
-        raise FIDError("no images to extract features from")
+        raise UserError("no images to extract features from")
     to_np = lambda ts: torch.cat(ts).to("cpu", torch.float64).numpy()
     return to_np(pools), to_np(logits)
 
@@ -296,7 +293,7 @@ def feature_stats(pool3):
     """(mu, sigma) in float64; sigma unbiased (N-1), as both peers compute it."""
     pool3 = np.asarray(pool3, dtype=np.float64)
     if pool3.ndim != 2 or len(pool3) < 2:
-        raise FIDError(f"need at least 2 feature vectors for statistics, got shape {pool3.shape}")
+        raise UserError(f"need at least 2 feature vectors for statistics, got shape {pool3.shape}")
     return pool3.mean(axis=0), np.cov(pool3, rowvar=False)
 
 
@@ -326,7 +323,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu"):
     sigma1, sigma2 = (torch.atleast_2d(torch.as_tensor(np.asarray(s, np.float64), device=device))
                       for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise FIDError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+        raise UserError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
                        f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}")
     ab = _sqrt_factor(sigma1).T @ _sqrt_factor(sigma2)
     tr_covmean = torch.linalg.svdvals(ab).sum() if ab.numel() else 0.0
@@ -339,7 +336,7 @@ def inception_score(logits_unbiased, splits=10, shuffle=True, seed=2020):
     logits = np.asarray(logits_unbiased, dtype=np.float64)
     n = len(logits)
     if n < splits:
-        raise FIDError(f"Inception Score needs at least splits={splits} images, got {n}")
+        raise UserError(f"Inception Score needs at least splits={splits} images, got {n}")
     if shuffle:  # same permutation as torch-fidelity for a given seed
         logits = logits[np.random.RandomState(seed).permutation(n)]
     log_p = logits - logits.max(axis=1, keepdims=True)
@@ -362,11 +359,11 @@ def kernel_inception_distance(f1, f2, subsets=100, subset_size=1000, degree=3, g
     size is capped to the smaller set (with a warning) so small evaluations still work."""
     f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
     if f1.ndim != 2 or f1.shape[1:] != f2.shape[1:]:
-        raise FIDError(f"KID feature sets do not match: {f1.shape} vs {f2.shape}")
+        raise UserError(f"KID feature sets do not match: {f1.shape} vs {f2.shape}")
     n1, n2 = len(f1), len(f2)
     m = min(subset_size, n1, n2)
     if m < 2:
-        raise FIDError(f"KID needs at least 2 samples per set, got {n1} and {n2}")
+        raise UserError(f"KID needs at least 2 samples per set, got {n1} and {n2}")
     if m < subset_size:
         warn(f"KID subset_size {subset_size} capped to {m} (sets have {n1} and {n2} samples)", once=True)
     gamma = 1.0 / f1.shape[1] if gamma is None else gamma
@@ -409,12 +406,12 @@ def load_stats(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:
-                raise FIDError(f"{path} is not a statistics file (no 'mu'/'sigma' arrays)")
+                raise UserError(f"{path} is not a statistics file (no 'mu'/'sigma' arrays)")
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             n = int(f["n"]) if "n" in f.files else -1
             key = json.loads(str(f["key"])) if "key" in f.files else {}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise FIDError(f"cannot read statistics {path}: {e}") from None
+        raise UserError(f"cannot read statistics {path}: {e}") from None
     return mu, sigma, {"n": None if n < 0 else n, "key": key}
 
 # -----------------------------------------------------------------------------
@@ -425,10 +422,10 @@ def load_images(path):
     """uint8 (N,H,W,3) from a folder of images (recursive) or a .npy/.npz image array."""
     path = Path(path)
     if not path.exists():
-        raise FIDError(f"{path} does not exist")
+        raise UserError(f"{path} does not exist")
     if path.is_file():
         if path.suffix.lower() not in (".npy", ".npz"):
-            raise FIDError(f"{path}: expected a folder of images or a .npy/.npz image array")
+            raise UserError(f"{path}: expected a folder of images or a .npy/.npz image array")
         return np.ascontiguousarray(as_nhwc_uint8(load_array(path), path))
     files, bad = image_files(path)
     images = []
@@ -441,11 +438,11 @@ def load_images(path):
     if bad:
         warn(f"skipped {bad} unreadable image file(s) under {path}")
     if not images:
-        raise FIDError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}")
+        raise UserError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         a, b = sorted(sizes)[:2]
-        raise FIDError(f"images under {path} differ in size ({a[1]}x{a[0]} vs {b[1]}x{b[0]}, ...); "
+        raise UserError(f"images under {path} differ in size ({a[1]}x{a[0]} vs {b[1]}x{b[0]}, ...); "
                        f"resize them to one size first")
     return np.stack(images)
 
@@ -487,19 +484,24 @@ def weights_id(path) -> str:
     return _weights_ids[path]
 
 
-def generated_features(G, model, z, batch_size, device, bn_mode="batch", progress=True, rank=0, world=1):
+def generated_features(G, model, z, batch_size, device, bn_mode="batch", progress=True, rank=0, world=1,
+                       gen_batch=None):
     """(pool3, logits) of n images from G, quantised to uint8 as saving PNGs would.
 
     z: (n, z_dim) CPU latents, e.g. utils.fixed_latents(seed, "fid", n, z_dim): the same
-    images whatever the process count. With BatchNorm on batch statistics
-    an image depends on its batch, so batches have a fixed size; under torchrun batch j is
-    generated by rank j % world and the features are gathered back in batch order."""
-    n = len(z)
-    starts = list(range(0, n, batch_size))
+    images whatever the process count. With BatchNorm on batch statistics an image
+    depends on its batch, so G draws them in batches of `gen_batch` (the run's
+    --batch_size) whatever `batch_size`, the Inception batch, is: the value does not move
+    with --fid_batch_size. Under torchrun generation batch j is drawn by rank j % world
+    and the features are gathered back in batch order."""
+    n, gen_batch = len(z), gen_batch or batch_size
+    starts = list(range(0, n, gen_batch))
     mine = starts[rank::world]
     if mine:
-        images = uint8_batches(G, z, mine, batch_size, device, bn_mode)
-        pool3, logits = extract_features(model, _Sized(images, len(mine)), device, progress, desc="FID samples")
+        images = _rebatch(uint8_batches(G, z, mine, gen_batch, device, bn_mode), batch_size)
+        count = sum(min(gen_batch, n - s) for s in mine)
+        pool3, logits = extract_features(model, _Sized(images, -(-count // batch_size)), device, progress,
+                                         desc="FID samples")
     else:
         pool3, logits = np.zeros((0, 2048)), np.zeros((0, 1008))
     if world == 1:
@@ -507,11 +509,25 @@ def generated_features(G, model, z, batch_size, device, bn_mode="batch", progres
     per_rank = _gather_rows(np.concatenate([pool3, logits], axis=1), device)
     rows, taken = [], [0] * world
     for j, s in enumerate(starts):
-        r, size = j % world, min(batch_size, n - s)
+        r, size = j % world, min(gen_batch, n - s)
         rows.append(per_rank[r][taken[r]:taken[r] + size])
         taken[r] += size
     both = np.concatenate(rows)
     return both[:, :2048], both[:, 2048:]
+
+
+def _rebatch(batches, size):
+    """The images of a stream of batches, in the same order, in batches of `size`."""
+    pending, count = [], 0
+    for b in batches:
+        pending.append(b)
+        count += len(b)
+        while count >= size:
+            joined = torch.cat(pending)
+            yield joined[:size]
+            pending, count = [joined[size:]], count - size
+    if count:
+        yield torch.cat(pending)
 
 
 def _gather_rows(arr, device):
@@ -569,10 +585,10 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
                 np.save(f, pool3.astype(np.float32))
         print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
     if world > 1:
-            dist.barrier()
+        dist.barrier()
     mu, sigma, meta = load_stats(path)
     if meta["key"] != key:
-        raise FIDError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
+        raise UserError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
     pool3 = np.load(feats_path).astype(np.float64) if with_features else None
     return Reference(mu, sigma, pool3, path)
 
@@ -582,10 +598,10 @@ def generator_from_checkpoint(path, ema=False):
     (size, spans, mask mode, BatchNorm mode, seed). UserError for anything else."""
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "G" not in ck or "config" not in ck:
-        raise FIDError(f"{path} is not a checkpoint of this package (no 'G' and 'config')")
+        raise UserError(f"{path} is not a checkpoint of this package (no 'G' and 'config')")
     cfg = argparse.Namespace(**ck["config"])
     if ema and ck.get("G_ema") is None:
-        raise FIDError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema")
+        raise UserError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema")
     G = build_generator(cfg)
     G.load_state_dict(ck["G_ema"] if ema else ck["G"])
     return G, cfg
@@ -615,11 +631,11 @@ METRICS = {
 
 
 def parse_metrics(text) -> list:
-    """'fid,is' -> ["fid", "is"], checked against the registry (UserError otherwise)."""
-    names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
-    if not names or set(names) - set(METRICS):
-        raise FIDError(f"--metrics {text!r}: choose a comma list of {','.join(METRICS)}")
-    return names
+    """'is,fid' -> ["fid", "is"], checked against the registry (UserError otherwise)."""
+    names = {m.strip().lower() for m in str(text).split(",") if m.strip()}
+    if not names or names - set(METRICS):
+        raise UserError(f"--metrics {text!r}: choose a comma list of {','.join(METRICS)}")
+    return [m for m in METRICS if m in names]  # the registry's order: fid.csv columns do not move
 
 
 class FIDMonitor:
@@ -653,7 +669,8 @@ class FIDMonitor:
             if g is None:
                 continue
             pool3, logits = generated_features(g, self.model, self.z, cfg.fid_batch_size, self.device, cfg.fid_g_mode,
-                                               progress=self.progress, rank=self.rank, world=self.world)
+                                               progress=self.progress, rank=self.rank, world=self.world,
+                                               gen_batch=cfg.batch_size)
             if self.rank != 0:
                 continue
             generated = Resolved("generated", *feature_stats(pool3), pool3, logits)
@@ -710,7 +727,7 @@ def compare(argv):
     runs = {}
     for d in map(Path, args.runs):
         if not (d / "fid.csv").is_file():
-            raise FIDError(f"{d} has no fid.csv; pass <log_path>/<version> of a run trained with --fid_step N")
+            raise UserError(f"{d} has no fid.csv; pass <log_path>/<version> of a run trained with --fid_step N")
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
         g, dspan = cfg.get("g_span"), cfg.get("d_span")
         span = f"span {g}" if g == dspan else f"span G{g}/D{dspan}"
@@ -759,12 +776,12 @@ def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_
     need no weights."""
     path = Path(spec)
     if not path.exists():
-        raise FIDError(f"{spec} does not exist")
+        raise UserError(f"{spec} does not exist")
     if path.suffix.lower() == ".pt":
         G, cfg = generator_from_checkpoint(path, ema)  # a bad file fails before the network loads
         z = fixed_latents(cfg.seed, "fid", n_samples, cfg.z_dim)
         pool3, logits = generated_features(G.to(device), get_model(), z, batch_size, device, cfg.fid_g_mode,
-                                           progress=progress)
+                                           progress=progress, gen_batch=cfg.batch_size)
         return Resolved(str(spec), *feature_stats(pool3), pool3, logits, meta={"n": len(pool3), "key": {}})
     if path.is_file() and _is_stats_file(path):
         mu, sigma, meta = load_stats(path)
@@ -805,10 +822,10 @@ def _run(args):
     metrics = parse_metrics(args.metrics)
     need = 2 if args.save_stats or any(METRICS[m].needs != "logits" for m in metrics) else 1
     if len(args.inputs) != need:
-        raise FIDError(f"expected {need} input(s), got {len(args.inputs)}"
+        raise UserError(f"expected {need} input(s), got {len(args.inputs)}"
                        + ("; usage: --save-stats INPUT OUT.npz" if args.save_stats else ""))
     if args.batch_size < 1:
-        raise FIDError("--batch_size must be >= 1")
+        raise UserError("--batch_size must be >= 1")
     device = pick_device(args.device)
     weights, model = None, None
     if args.fid_weights is not None:
@@ -830,7 +847,7 @@ def _run(args):
         src, out = args.inputs
         r = resolve(src)
         if r.pool3 is None:
-            raise FIDError(f"{src} is already a statistics file")
+            raise UserError(f"{src} is already a statistics file")
         save_stats(out, r.mu, r.sigma, key=key(), n=len(r.pool3))
         print(f"saved statistics of {len(r.pool3)} images to {out}")
         return 0
@@ -840,16 +857,16 @@ def _run(args):
         if Path(spec).is_file() and _is_stats_file(spec):
             for m in metrics:
                 if METRICS[m].needs == "features":
-                    raise FIDError(f"{m.upper()} needs per-image features, but {spec} is a statistics file; pass images")
+                    raise UserError(f"{m.upper()} needs per-image features, but {spec} is a statistics file; pass images")
                 if METRICS[m].needs == "logits" and i == 0:
-                    raise FIDError(f"{m.upper()} needs images, but {spec} is a statistics file")
+                    raise UserError(f"{m.upper()} needs images, but {spec} is a statistics file")
     inputs = [resolve(s) for s in args.inputs]
     for r in inputs:  # stats from the other resize pipeline are not comparable
         saved = r.meta.get("key", {}).get("resize")
         if r.pool3 is None and saved and saved != args.fid_resize:
-            raise FIDError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
+            raise UserError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
     options = {"isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size}
-    for name in [m for m in METRICS if m in metrics]:  # printed in the registry's order
+    for name in metrics:
         metric = METRICS[name]
         values = metric.compute(inputs[0], inputs[-1], device, options)
         print(f"{name.upper()}: " + metric.text.format(*values))
@@ -862,7 +879,7 @@ def main(argv=None):
         if argv and argv[0] == "compare":  # the sub-command; a folder of that name can be given as ./compare
             return compare(argv[1:])
         return _run(_parse_args(argv))
-    except UserError as e:  # FIDError and the UserErrors of the data and checkpoint helpers
+    except UserError as e:  # UserError and the UserErrors of the data and checkpoint helpers
         print(f"fid.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -25,10 +25,16 @@ def relaunch_with_torchrun():
     os.execv(sys.executable, args)
 
 
+def fail(error):
+    """A user mistake: one line and exit code 2, no traceback."""
+    print(f"main.py: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def init_distributed(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    cuda = cfg.device == "cuda"  # resolved by parameter.py
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -39,8 +45,7 @@ def main(argv=None):
     try:
         cfg = get_parameters(argv)
     except UserError as e:
-        print(f"main.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     if cfg.parallel and "WORLD_SIZE" not in os.environ:
         relaunch_with_torchrun()
     distributed = init_distributed(cfg)
@@ -49,11 +54,10 @@ def main(argv=None):
         trainer = Trainer(cfg)
         trainer.train() if cfg.train else trainer.sample()
     except UserError as e:
-        print(f"main.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     finally:
         if distributed:
-                    dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ import os
 import sys
 
 from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
-from sagan_models import IMAGE_SIZES, MASK_MODES
+from sagan_models import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
 from utils import UserError, checkpoints, load_checkpoint, pick_device, run_dirs
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
-            "adv_loss", "dataset", "seed", "ema_decay")
+            "fully_masked", "adv_loss", "dataset", "seed", "ema_decay")
+LEGACY = {"fully_masked": "skip"}  # what checkpoints saved before a RUN_KEYS flag existed ran
+# Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
+OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
 
@@ -62,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--d_span", type=int, default=None, help="span of the discriminator (default: --span)")
     g.add_argument("--mask_mode", default="pre", choices=MASK_MODES,
                    help="pre: masked keys leave the softmax (seed code); post: softmax, then zero them (seed README)")
+    g.add_argument("--fully_masked", default="mean", choices=FULLY_MASKED,
+                   help="pre mode, a query whose masked square covers the whole map: mean = equal weight on every "
+                        "key (the seed's -1e9 arithmetic); skip = attend to nothing (x passes through)")
 
     g = p.add_argument_group("training")
     g.add_argument("--adv_loss", default="hinge", choices=["hinge", "wgan-gp"])
@@ -238,6 +244,8 @@ def resolve(cfg):
         cfg.version = f"sagan_{cfg.dataset}_{span}"
         if cfg.mask_mode != "pre":
             cfg.version += f"_{cfg.mask_mode}"
+        if cfg.fully_masked != "mean":
+            cfg.version += f"_{cfg.fully_masked}"
         if cfg.imsize != 64:
             cfg.version += f"_{cfg.imsize}px"
     return cfg
@@ -245,18 +253,26 @@ def resolve(cfg):
 
 def get_parameters(argv=None):
     parser = build_parser()
-    cfg, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # argparse leaves attributes it finds on the namespace alone unless the flag is given:
+    # the sentinel tells which optimizer settings the command line gave.
+    unset = object()
+    cfg, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv,
+                                           argparse.Namespace(**dict.fromkeys(OPTIMIZER_KEYS, unset)))
     if unknown:
         parser.error(_unknown_flag_message(unknown, parser))
+    given = {k for k in OPTIMIZER_KEYS if getattr(cfg, k) is not unset}
+    for k in set(OPTIMIZER_KEYS) - given:
+        setattr(cfg, k, parser.get_default(k))
     validate(cfg, parser)
     resolve_device_defaults(cfg, parser)
-    return resolve_start(resolve(cfg))
+    return resolve_start(resolve(cfg), given)
 
 
-def resolve_start(cfg):
+def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
     """The checkpoint the run starts from (cfg.start_checkpoint: its path, or None for a new
     run), refusing what would overwrite a run; a checkpoint's architecture, data and seed
-    (RUN_KEYS) replace the flags'. Raises UserError."""
+    (RUN_KEYS) replace the flags', and so do its optimizer settings (OPTIMIZER_KEYS) unless
+    `given` on the command line. Raises UserError."""
     folder = run_dirs(cfg)["model_save"]
     found = checkpoints(folder)
     if not cfg.train:
@@ -285,10 +301,17 @@ def resolve_start(cfg):
         return cfg
     if step not in found:
         raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
-    saved = load_checkpoint(found[step], mmap=True)["config"]
+    ck = load_checkpoint(found[step], mmap=True)
+    needs = {"G", "D", "config", "step"} | ({"g_opt", "d_opt"} if cfg.train else set())
+    if not isinstance(ck, dict) or not needs <= set(ck) or not isinstance(ck["config"], dict):
+        raise UserError(f"{found[step]} is not a training checkpoint of this package (it needs "
+                        f"{', '.join(sorted(needs))}); pass the --version of a run this package trained")
+    saved = {**LEGACY, **ck["config"]}
     differ = [f"{k}={saved[k]}" for k in RUN_KEYS if getattr(cfg, k) not in (None, saved[k])]
     for k in RUN_KEYS:
         setattr(cfg, k, saved[k])
+    for k in set(OPTIMIZER_KEYS) - set(given):
+        setattr(cfg, k, saved.get(k, getattr(cfg, k)))
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
     if differ and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")

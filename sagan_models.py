@@ -14,6 +14,7 @@ from spectral import SpectralNorm, sn_conv, sn_deconv
 
 IMAGE_SIZES = (32, 64, 128)
 MASK_MODES = ("pre", "post")
+FULLY_MASKED = ("mean", "skip")
 
 
 def span_mask(h: int, w: int, span: int, device=None) -> torch.Tensor:
@@ -33,29 +34,35 @@ class Self_Attn(nn.Module):
     remaining weights renormalise to 1. "post" (the seed's README): softmax over all keys,
     then masked weights are zeroed and the rest are not renormalised.
 
-    A query whose whole neighbourhood covers the map (e.g. the discriminator's 4×4 map at
-    span ≥ 2) has no key left: its attended value is exactly 0, so x passes through.
-    To get that without NaNs (softmax of all −inf) or the near-uniform weights a −1e9
-    fill gives, such rows are left unmasked for the softmax and multiplied by 0 after.
+    A query whose square covers the whole map (the discriminator's 4×4 map at span ≥ 2, its
+    8×8 map at span ≥ 4) has no key left. fully_masked (pre mode) says what it attends to:
+    "mean" (default): every key of the map with equal weight, i.e. the mean of v — what the
+    seed computes, since it adds −1e9 to masked energies and float32 rounds −1e9 + e to the
+    same number for every |e| < 32, so its softmax is uniform; "skip": nothing (attended
+    value 0, x passes through). Post mode zeroes every weight of such a row. No NaN either
+    way: such rows are opened for the softmax and their result replaced after.
     """
 
-    def __init__(self, in_dim: int, span: int = 0, mask_mode: str = "pre", fused: bool = True):
+    def __init__(self, in_dim: int, span: int = 0, mask_mode: str = "pre", fused: bool = True,
+                 fully_masked: str = "mean"):
         super().__init__()
         if span < 0:
             raise ValueError(f"span must be >= 0, got {span}")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if fully_masked not in FULLY_MASKED:
+            raise ValueError(f"fully_masked must be one of {FULLY_MASKED}, got {fully_masked!r}")
         self.query_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
         self.key_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
         self.value_conv = nn.Conv2d(in_dim, in_dim, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
-        self.span, self.mask_mode = span, mask_mode
+        self.span, self.mask_mode, self.fully_masked = span, mask_mode, fully_masked
         # fused: pre-mode attention through scaled_dot_product_attention (no N×N weights
         # kept for backward when a fused kernel applies). False: the dense reference path.
         self.fused = fused
 
     def extra_repr(self):
-        return f"span={self.span}, mask_mode={self.mask_mode!r}, fused={self.fused}"
+        return f"span={self.span}, mask_mode={self.mask_mode!r}, fully_masked={self.fully_masked!r}, fused={self.fused}"
 
     def masks(self, h: int, w: int, device=None):
         """(allowed, softmax_allowed, live) for an h×w map, built once and kept as
@@ -100,10 +107,15 @@ class Self_Attn(nn.Module):
             else:
                 attn = energy.softmax(dim=-1) * allowed
             out = attn @ v  # B, N, C
-        if masked and self.mask_mode == "pre":
-            out = out * live  # rows with no key left attend to nothing
-            if attn is not None:
-                attn = attn * live
+        if masked and self.mask_mode == "pre":  # rows with no key left (see class doc)
+            if self.fully_masked == "mean":
+                out = torch.where(live, out, v.mean(dim=1, keepdim=True))
+                if attn is not None:
+                    attn = torch.where(live, attn, torch.full_like(attn, 1.0 / attn.shape[-1]))
+            else:
+                out = out * live
+                if attn is not None:
+                    attn = attn * live
 
         # (B, N, C) -> (B, C, H, W) is a view: channels_last strides, no copy
         out = self.gamma * out.transpose(1, 2).reshape(B, C, H, W) + x
@@ -155,7 +167,8 @@ class Generator(nn.Module):
     doubling; attention after the image_size/4 and image_size/2 maps. At 64:
     512@4 → 256@8 → 128@16 → attn → 64@32 → attn → 3@64 (the seed's network)."""
 
-    def __init__(self, image_size=64, z_dim=128, conv_dim=64, span=0, mask_mode="pre", fused=True):
+    def __init__(self, image_size=64, z_dim=128, conv_dim=64, span=0, mask_mode="pre", fused=True,
+                 fully_masked="mean"):
         super().__init__()
         _check_size(image_size)
         self.image_size, self.z_dim = image_size, z_dim
@@ -168,7 +181,7 @@ class Generator(nn.Module):
                 sn_deconv(ch, ch // 2, 4, 2, 1), nn.BatchNorm2d(ch // 2), nn.ReLU())
             ch //= 2
             if res in (image_size // 4, image_size // 2):
-                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused)
+                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused, fully_masked)
                 if span > 0:  # built once here, never in forward
                     layers[f"attn{res}"].masks(res, res)
         layers["to_rgb"] = nn.Sequential(nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh())
@@ -183,7 +196,7 @@ class Discriminator(nn.Module):
     down to 4×4; attention after the 8×8 and 4×4 stages. At 64:
     64@32 → 128@16 → 256@8 → attn → 512@4 → attn → logit (the seed's network)."""
 
-    def __init__(self, image_size=64, conv_dim=64, span=0, mask_mode="pre", fused=True):
+    def __init__(self, image_size=64, conv_dim=64, span=0, mask_mode="pre", fused=True, fully_masked="mean"):
         super().__init__()
         _check_size(image_size)
         layers = OrderedDict()
@@ -192,7 +205,7 @@ class Discriminator(nn.Module):
             res //= 2
             layers[f"block{res}"] = nn.Sequential(sn_conv(in_ch, ch, 4, 2, 1), nn.LeakyReLU(0.1))
             if res in (8, 4):
-                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused)
+                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused, fully_masked)
                 if span > 0:
                     layers[f"attn{res}"].masks(res, res)
             in_ch, ch = ch, ch * 2
@@ -209,14 +222,20 @@ class Discriminator(nn.Module):
 def build_generator(cfg) -> Generator:
     """G as the config describes it (also a checkpoint's saved config)."""
     return Generator(cfg.imsize, cfg.z_dim, cfg.g_conv_dim, cfg.g_span, cfg.mask_mode,
-                     fused=cfg.attn_impl == "fused")
+                     fused=cfg.attn_impl == "fused", fully_masked=fully_masked_of(cfg))
 
 
 def build_discriminator(cfg) -> Discriminator:
     # WGAN-GP differentiates D's gradient once more; the fused attention kernels have no
     # double backward on CUDA, so D keeps the dense path there.
     fused = cfg.attn_impl == "fused" and cfg.adv_loss != "wgan-gp"
-    return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused)
+    return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused,
+                         fully_masked=fully_masked_of(cfg))
+
+
+def fully_masked_of(cfg) -> str:
+    """The config's --fully_masked; checkpoints saved before the flag existed ran "skip"."""
+    return getattr(cfg, "fully_masked", "skip")
 
 
 def attention_layers(model: nn.Module):

@@ -108,10 +108,12 @@ class Trainer:
             self.G_ema.load_state_dict(ck["G_ema"])
         if self.cfg.train:
             for opt, key in ((self.g_opt, "g_opt"), (self.d_opt, "d_opt")):
-                # The saved param_groups carry the implementation of the run that saved them
-                # (fused, capturable, foreach); this run's device decides those.
-                impl = {k: opt.defaults[k] for k in ("fused", "capturable", "foreach")}
-                saved = {**ck[key], "param_groups": [{**g, **impl} for g in ck[key]["param_groups"]]}
+                # The saved param_groups carry the settings of the run that saved them; this run's
+                # take over: its device's implementation (fused, capturable, foreach) and its
+                # learning rate and betas (the checkpoint's unless new ones were given, see
+                # parameter.resolve_start).
+                own = {k: opt.defaults[k] for k in ("fused", "capturable", "foreach", "lr", "betas")}
+                saved = {**ck[key], "param_groups": [{**g, **own} for g in ck[key]["param_groups"]]}
                 opt.load_state_dict(saved)
                 # Adam's moments must share their parameter's memory layout (fused kernels
                 # index both flat), also when --channels_last differs from the saved run.
@@ -123,11 +125,22 @@ class Trainer:
         self.fixed_z, self.step, self.elapsed = ck["fixed_z"], ck["step"], ck.get("elapsed", 0.0)
 
     def save_checkpoint(self) -> Path:
+        """<step>.pt (rank 0). A NaN/inf weight stops the run instead: a checkpoint that
+        cannot train on is never written, and the error names the last one that can."""
+        weights = [p for net in (self.G, self.D) for p in net.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):  # one sync per save
+            raise self._diverged("a weight")
         path = self.dirs["model_save"] / f"{self.step}.pt"
         if self.is_main:
             atomic_save(self._state(), path)
         self.last_saved = self.step
         return path
+
+    def _diverged(self, what) -> UserError:
+        where = f"the last good checkpoint is {self.last_saved}.pt in {self.dirs['model_save']}" \
+            if self.last_saved is not None else "no checkpoint was saved yet"
+        return UserError(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr or "
+                         f"--adv_loss hinge")
 
     def _write_config(self, n_images):
         info = {**vars(self.cfg), "package_version": __version__, "git_commit": git_commit(),
@@ -233,8 +246,8 @@ class Trainer:
                       f"raise --total_step to train further")
             return
         batches, fid_monitor = self._prepare_data_and_fid()
-        interval = Interval(self.device, self.step)
         with StopSignals() as stop, RunLog(self) as log:
+            interval = Interval(self.device, self.step)
             while self.step < cfg.total_step:
                 interval.add(self.train_step(batches))
                 self.step += 1
@@ -281,10 +294,7 @@ class Trainer:
             signalled = bool(means[-1] > 0)
         values = means[:4].tolist()  # the only host sync of the interval
         if not all(math.isfinite(v) for v in values):
-            where = f"the last good checkpoint is {self.last_saved}.pt in {self.dirs['model_save']}" \
-                if self.last_saved is not None else "no checkpoint was saved yet"
-            raise UserError(f"loss became NaN/inf by step {self.step}; {where}. Try a lower "
-                            f"--d_lr/--g_lr or --adv_loss hinge")
+            raise self._diverged("a loss")
         if self.is_main:
             gammas = torch.cat([m.gamma.detach() for net in (self.G, self.D)
                                 for _, m in attention_layers(net)]).tolist()

@@ -51,6 +51,13 @@ def out_dirs(tmp):
             "--attn_path", f"{tmp}/attn"]
 
 
+@pytest.fixture(autouse=True)
+def isolated_cwd(tmp_path, monkeypatch):
+    """Each test runs in its own empty folder: the default output roots (./logs, ./models)
+    never see runs of the developer's checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """Nested folder of mixed images: RGB JPEGs of two sizes, a greyscale PNG, an RGBA PNG,

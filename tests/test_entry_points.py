@@ -76,15 +76,31 @@ def test_fid_bad_inputs_are_one_line(tmp_path, capsys):
         assert message in err and err.startswith("fid.py: error:"), err
 
 
-def test_nan_loss_stops_the_run_naming_the_last_good_checkpoint(tmp_path, capsys):
-    # A learning rate this large sends the weights to inf at the second step: the run must
-    # stop at the next log step, with one line naming the checkpoint saved before.
-    err = one_line_exit_2(capsys, main.main, train(tmp_path, "--version", "n", "--total_step", "400",
+def test_nan_stops_the_run_naming_the_last_good_checkpoint(tmp_path, capsys):
+    from parameter import get_parameters
+    from trainer import Trainer
+    from utils import UserError
+    t = Trainer(get_parameters(train(tmp_path, "--version", "n", "--total_step", "2", "--model_save_step", "1",
+                                     "--log_step", "1")))
+    t.train()
+    t.cfg.total_step = 4
+    with torch.no_grad():  # what a diverging step leaves behind
+        next(t.D.parameters()).fill_(float("nan"))
+    with pytest.raises(UserError) as e:
+        t.train()
+    assert str(e.value).startswith("a loss became NaN/inf by step 3; the last good checkpoint is 2.pt")
+    assert sorted(p.name for p in (tmp_path / "models" / "n").glob("*.pt")) == ["1.pt", "2.pt"]
+
+
+def test_a_diverged_step_writes_no_checkpoint(tmp_path, capsys):
+    # A learning rate this large sends the weights to inf at the first step, whose losses
+    # (computed before the update) are still finite: the checkpoint of that step must not
+    # be written, and the one-line error must not call anything good.
+    err = one_line_exit_2(capsys, main.main, train(tmp_path, "--version", "d", "--total_step", "10",
                                                    "--model_save_step", "1", "--log_step", "1", "--g_lr", "1e8",
                                                    "--d_lr", "1e8"))
-    assert "loss became NaN/inf by step" in err and "the last good checkpoint is" in err
-    step = int(err.split("by step ")[1].split(";")[0])
-    assert f"{step - 1}.pt" in err and (tmp_path / "models" / "n" / f"{step - 1}.pt").exists()
+    assert "a weight became NaN/inf by step 1; no checkpoint was saved yet" in err
+    assert not list((tmp_path / "models").glob("*/*.pt"))
 
 
 def test_pretrained_model_refuses_to_overwrite_later_checkpoints(tmp_path, capsys):
@@ -95,3 +111,38 @@ def test_pretrained_model_refuses_to_overwrite_later_checkpoints(tmp_path, capsy
                                                    "--pretrained_model", "10"))
     assert "has checkpoints after step 10 ([20])" in err and "would overwrite them" in err
     assert saved.stat().st_mtime_ns == before
+
+
+def test_checkpoints_from_before_fully_masked_resume_as_they_trained(tmp_path, capsys):
+    from parameter import get_parameters
+    main.main(train(tmp_path, "--version", "old", "--total_step", "10", "--span", "3"))
+    path = tmp_path / "models" / "old" / "10.pt"
+    ck = torch.load(path, weights_only=False)
+    assert ck["config"]["fully_masked"] == "mean"
+    del ck["config"]["fully_masked"]  # as saved before the flag existed
+    torch.save(ck, path)
+    cfg = get_parameters(train(tmp_path, "--version", "old", "--total_step", "12", "--resume"))
+    assert cfg.fully_masked == "skip" and cfg.d_span == 3
+
+
+def test_a_pt_file_that_is_not_a_training_checkpoint_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "models" / "x"
+    folder.mkdir(parents=True)
+    for content in ({"G": {}}, [1, 2], {"G": {}, "D": {}, "config": {}, "step": 1}):  # last: no optimizer states
+        torch.save(content, folder / "5.pt")
+        err = one_line_exit_2(capsys, main.main, train(tmp_path, "--version", "x", "--resume"))
+        assert "is not a training checkpoint of this package" in err
+
+
+def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path):
+    import json
+    from trainer import Trainer
+    from parameter import get_parameters
+    main.main(train(tmp_path, "--version", "lr", "--total_step", "10", "--g_lr", "2e-4", "--beta2", "0.95"))
+    t = Trainer(get_parameters(train(tmp_path, "--version", "lr", "--total_step", "12", "--resume", "--d_lr", "1e-4")))
+    assert [g["lr"] for g in t.g_opt.param_groups] == [2e-4] and [g["lr"] for g in t.d_opt.param_groups] == [1e-4]
+    assert all(g["betas"] == (0.0, 0.95) for opt in (t.g_opt, t.d_opt) for g in opt.param_groups)
+    t.train()
+    used = json.loads((tmp_path / "logs" / "lr" / "config_resumed_at_10.json").read_text())
+    assert (used["g_lr"], used["d_lr"], used["beta2"]) == (2e-4, 1e-4, 0.95)
+    assert [g["lr"] for g in t.d_opt.param_groups] == [1e-4]  # the Adam steps ran with it

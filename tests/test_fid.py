@@ -335,7 +335,7 @@ def test_inception_score_closed_form():
 
 
 def test_resolve_weights_explicit_missing(tmp_path):
-    with pytest.raises(fid.FIDError, match="does not exist"):
+    with pytest.raises(fid.UserError, match="does not exist"):
         fid.resolve_weights(tmp_path / "nope.pth")
 
 
@@ -379,12 +379,12 @@ def test_resolve_weights_download_success(tmp_path, monkeypatch):
 def test_load_inception_rejects_other_weights(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(3)}, bad)
-    with pytest.raises(fid.FIDError, match="not an FID Inception"):
+    with pytest.raises(fid.UserError, match="not an FID Inception"):
         fid.load_inception(bad)
-    with pytest.raises(fid.FIDError, match="download"):
+    with pytest.raises(fid.UserError, match="download"):
         fid.load_inception(None)
     (tmp_path / "garbage.pth").write_bytes(b"half a download")  # not even a pickle
-    with pytest.raises(fid.FIDError, match="not an FID Inception"):
+    with pytest.raises(fid.UserError, match="not an FID Inception"):
         fid.load_inception(tmp_path / "garbage.pth")
 
 
@@ -426,7 +426,7 @@ def test_load_images_formats_and_errors(tmp_path, capsys):
     Image.fromarray(imgs[0][:40]).save(d / "z.png")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(fid.FIDError, match="differ in size"):
+        with pytest.raises(fid.UserError, match="differ in size"):
             fid.load_images(d)
     np.save(tmp_path / "f.npy", imgs.astype(np.float32))
     with pytest.raises(fid.UserError, match="uint8"):  # the data loader's layout check
@@ -517,3 +517,25 @@ def test_cli_subprocess_bad_path(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "fid.py"), str(tmp_path / "x"), str(tmp_path / "y")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("fid.py: error:") and "Traceback" not in r.stderr
+
+
+def test_generated_images_do_not_depend_on_the_inception_batch():
+    # G samples with batch statistics, so an image depends on the images drawn beside it:
+    # they are drawn in batches of the run's --batch_size (gen_batch), whatever the
+    # Inception batch is.
+    from sagan_models import Generator
+    torch.manual_seed(0)
+    G = Generator(32, z_dim=16, conv_dim=16)
+    z = torch.randn(20, 16)
+
+    def per_image(b):  # stands in for Inception: features of each image alone
+        f = b.float().flatten(1)
+        return f[:, :2048], f[:, :1008]
+
+    def features(inception_batch, gen_batch):
+        return fid.generated_features(G, per_image, z, inception_batch, "cpu", progress=False, gen_batch=gen_batch)[0]
+
+    ref = features(20, 8)
+    for inception_batch in (3, 8, 7):
+        np.testing.assert_array_equal(features(inception_batch, 8), ref)
+    assert not np.array_equal(features(8, 4), ref)  # the generation batch itself does matter

@@ -10,7 +10,7 @@ from sagan_models import Discriminator, Generator, Self_Attn, attention_layers, 
 from spectral import spectral_normed_layers
 
 
-def brute_force_attention(layer, x, span, mode):
+def brute_force_attention(layer, x, span, mode, fully_masked="mean"):
     """Independent float64 reference: explicit loops over every (query, key) pair."""
     xd = x.detach().double().numpy()
     B, C, H, W = xd.shape
@@ -36,6 +36,8 @@ def brute_force_attention(layer, x, span, mode):
                 if (~masked).any():
                     e = np.exp(scores[~masked] - scores[~masked].max())
                     w[~masked] = e / e.sum()
+                elif fully_masked == "mean":  # no key left: every key with equal weight
+                    w[:] = 1.0 / (H * W)
             else:
                 e = np.exp(scores - scores.max())
                 w = np.where(masked, 0.0, e / e.sum())
@@ -44,9 +46,9 @@ def brute_force_attention(layer, x, span, mode):
     return gamma * out + xd, weights
 
 
-def random_layer(C, span, mode, seed=0):
+def random_layer(C, span, mode, seed=0, fully_masked="mean"):
     torch.manual_seed(seed)
-    layer = Self_Attn(C, span=span, mask_mode=mode)
+    layer = Self_Attn(C, span=span, mask_mode=mode, fully_masked=fully_masked)
     for p in layer.parameters():
         nn.init.normal_(p, std=0.5)
     return layer
@@ -56,13 +58,13 @@ MAPS = [(2, 2), (3, 5), (4, 4), (5, 3), (8, 8), (7, 10), (16, 16)]
 
 
 @pytest.mark.parametrize("hw", MAPS, ids=lambda hw: f"{hw[0]}x{hw[1]}")
-@pytest.mark.parametrize("mode", ["pre", "post"])
-def test_attention_matches_brute_force(hw, mode):
+@pytest.mark.parametrize("mode,fully_masked", [("pre", "mean"), ("pre", "skip"), ("post", "mean")])
+def test_attention_matches_brute_force(hw, mode, fully_masked):
     H, W = hw
     for span in range(5):
-        layer = random_layer(16, span, mode, seed=span)
+        layer = random_layer(16, span, mode, seed=span, fully_masked=fully_masked)
         x = torch.randn(2, 16, H, W)
-        ref_out, ref_w = brute_force_attention(layer, x, span, mode)
+        ref_out, ref_w = brute_force_attention(layer, x, span, mode, fully_masked)
         with torch.no_grad():
             layer.fused = False
             out_dense, w_dense = layer(x, return_attention=True)
@@ -82,7 +84,7 @@ def test_attention_matches_brute_force(hw, mode):
 def test_fully_masked_map_is_identity_and_has_finite_grads():
     # The discriminator's 4x4 map at span 3: every key of every query is masked.
     for mode, fused in [("pre", True), ("pre", False), ("post", False)]:
-        layer = random_layer(32, 3, mode)
+        layer = random_layer(32, 3, mode, fully_masked="skip")
         layer.fused = fused
         x = torch.randn(3, 32, 4, 4, requires_grad=True)
         y, w = layer(x, return_attention=True) if not fused else (layer(x), None)
@@ -262,10 +264,67 @@ def test_low_precision_autocast_is_finite_for_every_span(dtype):
             _, maps = G(torch.randn(3, 128), return_attention=True)
         assert torch.isfinite(img).all() and torch.isfinite(logits).all()
         assert all(torch.isfinite(w).all() for w in maps.values())
-        layer = random_layer(32, span, "pre")
-        with torch.autocast("cpu", dtype=dtype):
-            y, w = layer(torch.randn(2, 32, 4, 4), return_attention=True)
-        assert torch.isfinite(y).all()
-        # Never the near-uniform weights a large negative fill would give.
-        if span >= 3:
-            assert (w == 0).all()
+        for fully_masked in ("skip", "mean"):
+            layer = random_layer(32, span, "pre", fully_masked=fully_masked)
+            with torch.autocast("cpu", dtype=dtype):
+                y, w = layer(torch.randn(2, 32, 4, 4), return_attention=True)
+            assert torch.isfinite(y).all()
+            # span >= 3 leaves no key on a 4x4 map: exactly zero weights (skip), or exactly
+            # equal ones (mean), never the rounding-dependent weights of a large negative fill
+            if span >= 3:
+                assert (w == 0).all() if fully_masked == "skip" else (w == 1 / 16).all()
+
+
+def test_fully_masked_rows_attend_to_the_mean_of_v_with_finite_grads():
+    # pre mode, --fully_masked mean: D's 4x4 map at span 3 has no key left for any query;
+    # every query then takes the mean of v over the map (closed form), on both paths.
+    for fused in (True, False):
+        layer = random_layer(32, 3, "pre", fully_masked="mean")
+        layer.fused = fused
+        x = torch.randn(3, 32, 4, 4, requires_grad=True)
+        v = torch.einsum("oc,bchw->bohw", layer.value_conv.weight[:, :, 0, 0], x) + layer.value_conv.bias.view(1, -1, 1, 1)
+        expected = layer.gamma * v.mean(dim=(2, 3), keepdim=True) + x
+        y = layer(x)
+        torch.testing.assert_close(y, expected.expand_as(y), atol=1e-5, rtol=1e-5)
+        (y * torch.randn_like(y)).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        assert layer.value_conv.weight.grad.abs().sum() > 0  # the layer trains (it is dead under skip)
+
+
+def test_mean_mode_equals_the_seeds_minus_1e9_arithmetic_on_small_energies():
+    # The seed adds -1e9 to masked energies in float32. On a map where some queries keep
+    # keys and others keep none (5x5, span 3: the centre 1x1... rows), with energies
+    # |e| < 32 the fully masked rows become uniform and the others ignore masked keys.
+    torch.manual_seed(0)
+    H = W = 5
+    layer = random_layer(16, 3, "pre", fully_masked="mean")
+    with torch.no_grad():
+        layer.query_conv.weight.mul_(0.1), layer.key_conv.weight.mul_(0.1)
+    x = torch.randn(2, 16, H, W)
+    q = layer.query_conv(x).flatten(2).transpose(1, 2)
+    k = layer.key_conv(x).flatten(2)
+    v = layer.value_conv(x).flatten(2)
+    energy = torch.bmm(q, k)
+    assert energy.abs().max() < 32
+    allowed = torch.tensor([[max(abs(r1 - r2), abs(c1 - c2)) > 3 for r2 in range(H) for c2 in range(W)]
+                            for r1 in range(H) for c1 in range(W)])
+    assert (~allowed.any(1)).any() and allowed.any(1).any()  # both kinds of rows present
+    seed_attn = torch.softmax(energy + (~allowed).float() * -1e9, dim=-1)  # float32, as the seed
+    seed_out = layer.gamma * torch.bmm(v, seed_attn.transpose(1, 2)).view_as(x) + x
+    for fused in (True, False):
+        layer.fused = fused
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), seed_out, atol=1e-5, rtol=1e-5)
+    _, w = layer(x, return_attention=True)
+    torch.testing.assert_close(w, seed_attn, atol=1e-6, rtol=1e-5)
+
+
+def test_fully_masked_query_counts_of_the_discriminator_maps():
+    # README's counts, from the definition: a query's (2s+1)^2 square covers an h x w map
+    # when s reaches every border from it.
+    def dead(h, w, s):
+        return sum(s >= max(i, h - 1 - i) and s >= max(j, w - 1 - j) for i in range(h) for j in range(w))
+    from sagan_models import span_mask
+    for h, counts in ((4, [0, 0, 4, 16, 16, 16]), (8, [0, 0, 0, 0, 4, 16])):
+        assert [dead(h, h, s) for s in range(6)] == counts
+        assert [int((~span_mask(h, h, s).any(1)).sum()) if s else 0 for s in range(6)] == counts
