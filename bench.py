@@ -2,7 +2,7 @@
 
     python bench.py                      # GPU: batch 64, 64², spans 0 and 3, fast vs reference
     python bench.py --device cpu         # a tiny version that runs in seconds (CI)
-    python bench.py --amp none --compile none --spans 3    # any config by flags
+    python bench.py --fast_flags="--amp none" --spans 3    # the fast path with a part switched off
 
 "fast" is the training loop with no speed flags, i.e. main.py's defaults (on CUDA: bf16
 autocast, fused attention, channels_last, torch.compile, --cache data on the GPU, the whole
@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fid
 from data_loader import build_dataset, make_batches
-from parameter import get_parameters
+from parameter import OneLineParser, get_parameters
 from trainer import Trainer
 from utils import REPO, UserError, configure_backends, fixed_latents, pick_device, set_tf32
 
@@ -144,10 +144,20 @@ def time_fid(args, device, trainer_argv):
             "reference": f"{len(real)} bundled emoji", "generator": "untrained (step 0)"}
 
 
+def spans(text):
+    try:
+        values = [int(s) for s in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected spans >= 0 separated by commas, got {text!r}")
+    return values
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--spans", default="0,3", help="comma-separated spans to time")
+    p.add_argument("--spans", default=[0, 3], type=spans, help="comma-separated spans to time")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 300 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 30 GPU, 2 CPU)")
     p.add_argument("--batch_size", type=int, default=None, help="default: 64 GPU, 8 CPU")
@@ -187,7 +197,7 @@ def main(argv=None):
     if args.skip_reference:
         del paths["reference"]
     rows = []
-    for span in [int(s) for s in args.spans.split(",")]:
+    for span in args.spans:
         for name, flags in paths.items():
             try:
                 r = time_training(common + flags + ["--span", str(span), "--version", f"{name}{span}"],
