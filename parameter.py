@@ -3,6 +3,7 @@ Namespace, resolved and validated) that the Trainer and everything else read."""
 import argparse
 import difflib
 import os
+import re
 import sys
 
 from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
@@ -187,8 +188,11 @@ def validate(cfg, parser):
     if not 0 <= cfg.ema_decay < 1:
         err(f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
     for name in ("g_lr", "d_lr", "lambda_gp"):
-        if getattr(cfg, name) < 0:
-            err(f"--{name} must be >= 0")
+        if not 0 <= getattr(cfg, name) < float("inf"):  # NaN fails this too
+            err(f"--{name} must be a number >= 0, got {getattr(cfg, name)}")
+    if cfg.version is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.version)):
+        err(f"--version {cfg.version!r}: use letters, digits, '.', '_' and '-' (it names folders under "
+            f"the output roots), starting with a letter or digit")
     try:
         metrics = parse_metrics(cfg.metrics)
     except UserError as e:
@@ -282,6 +286,9 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
         step = cfg.pretrained_model if cfg.pretrained_model is not None else max(found)
     elif cfg.resume:
         if not found:
+            if (run_dirs(cfg)["log"] / "metrics.csv").exists():  # it stopped before its first checkpoint
+                cfg.start_checkpoint = None
+                return cfg
             raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
         step = max(found)
@@ -293,10 +300,11 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
                             f"{step} would overwrite them. Move them away first, or use --resume")
     else:
         if found or (run_dirs(cfg)["log"] / "metrics.csv").exists():
-            newest = f"checkpoints up to step {max(found)}" if found else "logs"
-            raise UserError(f"run '{cfg.version}' already exists ({newest} in {folder.parent}/"
-                            f"{cfg.version}); add --resume to continue it, pick another --version, "
-                            f"or delete its folders to start over")
+            where = f"checkpoints up to step {max(found)} in {folder}" if found else \
+                f"logs in {run_dirs(cfg)['log']}, no checkpoint yet"
+            raise UserError(f"run '{cfg.version}' already exists ({where}); add --resume to continue it "
+                            f"(from step 0 when it has no checkpoint), pick another --version, or delete "
+                            f"its folders to start over")
         cfg.start_checkpoint = None
         return cfg
     if step not in found:

@@ -28,8 +28,9 @@ import fid  # noqa: E402
 from data_loader import build_dataset, make_batches
 from sagan_models import attention_layers, build_discriminator, build_generator
 from utils import (UserError, __version__, atomic_open, atomic_save, checkpoints, convert_sync_bn, csv_rows_until,
-                   dist_info, fixed_latents, git_commit, image_grid, is_tty, load_checkpoint, pick_device, rng_state,
-                   run_dirs, sampling_mode, save_png, seed_everything, set_rng_state, to_uint8, uint8_batches, warn)
+                   dist_info, fixed_latents, git_commit, image_grid, is_tty, load_checkpoint, pick_device,
+                   remove_stale_temp_files, rng_state, run_dirs, sampling_mode, save_png, seed_everything, set_rng_state,
+                   to_uint8, uint8_batches, warn)
 
 def persistent_buffers(model):
     """BatchNorm statistics and spectral-norm vectors (not the span masks)."""
@@ -88,9 +89,22 @@ class Trainer:
             self._load(self.ckpt)
         self.fixed_z = self.fixed_z.to(self.device)
         if cfg.train:
+            if self.is_main:
+                self._note_keyless_layers()
             self._wrap_models()
         # One training step, as a CUDA graph replayed every step (--cuda_graph) or eagerly.
         self.step_fn = CUDAGraphStep(self._step) if cfg.cuda_graph else self._step
+
+    def _note_keyless_layers(self):
+        """Say once if a span leaves some attention layer no key for any query."""
+        names = [f"{net} {name}" for net, model, span in (("G", self.G, self.cfg.g_span), ("D", self.D, self.cfg.d_span))
+                 for name, m in attention_layers(model)
+                 if span > 0 and not m.masks(int(name[4:]), int(name[4:]))[2].any()]
+        if names:
+            what = "the mean of the map (--fully_masked mean)" if self.cfg.mask_mode == "pre" and \
+                self.cfg.fully_masked == "mean" else "nothing: x passes through"
+            print(f"note: the span leaves no key for any query of {', '.join(names)} (maps no larger than "
+                  f"2·span+1); there attention takes {what}")
 
     # ------------------------------------------------------------------ run bookkeeping
     def _state(self) -> dict:
@@ -271,8 +285,12 @@ class Trainer:
 
     def _prepare_data_and_fid(self):
         """The batch stream from the current step on, and the FID monitor (or None); writes
-        config.json."""
+        config.json and clears what a killed earlier process left half-written."""
         cfg = self.cfg
+        if self.is_main:
+            stale = sum(remove_stale_temp_files(self.dirs[k]) for k in ("model_save", "log") if self.dirs[k].is_dir())
+            if stale:
+                warn(f"removed {stale} half-written file(s) of an interrupted earlier run of '{cfg.version}'")
         dataset = build_dataset(cfg)
         if len(dataset) < cfg.batch_size:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")

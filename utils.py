@@ -2,6 +2,7 @@
 import csv
 import os
 import random
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -112,10 +113,39 @@ def atomic_open(path, mode="wb", **kwargs):
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # durable before it takes the name, not only atomic
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # and the rename itself survives a power cut
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def remove_stale_temp_files(folder) -> int:
+    """Remove the temp files atomic_open leaves behind when its process is killed mid-write
+    (kill -9): those whose writing process is gone. Returns how many."""
+    removed = 0
+    for p in Path(folder).glob(".*.tmp*"):
+        m = re.fullmatch(r"\..+\.tmp(\d+)", p.name)
+        if m and not _process_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def atomic_save(obj, path) -> None:

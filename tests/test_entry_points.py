@@ -156,3 +156,48 @@ def test_bench_bad_input_is_one_line(tmp_path):
         r = run_cli(args, cwd=tmp_path, script="bench.py")
         assert r.returncode == 2 and r.stderr.startswith("bench.py: error:") and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--g_lr", "nan"], "--g_lr must be a number >= 0, got nan"),
+    (["--d_lr", "inf"], "--d_lr must be a number >= 0"),
+    (["--version", ""], "--version ''"),
+    (["--version", "../../x"], "--version '../../x'"),
+    (["--version", "a/b"], "names folders under the output roots"),
+])
+def test_bad_numbers_and_run_names_are_one_line(tmp_path, capsys, args, message):
+    err = one_line_exit_2(capsys, main.main, train(tmp_path, "--total_step", "2", *args))
+    assert message in err
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("*/x"))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path, capsys):
+    main.main(train(tmp_path, "--version", "early", "--total_step", "5", "--model_save_step", "100"))
+    (tmp_path / "models" / "early" / "5.pt").unlink()  # as if it died before saving
+    err = one_line_exit_2(capsys, main.main, train(tmp_path, "--version", "early", "--total_step", "5"))
+    assert f"logs in {tmp_path / 'logs' / 'early'}, no checkpoint yet" in err and "--resume" in err
+    main.main(train(tmp_path, "--version", "early", "--total_step", "5", "--resume"))  # the one way forward works
+    assert (tmp_path / "models" / "early" / "5.pt").exists()
+
+
+def test_stale_half_written_files_of_a_killed_process_are_removed(tmp_path, capsys):
+    import os
+    folder = tmp_path / "models" / "k"
+    main.main(train(tmp_path, "--version", "k", "--total_step", "5"))
+    dead, alive = folder / ".10.pt.tmp999999999", folder / f".10.pt.tmp{os.getpid()}"
+    dead.write_bytes(b"half"), alive.write_bytes(b"being written")
+    capsys.readouterr()
+    main.main(train(tmp_path, "--version", "k", "--total_step", "6", "--resume"))
+    assert not dead.exists() and alive.exists()
+    assert "removed 1 half-written file(s)" in capsys.readouterr().err
+
+
+def test_a_span_that_leaves_a_layer_no_key_is_named_once_at_start(tmp_path, capsys):
+    main.main(train(tmp_path, "--version", "s", "--total_step", "1", "--span", "3"))
+    out = capsys.readouterr().out
+    assert out.count("note: the span leaves no key for any query of D attn4 (") == 1
+    assert "the mean of the map" in out
+    main.main(train(tmp_path, "--version", "s10", "--total_step", "1", "--span", "10", "--fully_masked", "skip"))
+    out = capsys.readouterr().out
+    # 16x16 keeps keys for its corner queries at span 10; 8x8 and 4x4 keep none
+    assert "of G attn8, D attn8, D attn4 (" in out and "nothing: x passes through" in out
