@@ -155,6 +155,15 @@ def spans(text):
 
 
 def main(argv=None):
+    """The command line: a user mistake (e.g. --device cuda without a GPU) is one line, exit 2."""
+    try:
+        run(argv)
+    except UserError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(argv=None):
     p = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--spans", default=[0, 3], type=spans, help="comma-separated spans to time")
@@ -237,8 +246,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # e.g. --device cuda without a GPU: one line, exit 2
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

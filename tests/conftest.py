@@ -27,10 +27,12 @@ def run_cli(args, cwd, script="main.py", timeout=300, env=None):
                           text=True, timeout=timeout, env=e)
 
 
-def run_main(args, cwd=None):
-    """main.main(args) in this process, answered like run_cli: a CompletedProcess with the
-    exit code and what was printed (a subprocess costs seconds of imports per call)."""
+def run_main(args, cwd=None, entry=None):
+    """main.main(args) (or another entry point's main) in this process, answered like run_cli:
+    a CompletedProcess with the exit code and what was printed (a subprocess costs seconds of
+    imports per call)."""
     import main
+    entry = entry or main.main
     out, err, code = io.StringIO(), io.StringIO(), 0
     old = os.getcwd()
     try:
@@ -38,7 +40,7 @@ def run_main(args, cwd=None):
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                main.main([str(a) for a in args])
+                code = entry([str(a) for a in args]) or 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
     finally:

@@ -60,7 +60,7 @@ def test_every_cpu_speed_option_gives_the_reference_losses(tmp_path, image_folde
 @pytest.mark.slow
 def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_cli(["--device", "cpu", "--steps", "2", "--warmup", "1", "--fid_samples", "4", "--fid_batch_size", "4",
+    r = run_cli(["--device", "cpu", "--steps", "2", "--warmup", "1", "--fid_samples", "2", "--fid_batch_size", "2",
                  "--out", out], cwd=tmp_path, script="bench.py")
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
