@@ -119,7 +119,10 @@ def atomic_open(path, mode="wb", **kwargs):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)  # and the rename itself survives a power cut
+    try:  # and the rename itself survives a power cut (POSIX; best effort where folders cannot be opened)
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(folder)
     finally:
