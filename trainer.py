@@ -97,9 +97,9 @@ class Trainer:
 
     def _note_keyless_layers(self):
         """Say once if a span leaves some attention layer no key for any query."""
-        names = [f"{net} {name}" for net, model, span in (("G", self.G, self.cfg.g_span), ("D", self.D, self.cfg.d_span))
-                 for name, m in attention_layers(model)
-                 if span > 0 and not m.masks(int(name[4:]), int(name[4:]))[2].any()]
+        # each masked layer keeps its map's "live" rows (queries with a key left) as a buffer
+        names = [f"{net} {name}" for net, model in (("G", self.G), ("D", self.D)) for name, m in attention_layers(model)
+                 if any(n.endswith("_live") and not live.any() for n, live in m.named_buffers())]
         if names:
             what = "the mean of the map (--fully_masked mean)" if self.cfg.mask_mode == "pre" and \
                 self.cfg.fully_masked == "mean" else "nothing: x passes through"
@@ -476,13 +476,13 @@ class RunLog:
 
     def __init__(self, trainer):
         t, cfg = trainer, trainer.cfg
-        self.active, self.total = t.is_main, cfg.total_step
+        self.total = cfg.total_step
         self.images_per_step = cfg.batch_size * cfg.d_iters
         self.bar = tqdm(total=cfg.total_step, initial=t.step, disable=not (t.is_main and is_tty()),
                         dynamic_ncols=True, desc=cfg.version)
         self.file = self.tb = None
         self.last_print = 0.0
-        if not self.active:
+        if not t.is_main:
             return
         folder = t.dirs["log"]
         folder.mkdir(parents=True, exist_ok=True)
