@@ -64,7 +64,7 @@ def time_training(argv, steps, warmup, device, reference=False, profile=0):
     sync(t.device)
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    acc = torch.zeros(4, device=t.device)
+    acc = torch.zeros(5, device=t.device)
     for _ in range(steps):
         acc += t.train_step(batches)
     losses = (acc / steps).tolist()  # one sync, as the trainer does per log interval
@@ -72,7 +72,7 @@ def time_training(argv, steps, warmup, device, reference=False, profile=0):
     dt = time.perf_counter() - t0
     out = {"it_per_s": steps / dt, "images_per_s": steps * cfg.batch_size * cfg.d_iters / dt,
            "seconds": dt, "steps": steps, "warmup_seconds": warm_s,
-           "losses": dict(zip(["d_loss", "g_loss", "d_real", "d_fake"], losses)),
+           "losses": dict(zip(["d_loss", "g_loss", "d_real", "d_fake", "rt"], losses)),
            "config": {k: getattr(cfg, k) for k in ("amp", "compile", "channels_last", "cache", "cuda_graph",
                                                    "attn_impl")}}
     if profile and device.type == "cuda":

@@ -10,10 +10,15 @@ of the seed and the batch counter, so resumed and multi-GPU runs see the same da
   used for in-memory arrays and for `--cache`, which decodes image files once.
 - `LoaderBatches`: a DataLoader that decodes files in worker processes.
 """
+import atexit
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +42,29 @@ CELEB_CROP = 160  # the seed's CelebA center crop before resizing
 
 
 # ---------------------------------------------------------------------------- transform
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, scaled by what its pixel values mean: 16-bit greyscale
+    (PNG "I;16"/"I") maps 0..65535 to 0..255 and float images ("F", e.g. float TIFFs)
+    map 0..1 to 0..255, where PIL's convert("RGB") would clip them to white or round them
+    to black."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            a = a * 255.0
+        elif img.mode == "I" and a.max(initial=0) <= 255:  # 32-bit container of 8-bit values
+            pass
+        else:
+            a = a / 257.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def crop_resize(img: Image.Image, crop, size: int) -> torch.Tensor:
     """PIL image → uint8 (3, size, size). crop: an int (center crop of that side, the
     seed's CelebA 160), "square" (center crop to the shorter side, so nothing is
     stretched) or None (image is already square). Resize: PIL bilinear with antialias,
     what torchvision's Resize does on PIL images in the seed."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     if crop == "square":
         img = TF.center_crop(img, min(img.size))
     elif crop is not None:
@@ -108,11 +130,48 @@ def _is_image_name(path: str) -> bool:
 
 def _header_readable(path: Path) -> bool:
     try:
-        with Image.open(path) as im:
+        with quiet_pil(path), Image.open(path) as im:
             im.size  # header only: cheap, catches non-images and empty files
         return True
     except Exception:
         return False
+
+
+_marks = None
+
+
+def said_once_folder() -> str:
+    """A folder, made once by the main process, in which loader workers (which get it with
+    the dataset) mark what has been said: a warning is then said once, not once per worker."""
+    global _marks
+    if _marks is None:
+        _marks = tempfile.mkdtemp(prefix="sagan_warned_")
+        atexit.register(shutil.rmtree, _marks, True)
+    return _marks
+
+
+def warn_once_across_workers(key: str, message: str, folder=None) -> None:
+    try:
+        os.close(os.open(os.path.join(folder or said_once_folder(), hashlib.sha1(key.encode()).hexdigest()),
+                         os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    except OSError:  # the folder is gone: say it anyway
+        pass
+    warn(message)
+
+
+@contextmanager
+def quiet_pil(path, said=None):
+    """PIL's decompression-bomb warning (images over Image.MAX_IMAGE_PIXELS) as one line of
+    ours, said once (across the workers sharing the `said` folder), instead of a raw Python
+    warning per file and worker."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        yield
+    if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+        warn_once_across_workers("bomb", f"very large images (e.g. {path}, over {Image.MAX_IMAGE_PIXELS:,} pixels) "
+                                         f"are slow to decode; resize them once, or train with --cache", said)
 
 
 def image_files(root) -> tuple[list[Path], int]:
@@ -156,6 +215,7 @@ class FileDataset(ImageDataset):
         if bad:
             warn(f"skipped {bad} unreadable image file(s) under {root}")
         self.files, self.size, self.crop, self.description = files, size, crop, description
+        self.said = said_once_folder()
 
     def __len__(self):
         return len(self.files)
@@ -164,11 +224,11 @@ class FileDataset(ImageDataset):
         for k in range(len(self.files)):
             path = self.files[(i + k) % len(self.files)]
             try:
-                with Image.open(path) as im:
+                with quiet_pil(path, self.said), Image.open(path) as im:
                     im.load()
-                    return im.convert("RGB")
+                    return to_rgb(im)
             except Exception:
-                warn(f"could not decode {path}; using the next image instead", once=True)
+                warn_once_across_workers(str(path), f"could not decode {path}; using the next image instead", self.said)
         raise UserError(f"no decodable image under {self.description['path']}")
 
 

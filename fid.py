@@ -10,7 +10,7 @@ CLI:
     python fid.py A B            # A, B: image folder, .npy/.npz images, stats .npz or checkpoint .pt
     python fid.py A B --metrics fid,is,kid
     python fid.py --save-stats A OUT.npz
-    python fid.py compare logs/RUN1 logs/RUN2 ...   # FID table over steps + fid_compare.png
+    python fid.py compare logs/RUN1 logs/RUN2 ...   # FID per group of seeds over steps + plots
 
 The training side (generated_features, reference_stats) is used by the Trainer's FID
 monitor: FID of G every --fid_step against reference statistics cached per dataset.
@@ -43,9 +43,10 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array
+from experiment import compare  # the `compare` sub-command (statistics over seeds)
+from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
 from sagan_models import build_generator
-from utils import (UserError, atomic_open, csv_rows_until, fixed_latents, is_tty, load_checkpoint, pick_device,
+from utils import (UserError, atomic_open, check_writable, csv_rows_until, file_lock, fixed_latents, is_tty, load_checkpoint, pick_device,
                    set_tf32, tf32_flags, uint8_batches, warn)
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -412,6 +413,16 @@ def load_stats(path):
             key = json.loads(str(f["key"])) if "key" in f.files else {}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read statistics {path}: {e}") from None
+    # what would otherwise come out as "FID: nan" or a negative FID, printed as a result
+    if sigma.ndim != 2 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise UserError(f"statistics {path}: sigma {sigma.shape} is not the covariance of mu {mu.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"statistics {path} hold NaN or inf values; recompute them (--save-stats)")
+    scale = max(np.abs(sigma).max(), 1e-300)
+    if np.abs(sigma - sigma.T).max() > 1e-6 * scale:
+        raise UserError(f"statistics {path}: sigma is not symmetric, so it is no covariance; recompute them")
+    if np.linalg.eigvalsh(sigma).min() < -1e-6 * scale:
+        raise UserError(f"statistics {path}: sigma has negative eigenvalues, so it is no covariance; recompute them")
     return mu, sigma, {"n": None if n < 0 else n, "key": key}
 
 # -----------------------------------------------------------------------------
@@ -431,8 +442,8 @@ def load_images(path):
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB")))
+            with quiet_pil(f), Image.open(f) as im:
+                images.append(np.asarray(to_rgb(im)))
         except (OSError, ValueError, SyntaxError):  # truncated / not really an image
             bad += 1
     if bad:
@@ -569,21 +580,11 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
     feats_path = path.with_suffix(".pool3.npy")
-    if rank == 0 and (not path.exists() or (with_features and not feats_path.exists())):
-        g = torch.Generator().manual_seed(0)
-        idx = range(n) if n == len(dataset) else torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist()
-        if images is not None:
-            chosen = images if n == len(images) else images[torch.as_tensor(idx, device=images.device)]
-            loader = _Sized((chosen[i:i + batch_size] for i in range(0, n, batch_size)), -(-n // batch_size))
-        else:
-            loader = DataLoader(Subset(dataset, idx), batch_size, num_workers=num_workers, generator=g)
-        pool3, _ = extract_features(model, loader, device, progress, desc="FID reference")
-        mu, sigma = feature_stats(pool3)
-        save_stats(path, mu, sigma, key, n)
-        if with_features:
-            with atomic_open(feats_path) as f:
-                np.save(f, pool3.astype(np.float32))
-        print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
+    # runs starting together (a sweep's --jobs) wait for the one computing them instead of repeating it
+    with file_lock(path.with_name(f".{path.name}.lock")) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and (not path.exists() or (with_features and not feats_path.exists())):
+            _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path,
+                               key, with_features)
     if world > 1:
         dist.barrier()
     mu, sigma, meta = load_stats(path)
@@ -591,6 +592,24 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
         raise UserError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
     pool3 = np.load(feats_path).astype(np.float64) if with_features else None
     return Reference(mu, sigma, pool3, path)
+
+
+def _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path, key,
+                       with_features):
+    g = torch.Generator().manual_seed(0)
+    idx = range(n) if n == len(dataset) else torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist()
+    if images is not None:
+        chosen = images if n == len(images) else images[torch.as_tensor(idx, device=images.device)]
+        loader = _Sized((chosen[i:i + batch_size] for i in range(0, n, batch_size)), -(-n // batch_size))
+    else:
+        loader = DataLoader(Subset(dataset, idx), batch_size, num_workers=num_workers, generator=g)
+    pool3, _ = extract_features(model, loader, device, progress, desc="FID reference")
+    mu, sigma = feature_stats(pool3)
+    save_stats(path, mu, sigma, key, n)
+    if with_features:
+        with atomic_open(feats_path) as f:
+            np.save(f, pool3.astype(np.float32))
+    print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
 
 
 def generator_from_checkpoint(path, ema=False):
@@ -681,7 +700,7 @@ class FIDMonitor:
         if self.rank != 0:
             return
         row["seconds"] = time.perf_counter() - start
-        self._write(csv_rows_until(self.path, step) + [{k: (f"{v:.6g}" if isinstance(v, float) else v)
+        self._write(csv_rows_until(self.path, step) + [{k: (f"{v:.8g}" if isinstance(v, float) else v)
                                                         for k, v in row.items()}])
         summary = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
         print(f"step {step}: {summary}  ({cfg.fid_samples} samples, {row['seconds']:.1f} s)", flush=True)
@@ -713,46 +732,6 @@ def plot_fid(runs: dict, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def compare(argv):
-    """`python fid.py compare RUN_LOG_DIR ...`: the FID of several runs side by side."""
-    p = argparse.ArgumentParser(prog="fid.py compare",
-                                description="Table and overlaid plot of the fid.csv of several runs.")
-    p.add_argument("runs", nargs="+", metavar="RUN_LOG_DIR", help="<log_path>/<version> folders holding fid.csv")
-    p.add_argument("--out", default="fid_compare.png", help="where to write the plot")
-    p.add_argument("--ema", action="store_true", help="compare the EMA generators (fid_ema)")
-    args = p.parse_args(argv)
-    column = "fid_ema" if args.ema else "fid"
-    runs = {}
-    for d in map(Path, args.runs):
-        if not (d / "fid.csv").is_file():
-            raise UserError(f"{d} has no fid.csv; pass <log_path>/<version> of a run trained with --fid_step N")
-        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-        g, dspan = cfg.get("g_span"), cfg.get("d_span")
-        span = f"span {g}" if g == dspan else f"span G{g}/D{dspan}"
-        label = f"{cfg.get('version', d.name)} ({span})" if g is not None else d.name
-        if label in runs:
-            label += f" [{d}]"
-        with open(d / "fid.csv", newline="") as f:
-            runs[label] = [r for r in csv.DictReader(f) if r.get(column) not in (None, "")]
-    steps = sorted({int(r["step"]) for rows in runs.values() for r in rows})
-    width = max([10] + [len(l) for l in runs])
-    cells = lambda first, vals: f"{first:>10}  " + "  ".join(f"{v:>{width}}" for v in vals)
-    lines = [cells("step", runs)]
-    for step in steps:
-        vals = []
-        for rows in runs.values():
-            hit = [r for r in rows if int(r["step"]) == step]
-            vals.append(f"{float(hit[0][column]):.2f}" if hit else "-")
-        lines.append(cells(step, vals))
-    best = [min(rows, key=lambda r: float(r[column])) if rows else None for rows in runs.values()]
-    lines.append(cells(f"best {column}", [f"{float(b[column]):.2f}" if b else "-" for b in best]))
-    lines.append(cells("at step", [b["step"] if b else "-" for b in best]))
-    print("\n".join(lines))
-    plot_fid({k: [{**r, "fid": r[column], "fid_ema": ""} for r in v] for k, v in runs.items()}, args.out)
-    print(f"plot: {args.out}")
-    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -845,6 +824,9 @@ def _run(args):
 
     if args.save_stats:
         src, out = args.inputs
+        if Path(out).is_dir():
+            raise UserError(f"--save-stats: {out} is a folder; give a file name, e.g. {Path(out) / 'stats.npz'}")
+        check_writable(Path(out).absolute().parent, "--save-stats")  # before minutes of feature extraction
         r = resolve(src)
         if r.pool3 is None:
             raise UserError(f"{src} is already a statistics file")

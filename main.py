@@ -7,9 +7,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from experiment import run_sweep
 from parameter import get_parameters
 from trainer import Trainer
-from utils import UserError, configure_backends
+from utils import UserError, configure_backends, unlock_run
 
 
 def relaunch_with_torchrun():
@@ -43,9 +44,21 @@ def init_distributed(cfg):
 
 def main(argv=None):
     try:
+        return run(argv)
+    except KeyboardInterrupt:  # Ctrl-C before training took over the signal (start-up): nothing to save
+        print("main.py: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        unlock_run()
+
+
+def run(argv):
+    try:
         cfg = get_parameters(argv)
     except UserError as e:
         fail(e)
+    if cfg.sweep:  # --span / --seed lists: one run per cell, each in its own process
+        return run_sweep(cfg, sys.argv[1:] if argv is None else list(argv), os.path.abspath(__file__))
     if cfg.parallel and "WORLD_SIZE" not in os.environ:
         relaunch_with_torchrun()
     distributed = init_distributed(cfg)
@@ -61,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,19 +5,24 @@ import difflib
 import os
 import re
 import sys
+from pathlib import Path
 
+from diffaug import TRANSFORMS, parse_policy
 from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
 from sagan_models import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
-from utils import UserError, checkpoints, load_checkpoint, pick_device, run_dirs
+from utils import UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, warn
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
-            "fully_masked", "adv_loss", "dataset", "seed", "ema_decay")
-LEGACY = {"fully_masked": "skip"}  # what checkpoints saved before a RUN_KEYS flag existed ran
+            "fully_masked", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
+LEGACY = {"fully_masked": "skip", "diffaug": ""}  # what checkpoints saved before a RUN_KEYS flag existed ran
 # Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
 OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
+# --diffaug when not given: on for the small bundled set, where it measurably helps (README,
+# "Small data"); off for the rest, as in the seed's experiment.
+DIFFAUG_DEFAULT = {"emoji": "color,translation,cutout"}
 
 
 def str2bool(v):
@@ -33,6 +38,17 @@ def str2bool(v):
 def str2auto(v):
     """auto, true or false (speed flags: auto means on where it pays, i.e. on CUDA)."""
     return "auto" if str(v).lower() == "auto" else str2bool(v)
+
+
+def int_list(v):
+    """'3' -> [3]; '0,1,2' -> [0, 1, 2] (a sweep over the values)."""
+    try:
+        values = [int(x) for x in str(v).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma list of integers, got {v!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{v!r} repeats a value")
+    return values
 
 
 def _flag(p, name, **kw):
@@ -59,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--z_dim", type=int, default=128)
     g.add_argument("--g_conv_dim", type=int, default=64)
     g.add_argument("--d_conv_dim", type=int, default=64)
-    g.add_argument("--span", type=int, default=0,
+    g.add_argument("--span", type=int_list, default=[0],
                    help="Non-local span: attention ignores keys within the (2·span+1)² square around "
-                        "each query; 0 = plain SAGAN")
+                        "each query; 0 = plain SAGAN. A comma list (with --seed) runs a sweep, see --jobs")
     g.add_argument("--g_span", type=int, default=None, help="span of the generator (default: --span)")
     g.add_argument("--d_span", type=int, default=None, help="span of the discriminator (default: --span)")
     g.add_argument("--mask_mode", default="pre", choices=MASK_MODES,
@@ -73,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--adv_loss", default="hinge", choices=["hinge", "wgan-gp"])
     g.add_argument("--lambda_gp", type=float, default=10.0, help="gradient-penalty weight for wgan-gp")
+    g.add_argument("--diffaug", default=None, metavar="POLICY",
+                   help=f"differentiable augmentation of every image D sees in training: a comma list of "
+                        f"{','.join(TRANSFORMS)}, or none (default: {DIFFAUG_DEFAULT['emoji']} for "
+                        f"--dataset emoji, none otherwise)")
     g.add_argument("--total_step", type=int, default=100000, help="generator steps")
     g.add_argument("--d_iters", type=int, default=1, help="discriminator steps per generator step")
     g.add_argument("--batch_size", type=int, default=64,
@@ -84,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta2", type=float, default=0.9)
     g.add_argument("--ema_decay", type=float, default=0.0,
                    help="EMA of generator weights (e.g. 0.999); 0 = off. Samples and FID then use it too")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and saved in config.json)")
+    g.add_argument("--seed", type=int_list, default=None,
+                   help="random seed (default: drawn and saved in config.json); a comma list runs a sweep")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="a sweep (--span / --seed lists): cells run at once, spread over the visible GPUs")
     a("--version", default=None, help="run name (default: sagan_<dataset>_span<N>[...])")
     a("--pretrained_model", type=int, default=None,
       help="checkpoint step: continue training from it, or sample from it with --train false")
@@ -165,9 +188,11 @@ def validate(cfg, parser):
     if cfg.imsize not in IMAGE_SIZES:
         err(f"--imsize {cfg.imsize} is not supported; use 32, 64 or 128")
     for name in ("span", "g_span", "d_span"):
-        v = getattr(cfg, name)
-        if v is not None and v < 0:
-            err(f"--{name} must be >= 0 (0 is plain SAGAN), got {v}")
+        for v in getattr(cfg, name) if name == "span" else [getattr(cfg, name)]:
+            if v is not None and v < 0:
+                err(f"--{name} must be >= 0 (0 is plain SAGAN), got {v}")
+    if cfg.jobs < 1:
+        err(f"--jobs must be >= 1, got {cfg.jobs}")
     positive = ("batch_size", "total_step", "d_iters", "z_dim", "g_conv_dim", "d_conv_dim", "log_step",
                 "sample_step", "model_save_step", "fid_samples", "fid_ref_samples", "n_samples")
     for name in positive:
@@ -193,6 +218,11 @@ def validate(cfg, parser):
     if cfg.version is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.version)):
         err(f"--version {cfg.version!r}: use letters, digits, '.', '_' and '-' (it names folders under "
             f"the output roots), starting with a letter or digit")
+    if cfg.diffaug is not None:
+        try:
+            cfg.diffaug = parse_policy(cfg.diffaug)
+        except ValueError as e:
+            err(f"--diffaug {cfg.diffaug!r}: {e} (or none)")
     try:
         metrics = parse_metrics(cfg.metrics)
     except UserError as e:
@@ -250,6 +280,8 @@ def resolve(cfg):
             cfg.version += f"_{cfg.mask_mode}"
         if cfg.fully_masked != "mean":
             cfg.version += f"_{cfg.fully_masked}"
+        if cfg.diffaug not in (None, default_diffaug(cfg)):
+            cfg.version += f"_diffaug-{cfg.diffaug.replace(',', '-')}" if cfg.diffaug else "_nodiffaug"
         if cfg.imsize != 64:
             cfg.version += f"_{cfg.imsize}px"
     return cfg
@@ -269,7 +301,62 @@ def get_parameters(argv=None):
         setattr(cfg, k, parser.get_default(k))
     validate(cfg, parser)
     resolve_device_defaults(cfg, parser)
-    return resolve_start(resolve(cfg), given)
+    cfg.sweep = sweep_cells(cfg, parser)
+    if cfg.sweep:  # the cells resolve their own start, each in its own process
+        for key in ("log", "model_save", "sample", "attn"):
+            check_writable(getattr(cfg, f"{key}_path"), f"--{key}_path")
+        return resolve(cfg)
+    resolve(cfg)
+    for key, folder in run_dirs(cfg).items():  # at start, not at the first sample step hours later
+        if cfg.train or key == "sample":
+            check_writable(folder, f"--{key}_path")
+    if cfg.train and int(os.environ.get("RANK", "0")) == 0:  # one writer per run, before anything is read or written
+        lock_run(Path(cfg.log_path) / f".{cfg.version}.lock", f"run '{cfg.version}'")
+    cfg = resolve_start(cfg, given)
+    if cfg.diffaug is None:  # not given and not from a checkpoint
+        cfg.diffaug = default_diffaug(cfg)
+    return cfg
+
+
+def _read_checkpoint(path, needs):
+    """(checkpoint loaded lazily, None), or (None, why it cannot be used)."""
+    try:
+        ck = load_checkpoint(path, mmap=True)
+    except UserError:
+        return None, "cannot be read (cannot read checkpoint: cut short, or not a checkpoint file)"
+    if not isinstance(ck, dict) or not needs <= set(ck) or not isinstance(ck["config"], dict):
+        return None, (f"is not a training checkpoint of this package (it needs {', '.join(sorted(needs))}; "
+                      f"pass the --version of a run this package trained)")
+    return ck, None
+
+
+def sweep_cells(cfg, parser):
+    """--span and --seed lists: [(span, seed, version), ...] of the grid, or None for one run
+    (then cfg.span and cfg.seed become plain values). Cells are named after the run's
+    --version (or the default name) with _span<S> and _seed<N> where those vary."""
+    spans, seeds = cfg.span, cfg.seed if cfg.seed is not None else [None]
+    cfg.span, cfg.seed = spans[0], seeds[0]
+    if len(spans) == 1 and len(seeds) == 1:
+        if cfg.jobs != 1:
+            parser.error("--jobs runs the cells of a sweep at once; give --span or --seed a comma list, or drop --jobs")
+        return None
+    if len(spans) > 1 and (cfg.g_span is not None or cfg.d_span is not None):
+        parser.error("a --span list sweeps the spans of both networks; drop --g_span/--d_span")
+    if not cfg.train or cfg.resume or cfg.pretrained_model is not None:
+        parser.error("a sweep starts, continues or skips each of its cells by itself: drop --train false, "
+                     "--resume and --pretrained_model (run the same command again to continue it)")
+    cfg.sweep_name = (cfg.version or f"sagan_{cfg.dataset}") + "_sweep"
+    cells = []
+    for span in spans:
+        for seed in seeds:
+            one = argparse.Namespace(**{**vars(cfg), "span": span, "seed": seed})
+            name = resolve(one).version if cfg.version is None else f"{cfg.version}_span{span}"
+            cells.append((span, seed, name + (f"_seed{seed}" if seed is not None else "")))
+    return cells
+
+
+def default_diffaug(cfg) -> str:
+    return DIFFAUG_DEFAULT.get(cfg.dataset, "")
 
 
 def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
@@ -279,6 +366,8 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
     `given` on the command line. Raises UserError."""
     folder = run_dirs(cfg)["model_save"]
     found = checkpoints(folder)
+    needs = {"G", "D", "config", "step"} | ({"g_opt", "d_opt"} if cfg.train else set())
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     if not cfg.train:
         if not found:
             raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
@@ -291,10 +380,22 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
                 return cfg
             raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
-        step = max(found)
+        # the newest checkpoint that loads: one cut short (a full disk, a copy) is skipped, and said
+        skipped = []
+        for step in sorted(found, reverse=True):
+            ck, why = _read_checkpoint(found[step], needs)
+            if ck is not None:
+                break
+            skipped.append(f"{found[step]} {why}")
+        else:
+            raise UserError(f"--resume: {skipped[0]}, nor can any older one be used; re-copy it, or move the "
+                            f"checkpoints away to start over")
+        if skipped and rank0:
+            warn(f"--resume: continuing from step {step}, skipping {'; '.join(skipped)} (training writes "
+                 f"the later steps again)")
     elif cfg.pretrained_model is not None:
         step = cfg.pretrained_model
-        newer = sorted(s for s in found if s > step)
+        newer = sorted(s for s in found if s > step and _read_checkpoint(found[s], needs)[0] is not None)
         if step in found and newer:
             raise UserError(f"{folder} has checkpoints after step {step} ({newer}); continuing from "
                             f"{step} would overwrite them. Move them away first, or use --resume")
@@ -309,11 +410,9 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
         return cfg
     if step not in found:
         raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
-    ck = load_checkpoint(found[step], mmap=True)
-    needs = {"G", "D", "config", "step"} | ({"g_opt", "d_opt"} if cfg.train else set())
-    if not isinstance(ck, dict) or not needs <= set(ck) or not isinstance(ck["config"], dict):
-        raise UserError(f"{found[step]} is not a training checkpoint of this package (it needs "
-                        f"{', '.join(sorted(needs))}); pass the --version of a run this package trained")
+    ck, why = _read_checkpoint(found[step], needs)
+    if ck is None:
+        raise UserError(f"{found[step]} {why}; use another step or re-copy the file")
     saved = {**LEGACY, **ck["config"]}
     differ = [f"{k}={saved[k]}" for k in RUN_KEYS if getattr(cfg, k) not in (None, saved[k])]
     for k in RUN_KEYS:
@@ -321,7 +420,7 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
     for k in set(OPTIMIZER_KEYS) - set(given):
         setattr(cfg, k, saved.get(k, getattr(cfg, k)))
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
-    if differ and int(os.environ.get("RANK", "0")) == 0:
+    if differ and rank0:
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
     cfg.start_checkpoint = str(found[step])
     return cfg

@@ -78,6 +78,19 @@ class Self_Attn(nn.Module):
             self.register_buffer(name + "_live", live, persistent=False)
         return getattr(self, name), getattr(self, name + "_softmax"), getattr(self, name + "_live")
 
+    def attention_weights(self, energy, h: int, w: int):
+        """(B, N, N) energies of an h×w map → the attention weights (dense path): softmax
+        with the span mask as mask_mode says, fully masked rows as fully_masked says."""
+        if self.span == 0:
+            return energy.softmax(dim=-1)
+        allowed, softmax_allowed, live = self.masks(h, w, energy.device)
+        if self.mask_mode == "post":
+            return energy.softmax(dim=-1) * allowed
+        attn = energy.masked_fill(~softmax_allowed, float("-inf")).softmax(dim=-1)  # no NaN: no row all -inf
+        if self.fully_masked == "mean":  # rows with no key left: equal weight on every key (class doc)
+            return torch.where(live, attn, torch.full_like(attn, 1.0 / attn.shape[-1]))
+        return attn * live
+
     def forward(self, x, return_attention: bool = False):
         B, C, H, W = x.shape
         # The three 1×1 convs are one linear map of each pixel: a single matrix product over
@@ -91,31 +104,18 @@ class Self_Attn(nn.Module):
         q, k, v = qkv.split([C // 8, C // 8, C], dim=-1)
         masked = self.span > 0
         if masked:
-            allowed, softmax_allowed, live = self.masks(H, W, x.device)
+            _, softmax_allowed, live = self.masks(H, W, x.device)
 
         if self.fused and self.mask_mode == "pre" and not return_attention:
             out = F.scaled_dot_product_attention(
                 q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
                 attn_mask=softmax_allowed if masked else None, scale=1.0).squeeze(1)  # B, N, C
             attn = None
+            if masked:  # rows with no key left (see class doc)
+                out = torch.where(live, out, v.mean(dim=1, keepdim=True)) if self.fully_masked == "mean" else out * live
         else:
-            energy = q @ k.transpose(1, 2)  # B, N(query), N(key)
-            if not masked:
-                attn = energy.softmax(dim=-1)
-            elif self.mask_mode == "pre":
-                attn = energy.masked_fill(~softmax_allowed, float("-inf")).softmax(dim=-1)
-            else:
-                attn = energy.softmax(dim=-1) * allowed
+            attn = self.attention_weights(q @ k.transpose(1, 2), H, W)  # B, N(query), N(key)
             out = attn @ v  # B, N, C
-        if masked and self.mask_mode == "pre":  # rows with no key left (see class doc)
-            if self.fully_masked == "mean":
-                out = torch.where(live, out, v.mean(dim=1, keepdim=True))
-                if attn is not None:
-                    attn = torch.where(live, attn, torch.full_like(attn, 1.0 / attn.shape[-1]))
-            else:
-                out = out * live
-                if attn is not None:
-                    attn = attn * live
 
         # (B, N, C) -> (B, C, H, W) is a view: channels_last strides, no copy
         out = self.gamma * out.transpose(1, 2).reshape(B, C, H, W) + x
@@ -241,6 +241,16 @@ def fully_masked_of(cfg) -> str:
 def attention_layers(model: nn.Module):
     """(name, Self_Attn) pairs in forward order, e.g. [('attn16', …), ('attn32', …)]."""
     return [(n.split(".")[-1], m) for n, m in model.named_modules() if isinstance(m, Self_Attn)]
+
+
+def attention_distance(weights: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """How far attention looks. weights: (B, N, N) attention weights of an h×w map (N = h·w,
+    row-major); returns (B,): per image, the mean over queries q of Σ_k w[q, k]·‖pos(q) − pos(k)‖₂,
+    in pixels of the map."""
+    r = torch.arange(h, device=weights.device).repeat_interleave(w)
+    c = torch.arange(w, device=weights.device).repeat(h)
+    dist = ((r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2).float().sqrt()  # (N, N)
+    return (weights.float() * dist).sum(dim=-1).mean(dim=-1)
 
 
 def count_parameters(model: nn.Module) -> int:

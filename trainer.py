@@ -25,8 +25,9 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 import fid  # noqa: E402
+from diffaug import augment
 from data_loader import build_dataset, make_batches
-from sagan_models import attention_layers, build_discriminator, build_generator
+from sagan_models import attention_distance, attention_layers, build_discriminator, build_generator
 from utils import (UserError, __version__, atomic_open, atomic_save, checkpoints, convert_sync_bn, csv_rows_until,
                    dist_info, fixed_latents, git_commit, image_grid, is_tty, load_checkpoint, pick_device,
                    remove_stale_temp_files, rng_state, run_dirs, sampling_mode, save_png, seed_everything, set_rng_state,
@@ -84,6 +85,8 @@ class Trainer:
         # The sample grid's z: fixed for the whole run, across resumes.
         self.fixed_z = fixed_latents(cfg.seed, "grid", 64, cfg.z_dim)
         self.step, self.elapsed = 0, 0.0
+        self.interval = None  # the steps since the last metrics row (Interval), while training
+        self.attn_real, self.attention_rows = None, []  # D's attention-distance batch, set with the data
         self.last_saved = max(checkpoints(self.dirs["model_save"]), default=None)  # named if a loss turns NaN
         if self.ckpt is not None:
             self._load(self.ckpt)
@@ -112,6 +115,7 @@ class Trainer:
                 "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
                 "g_opt": self.g_opt.state_dict(), "d_opt": self.d_opt.state_dict(),
                 "fixed_z": self.fixed_z.cpu(), "rng": rng_state(), "config": vars(self.cfg),
+                "interval": self.interval.state() if self.interval is not None else None,
                 "world_size": self.world, "version": __version__}
 
     def _load(self, ck: dict):
@@ -146,7 +150,11 @@ class Trainer:
             raise self._diverged("a weight")
         path = self.dirs["model_save"] / f"{self.step}.pt"
         if self.is_main:
-            atomic_save(self._state(), path)
+            try:
+                atomic_save(self._state(), path)
+            except OSError as e:  # disk full, folder removed: the last good checkpoint stays as it was
+                where = f"{self.last_saved}.pt is the last one saved" if self.last_saved is not None else "none saved yet"
+                raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}); {where}") from None
         self.last_saved = self.step
         return path
 
@@ -184,15 +192,23 @@ class Trainer:
     def _z(self, n):
         return self._rank_slice(torch.randn(n * self.world, self.cfg.z_dim, device=self.device))
 
+    def augment(self, x):
+        """--diffaug on what D sees in training (real and generated, D's and G's step), each
+        image with its own draw; the draws are this rank's slice of a global draw."""
+        if not self.cfg.diffaug:
+            return x
+        x = augment(x, self.cfg.diffaug, lambda n, k: self._rank_slice(torch.rand(n * self.world, k, device=x.device)))
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
     def d_step(self, real):
         cfg, b = self.cfg, real.shape[0]
         with torch.no_grad(), self.autocast():
             fake = self.G_train(self._z(b))
-        x = torch.cat([real, fake.to(real.dtype)])
+        x = torch.cat([self.augment(real), self.augment(fake.to(real.dtype))])
         if cfg.adv_loss == "wgan-gp":
             alpha = self._rank_slice(torch.rand(b * self.world, 1, 1, 1, device=self.device))
             interp = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-            x = torch.cat([x, interp])
+            x = torch.cat([x, self.augment(interp)])  # the penalty is on D as it is trained: D∘augment
         with self.autocast():
             out = self.D_train(x).float()  # one forward for real, fake (and interpolates)
         d_real, d_fake = out[:b], out[b:2 * b]
@@ -203,12 +219,13 @@ class Trainer:
         self.d_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.d_opt.step()
-        return loss.detach(), d_real.detach().mean(), d_fake.detach().mean()
+        # ADA's overfitting signal r_t: the mean sign of D's logits on real images (free here)
+        return loss.detach(), d_real.detach().mean(), d_fake.detach().mean(), d_real.detach().sign().mean()
 
     def g_step(self, b):
         self.D.requires_grad_(False)  # G's step needs no D weight gradients
         with self.autocast():
-            loss = -self.D_frozen(self.G_train(self._z(b))).float().mean()
+            loss = -self.D_frozen(self.augment(self.G_train(self._z(b)))).float().mean()
         self.g_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.g_opt.step()
@@ -220,8 +237,8 @@ class Trainer:
         return loss.detach()
 
     def train_step(self, batches):
-        """--d_iters D steps and one G step; returns [d_loss, g_loss, D(real), D(fake)] as a
-        device tensor (no host sync)."""
+        """--d_iters D steps and one G step; returns [d_loss, g_loss, D(real), D(fake), r_t] as
+        a device tensor (no host sync)."""
         return self.step_fn(*[next(batches) for _ in range(self.cfg.d_iters)])
 
     def _step(self, *reals):
@@ -230,9 +247,9 @@ class Trainer:
             real = real.float().div_(127.5).sub_(1)  # uint8 → [-1, 1] on the device
             if self.cfg.channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
-            d_loss, d_real, d_fake = self.d_step(real)
+            d_loss, d_real, d_fake, rt = self.d_step(real)
         g_loss = self.g_step(real.shape[0])
-        return torch.stack([d_loss, g_loss, d_real, d_fake])
+        return torch.stack([d_loss, g_loss, d_real, d_fake, rt])
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16")
@@ -261,23 +278,29 @@ class Trainer:
             return
         batches, fid_monitor = self._prepare_data_and_fid()
         with StopSignals() as stop, RunLog(self) as log:
-            interval = Interval(self.device, self.step)
+            self.interval = Interval(self.device, self.step, self.ckpt.get("interval") if self.ckpt else None)
             while self.step < cfg.total_step:
-                interval.add(self.train_step(batches))
+                self.interval.add(self.train_step(batches))
                 self.step += 1
                 last = self.step == cfg.total_step
-                stopping = stop.received and self.world == 1  # under torchrun: decided at log steps
-                save_now = self.step % cfg.model_save_step == 0 or last or stopping
                 fid_now = fid_monitor is not None and (self.step % cfg.fid_step == 0 or last)
+                save_now = self.step % cfg.model_save_step == 0 or last
+                stopping = stop.received and self.world == 1  # under torchrun: decided at log steps
+                # Rows fall at the same steps in every run; a signal between them saves the
+                # interval's partial sums in the checkpoint instead, so a resumed run logs
+                # exactly the rows of an uninterrupted one.
                 if self.step % cfg.log_step == 0 or save_now or fid_now:
-                    stopping = self._close_interval(interval, log, stop.received) or stopping
-                    save_now = save_now or stopping
-                with interval.paused():  # outputs count in "seconds", not in it/s
-                    if self.step % cfg.sample_step == 0 or last:
-                        self.write_samples()
-                    if save_now:
+                    stopping = self._close_interval(log, stop.received) or stopping
+                with self.interval.paused():  # outputs count in "seconds", not in it/s
+                    if save_now or stopping:  # first: a failing picture never costs a checkpoint
                         self.save_checkpoint()
+                    if self.step % cfg.sample_step == 0 or last:
+                        try:
+                            self.write_samples()
+                        except OSError as e:  # pictures are not worth a run: say so, train on
+                            warn(f"could not write the samples of step {self.step} ({e}); training goes on")
                     if fid_now:
+                        self._share_running_statistics()
                         fid_monitor.evaluate(self.step, self.G, self.G_ema)
                 if stopping:
                     self._announce_stop()
@@ -294,6 +317,10 @@ class Trainer:
         dataset = build_dataset(cfg)
         if len(dataset) < cfg.batch_size:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")
+        # the real images D's attention distance is measured on: the same 64 for every run on this data
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:64]
+        self.attn_real = torch.stack([dataset[int(i)] for i in pick]).float().div_(127.5).sub_(1)
+        self.attention_rows = csv_rows_until(self.dirs["log"] / "attention.csv", self.step)
         if self.is_main:
             self._write_config(len(dataset))
             if cfg.fid_step == 0 and self.device.type == "cpu":
@@ -301,16 +328,16 @@ class Trainer:
         stream = make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world)
         return iter(stream), self._fid_monitor(dataset, getattr(stream, "images", None))
 
-    def _close_interval(self, interval, log, signalled):
+    def _close_interval(self, log, signalled):
         """At a log step: the interval's mean losses (global under torchrun), the NaN check,
         the metrics.csv row. Returns whether a signal reached any rank."""
-        means, steps, train_s, wall_s = interval.close(self.step)
+        means, steps, train_s, wall_s = self.interval.close(self.step)
         self.elapsed += wall_s
         if self.world > 1:  # global means, and whether any rank got a signal
             means = torch.cat([means / self.world, means.new_tensor([signalled])])
             dist.all_reduce(means)
             signalled = bool(means[-1] > 0)
-        values = means[:4].tolist()  # the only host sync of the interval
+        values = means[:5].tolist()  # the only host sync of the interval
         if not all(math.isfinite(v) for v in values):
             raise self._diverged("a loss")
         if self.is_main:
@@ -319,6 +346,19 @@ class Trainer:
             log.write(self.step, self.elapsed, steps / max(train_s, 1e-9), values, gammas)
         return signalled
 
+    def _share_running_statistics(self):
+        """Under torchrun without --sync_bn each rank's BatchNorm keeps running statistics of its
+        own slices, and checkpoints hold rank 0's. FID in --fid_g_mode eval samples on every
+        rank, so every rank takes rank 0's first: the logged FID is the checkpoint's. (Training
+        normalises by batch statistics, so this changes no training step.)"""
+        if self.world == 1 or self.cfg.fid_g_mode != "eval":
+            return
+        for G in (self.G, self.G_ema):
+            for m in G.modules() if G is not None else ():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    dist.broadcast(m.running_mean, 0)
+                    dist.broadcast(m.running_var, 0)
+
     def _announce_stop(self):
         if self.is_main:
             print(f"\nstopped by signal at step {self.step}; checkpoint saved to {self.dirs['model_save']}/"
@@ -326,23 +366,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def write_samples(self):
-        """An 8×8 grid from the fixed z, and the attention picture (rank 0 only)."""
+        """An 8×8 grid from the fixed z, the attention picture, and the attention distances
+        (rank 0 only)."""
         if not self.is_main:
             return
         for name, G in (("", self.G), ("_ema", self.G_ema)):
             if G is None:
                 continue
             with sampling_mode(G, self.cfg.fid_g_mode):
-                captured = {}
-                hooks = [m.register_forward_hook(lambda mod, inp, out, key=n: captured.update({key: inp[0][:1]}))
-                         for n, m in attention_layers(G)]
-                images = G(self.fixed_z)
-                for h in hooks:
-                    h.remove()
+                images, inputs = forward_capturing_attention_inputs(G, self.fixed_z)
                 save_png(image_grid(to_uint8(images)), self.dirs["sample"] / f"{self.step}_fake{name}.png")
                 if not name:
-                    save_attention_picture(G, to_uint8(images[0]), captured,
+                    save_attention_picture(G, to_uint8(images[0]), {k: v[:1] for k, v in inputs.items()},
                                            self.dirs["attn"] / f"{self.step}_attn.png", self.cfg.g_span)
+                    g_inputs = inputs
+        if self.attn_real is not None:  # set when training starts
+            self._log_attention_distance(g_inputs)
+
+    @torch.no_grad()
+    def _log_attention_distance(self, g_inputs):
+        """attention.csv: per attention layer of G (on the fixed z) and of D (on a fixed batch
+        of real images), the mean attention distance (sagan_models.attention_distance), and
+        what uniform weights over the keys the span leaves would give, for reference."""
+        with sampling_mode(self.D):  # D has no BatchNorm; eval keeps its spectral-norm vectors
+            _, d_inputs = forward_capturing_attention_inputs(self.D, self.attn_real.to(self.device))
+        inputs = {"G": g_inputs, "D": d_inputs}
+        for net, model in (("G", self.G), ("D", self.D)):
+            for name, m in attention_layers(model):
+                x = inputs[net][name]
+                H, W = x.shape[2:]
+                # in chunks: the (B, N, N) weights of a 64×64 map are 64 MB per image
+                chunk = max(1, 2 ** 24 // (H * W) ** 2)
+                d = torch.cat([attention_distance(m(x[i:i + chunk], return_attention=True)[1], H, W)
+                               for i in range(0, len(x), chunk)])
+                uniform = attention_distance(m.attention_weights(x.new_zeros(1, H * W, H * W), H, W), H, W)
+                self.attention_rows.append({"step": self.step, "network": net, "layer": name, "map": f"{H}x{W}",
+                                            "distance": f"{d.mean().item():.5g}", "uniform": f"{uniform.item():.5g}"})
+        with atomic_open(self.dirs["log"] / "attention.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["step", "network", "layer", "map", "distance", "uniform"])
+            w.writeheader()
+            w.writerows(self.attention_rows)
 
     def sample(self):
         """--train false: write --n_samples PNGs from the checkpoint's generator(s)."""
@@ -436,13 +499,23 @@ class StopSignals:
 
 
 class Interval:
-    """The steps between two log steps: losses summed on the device (the host reads them
-    once, at the log step) and the time, with outputs (samples, checkpoints, FID) left
-    out of the it/s."""
+    """The steps since the last metrics row: losses summed on the device (the host reads
+    them once, at the log step) and the time, with outputs (samples, checkpoints, FID) left
+    out of the it/s. A checkpoint between log steps carries it (state()), so the resumed
+    run's next row averages the same steps as an uninterrupted run's."""
 
-    def __init__(self, device, step):
-        self.sum = torch.zeros(4, device=device)  # d_loss, g_loss, D(real), D(fake)
+    def __init__(self, device, step, saved=None):
+        self.sum = torch.zeros(5, device=device)  # d_loss, g_loss, D(real), D(fake), r_t
         self.start_time, self.start_step, self.excluded = time.perf_counter(), step, 0.0
+        self.carried = (0.0, 0.0)  # (training, wall) seconds of this interval before a resume
+        if saved is not None and saved["start_step"] < step:
+            self.sum += saved["sum"].to(device)
+            self.start_step, self.carried = saved["start_step"], saved["seconds"]
+
+    def state(self) -> dict:
+        wall = time.perf_counter() - self.start_time
+        return {"sum": self.sum.cpu(), "start_step": self.start_step,
+                "seconds": (self.carried[0] + wall - self.excluded, self.carried[1] + wall)}
 
     def add(self, losses):
         self.sum += losses
@@ -462,8 +535,8 @@ class Interval:
         steps, wall = step - self.start_step, now - self.start_time
         means = self.sum / steps
         self.sum.zero_()
-        train = wall - self.excluded
-        self.start_time, self.start_step, self.excluded = now, step, 0.0
+        train, wall = wall - self.excluded + self.carried[0], wall + self.carried[1]
+        self.start_time, self.start_step, self.excluded, self.carried = now, step, 0.0, (0.0, 0.0)
         return means, steps, train, wall
 
 
@@ -472,7 +545,7 @@ class RunLog:
     run drops the rows after its checkpoint), optional TensorBoard scalars, and progress:
     a tqdm bar on a terminal, else a plain line at most every 5 s. Other ranks write nothing."""
 
-    COLUMNS = ["step", "seconds", "it_per_s", "images_per_s", "d_loss", "g_loss", "d_real", "d_fake"]
+    COLUMNS = ["step", "seconds", "it_per_s", "images_per_s", "d_loss", "g_loss", "d_real", "d_fake", "rt"]
 
     def __init__(self, trainer):
         t, cfg = trainer, trainer.cfg
@@ -529,6 +602,18 @@ class RunLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def forward_capturing_attention_inputs(model, x):
+    """model(x), and {layer name: the input of that attention layer}."""
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, key=n: inputs.update({key: inp[0]}))
+             for n, m in attention_layers(model)]
+    try:
+        return model(x), inputs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25, 0.25), (0.25, 0.75),

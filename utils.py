@@ -129,6 +129,75 @@ def atomic_open(path, mode="wb", **kwargs):
         os.close(folder)
 
 
+@contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (created if missing) for the block, waiting for
+    other processes that hold it. The OS drops the lock when its process dies, so a lock
+    file left by a killed process never blocks anyone."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases it
+
+
+def check_writable(folder, flag: str) -> None:
+    """UserError (one line naming the flag) unless `folder` exists as a writable folder or
+    can be created as one; creates nothing."""
+    path = Path(folder).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag}: {probe} is a file, so {path} cannot be a folder; pick another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot write to {probe} (permission denied or read-only); pick another {flag}")
+
+
+_run_locks = {}  # path -> open file: the run locks this process holds
+
+
+def lock_run(path, what: str) -> None:
+    """Make this process the only writer of a run: an exclusive lock on `path`, kept until
+    unlock_run or the process ends (the OS releases it then, also after kill -9, so a
+    lock of a dead process is never in the way). UserError naming the holder if another
+    live process has it. Taking it again in the same process is a no-op."""
+    path = Path(path)
+    if path in _run_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{what} is being written by {holder}; wait for it to end or stop it "
+                        f"(it saves a checkpoint), or pick another --version") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])})")
+    f.flush()
+    _run_locks[path] = f
+
+
+def unlock_run(path=None) -> None:
+    """Release one run lock of this process (all with path=None)."""
+    for p in [Path(path)] if path is not None else list(_run_locks):
+        f = _run_locks.pop(p, None)
+        if f is not None:
+            f.close()
+
+
 def remove_stale_temp_files(folder) -> int:
     """Remove the temp files atomic_open leaves behind when its process is killed mid-write
     (kill -9): those whose writing process is gone. Returns how many."""

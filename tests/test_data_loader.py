@@ -169,3 +169,49 @@ def test_array_dataset_uses_the_check():
     assert np.array_equal(ds[2].numpy(), nhwc[2].transpose(2, 0, 1))
     with pytest.raises(UserError, match=r"^p\.npy: expected a uint8 image array \(N, H, W, 3\) or \(N, 3, H, W\)"):
         ArrayDataset(nhwc.astype(np.float32), 8, None, {"path": "p.npy"})
+
+
+def test_16_bit_and_float_images_keep_their_brightness(tmp_path):
+    root = tmp_path / "deep"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(root / "grey16.png")  # 32896 / 257 = 128
+    Image.fromarray(np.full((8, 8), 0.25, np.float32)).save(root / "float.tif")  # 0.25 * 255 = 63.75
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(root / "rgb8.png")
+    with Image.open(root / "grey16.png") as im:
+        assert im.mode.startswith("I")  # what PIL's convert("RGB") turns white
+    ds = FileDataset(root, 8, None, {"path": str(root)})
+    values = {f.name: int(ds[i].float().mean()) for i, f in enumerate(ds.files)}
+    assert values == {"float.tif": 64, "grey16.png": 128, "rgb8.png": 200}
+
+
+def _decode_in_worker(ds, i):
+    return ds[i]
+
+
+def test_an_undecodable_file_is_reported_once_across_loader_workers(tmp_path, capfd):
+    import torch
+    root = tmp_path / "w"
+    root.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for i in range(4):
+        Image.fromarray(noise).save(root / f"{i}.jpg")
+    # a valid header with cut-short pixel data: found readable up front, fails when decoded
+    data = (root / "1.jpg").read_bytes()
+    (root / "1.jpg").write_bytes(data[:len(data) // 2])
+    ds = FileDataset(root, 8, None, {"path": str(root)})
+    assert len(ds) == 4
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, sampler=[1, 1, 1, 1, 1, 1])
+    assert len(list(loader)) == 6  # each worker met the bad file
+    err = capfd.readouterr().err
+    assert err.count("could not decode") == 1, err
+
+
+def test_decompression_bomb_warning_is_one_line_of_ours(tmp_path, monkeypatch, capfd):
+    root = tmp_path / "big"
+    save(root / "big.png", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10,000 pixels: over it, under twice it
+    ds = FileDataset(root, 8, None, {"path": str(root)})
+    ds[0]
+    ds[0]
+    err = capfd.readouterr().err
+    assert err.count("very large images") == 1 and "DecompressionBombWarning" not in err, err

@@ -63,7 +63,15 @@ def test_fid_bad_inputs_are_one_line(tmp_path, capsys):
     np.savez(tmp_path / "floats.npz", images=np.zeros((2, 8, 8, 3), np.float32))
     torch.save({"just": "a dict"}, tmp_path / "other.pt")
     fid.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
-    cases = [([tmp_path / "bad.npz", tmp_path / "s.npz"], "bad.npz"),
+    fid.save_stats(tmp_path / "nan.npz", np.array([0, np.nan, 0]), np.eye(3))
+    fid.save_stats(tmp_path / "skew.npz", np.zeros(3), np.eye(3) + np.triu(np.ones((3, 3)), 1))
+    fid.save_stats(tmp_path / "neg.npz", np.zeros(3), -np.eye(3))
+    (tmp_path / "a_folder").mkdir()
+    cases = [([tmp_path / "nan.npz", tmp_path / "s.npz"], "hold NaN or inf"),
+             ([tmp_path / "s.npz", tmp_path / "skew.npz"], "sigma is not symmetric"),
+             ([tmp_path / "s.npz", tmp_path / "neg.npz"], "negative eigenvalues"),
+             (["--save-stats", tmp_path / "s.npz", tmp_path / "a_folder"], "is a folder; give a file name"),
+             (["--save-stats", tmp_path / "s.npz", tmp_path / "s.npz" / "x.npz"], "is a file"),([tmp_path / "bad.npz", tmp_path / "s.npz"], "bad.npz"),
              ([tmp_path / "bad.pt", tmp_path / "s.npz"], "cannot read checkpoint"),
              ([tmp_path / "other.pt", tmp_path / "s.npz"], "not a checkpoint of this package"),
              ([tmp_path / "floats.npz", tmp_path / "s.npz"], "expected a uint8 image array"),

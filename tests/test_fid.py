@@ -440,7 +440,8 @@ def test_load_images_formats_and_errors(tmp_path, capsys):
 
 def test_stats_roundtrip_and_pytorch_fid_format(tmp_path):
     rng = np.random.default_rng(0)
-    mu, sigma = rng.normal(size=4), rng.normal(size=(4, 4))
+    mu, a = rng.normal(size=4), rng.normal(size=(4, 4))
+    sigma = a @ a.T  # a covariance: load_stats refuses what is not one
     fid.save_stats(tmp_path / "s", mu, sigma, key={"resize": "tf1"}, n=7)  # no ".npz" appended
     m2, s2, meta = fid.load_stats(tmp_path / "s")
     assert np.array_equal(m2, mu) and np.array_equal(s2, sigma) and meta == {"n": 7, "key": {"resize": "tf1"}}

@@ -1,5 +1,6 @@
 """Attention layer and networks against independent references (issue 2)."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -328,3 +329,26 @@ def test_fully_masked_query_counts_of_the_discriminator_maps():
     for h, counts in ((4, [0, 0, 4, 16, 16, 16]), (8, [0, 0, 0, 0, 4, 16])):
         assert [dead(h, h, s) for s in range(6)] == counts
         assert [int((~span_mask(h, h, s).any(1)).sum()) if s else 0 for s in range(6)] == counts
+
+
+def test_attention_distance_matches_a_double_loop():
+    from sagan_models import attention_distance
+    g = torch.Generator().manual_seed(0)
+    h, w = 3, 5
+    weights = torch.rand(2, h * w, h * w, generator=g)
+    weights /= weights.sum(-1, keepdim=True)
+    expected = []
+    for b in range(2):
+        total = 0.0
+        for q in range(h * w):
+            qi, qj = divmod(q, w)
+            for k in range(h * w):
+                ki, kj = divmod(k, w)
+                total += weights[b, q, k].item() * math.hypot(qi - ki, qj - kj)
+        expected.append(total / (h * w))
+    torch.testing.assert_close(attention_distance(weights, h, w), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    # closed forms: attending to itself is distance 0; to the right-hand neighbour, 1
+    assert attention_distance(torch.eye(h * w)[None], h, w).item() == 0
+    right = torch.zeros(1, 2, 2)
+    right[0, 0, 1] = right[0, 1, 0] = 1
+    assert attention_distance(right, 1, 2).item() == 1

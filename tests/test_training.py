@@ -1,6 +1,7 @@
 """Training from the command line, end to end (issue 3)."""
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -42,6 +43,10 @@ def test_tiny_run_on_bundled_data_writes_every_output(tmp_path):
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
     assert {"d_loss", "g_loss", "d_real", "d_fake", "images_per_s", "g_attn8_gamma", "d_attn4_gamma"} <= set(rows[0])
     assert all(np.isfinite(float(r["d_loss"])) for r in rows)
+    attn = read_metrics(tmp_path / f"logs/{v}/attention.csv")  # every sample step, every attention layer
+    assert [(r["step"], r["network"], r["layer"], r["map"]) for r in attn[:4]] == [
+        ("10", "G", "attn8", "8x8"), ("10", "G", "attn16", "16x16"), ("10", "D", "attn8", "8x8"), ("10", "D", "attn4", "4x4")]
+    assert len(attn) == 8 and all(0 < float(r["distance"]) < 16 * 2 ** 0.5 for r in attn)
     cfg = json.loads((tmp_path / f"logs/{v}/config.json").read_text())
     assert cfg["dataset_size"] == 1432 and cfg["g_span"] == 2 and cfg["seed"] == 3
     assert {"package_version", "git_commit", "g_lr", "batch_size", "mask_mode", "fid_step"} <= set(cfg)
@@ -215,12 +220,12 @@ def test_sampling_changes_no_model_state(tmp_path):
 @pytest.mark.parametrize("adv_loss", ["hinge", "wgan-gp"])
 def test_discriminator_loss_matches_separate_forwards(tmp_path, adv_loss):
     import copy
-    t = make_trainer(tmp_path, "--adv_loss", adv_loss, "--lambda_gp", "7")
+    t = make_trainer(tmp_path, "--adv_loss", adv_loss, "--lambda_gp", "7", "--diffaug", "none")
     t.D.eval()  # freeze D's spectral-norm vectors so separate forwards see the same weights
     G0, D0 = copy.deepcopy(t.G), copy.deepcopy(t.D)
     real = torch.rand(4, 3, 32, 32) * 2 - 1
     torch.manual_seed(11)
-    loss, d_real_mean, d_fake_mean = t.d_step(real)
+    loss, d_real_mean, d_fake_mean, rt = t.d_step(real)
     # Replay the same random draws with separate forwards.
     torch.manual_seed(11)
     with torch.no_grad():
@@ -236,6 +241,7 @@ def test_discriminator_loss_matches_separate_forwards(tmp_path, adv_loss):
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d_real_mean, d_real.mean().detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d_fake_mean, d_fake.mean().detach(), rtol=1e-5, atol=1e-6)
+    assert rt.item() == (d_real > 0).float().mean().item() - (d_real < 0).float().mean().item()  # ADA's r_t
 
 
 def test_d_iters_steps_discriminator_more_often(tmp_path):
@@ -316,3 +322,82 @@ def test_wgan_gp_keeps_the_discriminator_on_the_double_differentiable_path():
     assert all(m.fused for _, m in attention_layers(build_generator(cfg)))
     cfg = get_parameters(["--span", "2"])
     assert all(m.fused for _, m in attention_layers(build_discriminator(cfg)))
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_and_a_dead_writer_does_not_block(tmp_path):
+    args = train_args(tmp_path, "--version", "busy", "--model_save_step", "2", "--log_step", "2")
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *args, "--total_step", "100000"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "models/busy/2.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        for extra in ([], ["--resume"]):  # a second start, and a resume of the run still training
+            r = run_main([*args, "--total_step", "4", *extra], cwd=tmp_path)
+            assert r.returncode == 2 and f"run 'busy' is being written by process {proc.pid}" in r.stderr, r.stderr
+    finally:
+        proc.kill()  # kill -9: its lock dies with it
+        proc.wait()
+    r = run_main([*args, "--total_step", "6", "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "models/busy/6.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_stop_between_log_steps_leaves_the_metrics_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    import trainer
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    args = train_args(tmp_path, "--total_step", "12", "--log_step", "4", "--sample_step", "100", "--model_save_step",
+                      "100", "--version", "v")
+    assert run_main([*args, *out_dirs(a)], cwd=a).returncode == 0
+    step = trainer.Trainer.train_step
+
+    def signalled_at_6(self, batches):
+        if self.step == 5:  # the step that makes it 6: between the rows of steps 4 and 8
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batches)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", signalled_at_6)
+    stopped = run_main([*args, *out_dirs(b)], cwd=b)
+    assert stopped.returncode == 0 and "stopped by signal at step 6" in stopped.stdout
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    assert run_main([*args, *out_dirs(b), "--resume"], cwd=b).returncode == 0
+    keys = ["step", "d_loss", "g_loss", "d_real", "d_fake", "rt", "g_attn8_gamma", "d_attn4_gamma"]
+    ra, rb = ([[r[k] for k in keys] for r in read_metrics(d / "logs/v/metrics.csv")] for d in (a, b))
+    assert [r[0] for r in ra] == ["4", "8", "12"] and ra == rb
+
+
+@pytest.mark.slow
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    args = train_args(tmp_path, "--version", "t", "--model_save_step", "5", "--sample_step", "100")
+    assert run_main([*args, "--total_step", "10"], cwd=tmp_path).returncode == 0
+    good = torch.load(tmp_path / "models/t/10.pt", weights_only=False)
+    (tmp_path / "models/t/10.pt").write_bytes(b"cut short")
+    # an older step may be continued from when everything after it is unreadable ...
+    assert get_parameters([*args, "--pretrained_model", "5"]).start_checkpoint.endswith("5.pt")
+    # ... and --resume takes the newest that loads, saying which one it skipped and why
+    r = run_main([*args, "--total_step", "10", "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "continuing from step 5, skipping" in r.stderr and "10.pt cannot be read" in r.stderr
+    again = torch.load(tmp_path / "models/t/10.pt", weights_only=False)
+    assert all(torch.equal(good["G"][k], again["G"][k]) for k in good["G"])  # resume is exact
+    rows = read_metrics(tmp_path / "logs/t/metrics.csv")
+    assert [r["step"] for r in rows] == ["5", "10"]
+
+
+def test_output_folders_are_checked_at_start_and_a_failed_picture_costs_no_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    r = run_main(train_args(tmp_path, "--total_step", "2", "--sample_path", tmp_path / "afile"), cwd=tmp_path)
+    assert r.returncode == 2 and "--sample_path" in r.stderr and "is a file" in r.stderr
+    assert not (tmp_path / "models").exists()  # nothing trained, nothing written
+    import trainer
+
+    def no_space(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.Trainer, "write_samples", no_space)
+    r = run_main(train_args(tmp_path, "--total_step", "10", "--version", "p"), cwd=tmp_path)
+    assert r.returncode == 0 and "could not write the samples of step 10" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "models/p").iterdir()) == ["10.pt"]

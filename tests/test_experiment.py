@@ -1,0 +1,103 @@
+"""The span experiment's comparison: grouping over seeds, statistics against numbers
+computed here by hand, and the CSV / plots."""
+import csv
+import json
+import math
+
+import pytest
+from scipy import stats
+
+import fid
+from conftest import run_main
+
+BASE = {"model": "sagan", "imsize": 32, "g_span": 0, "d_span": 0, "d_lr": 4e-4, "adv_loss": "hinge",
+        "dataset": "emoji", "batch_size": 32, "diffaug": ""}
+
+
+def make_run(root, name, fids, **config):
+    """A run folder as training writes it: config.json and fid.csv ({step: fid})."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {**BASE, **config, "version": name, "log_path": str(root), "git_commit": name * 2}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with open(d / "fid.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "fid", "fid_ema", "samples", "seconds"])
+        for step, v in fids.items():
+            w.writerow([step, v, "", 1000, 1.0])
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    runs = [make_run(tmp_path, f"s0_seed{i}", {500: 40 + 2 * i, 1000: 30 + 2 * i}, seed=i) for i in range(3)]
+    runs += [make_run(tmp_path, f"s3_seed{i}", {500: 35 + i, 1000: 25 + i}, g_span=3, d_span=3, seed=i)
+             for i in range(3)]
+    runs.append(make_run(tmp_path, "s4_alone", {500: 50, 1000: 60}, g_span=4, d_span=4, seed=0))
+    return tmp_path, runs
+
+
+def test_groups_statistics_welch_reach_and_csv(sweep):
+    root, runs = sweep
+    out_csv = root / "table.csv"
+    r = run_main(["compare", *runs, "--out", root / "cmp.png", "--csv", out_csv, "--reach", "36"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out_csv)))
+    assert list(rows[0]) == ["group", "g_span", "d_span", "step", "n", "mean", "std", "ci95_low", "ci95_high"]
+    by = {(row["group"], int(row["step"])): row for row in rows}
+    assert sorted({g for g, _ in by}) == ["s4_alone (span 4)", "span 0", "span 3"]
+    # span 0 at step 1000: 30, 32, 34 -> mean 32, std 2, CI 32 ± t(0.975, 2)·2/√3 with t = 4.302652729911275
+    row = by[("span 0", 1000)]
+    half = 4.302652729911275 * 2 / math.sqrt(3)
+    assert (row["g_span"], row["d_span"], row["n"]) == ("0", "0", "3")
+    assert float(row["mean"]) == pytest.approx(32) and float(row["std"]) == pytest.approx(2)
+    assert float(row["ci95_low"]) == pytest.approx(32 - half, rel=1e-5)
+    assert float(row["ci95_high"]) == pytest.approx(32 + half, rel=1e-5)
+    alone = by[("s4_alone (span 4)", 1000)]
+    assert alone["n"] == "1" and alone["std"] == alone["ci95_low"] == alone["ci95_high"] == ""
+    # Welch at the last common step (1000): span 3 (25, 26, 27) vs span 0 (30, 32, 34)
+    se2 = 1 / 3 + 4 / 3
+    t = (26 - 32) / math.sqrt(se2)
+    dof = se2 ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2)
+    p = 2 * stats.t.sf(abs(t), dof)
+    line = next(l for l in r.stdout.splitlines() if l.strip().startswith("p vs span 0"))
+    assert f"{p:.3g} @1000" in line and "n<2" in line  # the lone span-4 run has no spread
+    # first step with mean <= 36: span 0 at 1000 (42 at 500), span 3 at 500 (36), span 4 never
+    reach = next(l for l in r.stdout.splitlines() if "reach" in l).split()[2:]
+    assert reach == ["1000", "500", "never"]
+    best = next(l for l in r.stdout.splitlines() if l.strip().startswith("best fid")).split()[2:]
+    assert best == ["32.00", "26.00", "50.00"]
+    assert (root / "cmp.png").stat().st_size > 1000
+
+
+def test_other_settings_split_groups_and_find_their_own_baseline(tmp_path):
+    runs = [make_run(tmp_path, f"a{i}", {100: 10 + i}, seed=i) for i in range(2)]
+    runs += [make_run(tmp_path, f"b{i}", {100: 20 + 3 * i}, seed=i, d_lr=1e-4) for i in range(2)]
+    runs += [make_run(tmp_path, f"c{i}", {100: 30 + i}, seed=i, d_lr=1e-4, g_span=2, d_span=2) for i in range(2)]
+    r = run_main(["compare", *runs, "--out", tmp_path / "x.png", "--csv", tmp_path / "t.csv"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    groups = [row["group"] for row in csv.DictReader(open(tmp_path / "t.csv"))]
+    assert groups == ["span 0, d_lr=0.0004", "span 0, d_lr=0.0001", "span 2, d_lr=0.0001"]
+    p = stats.ttest_ind([30, 31], [20, 23], equal_var=False).pvalue  # c against b, not against a
+    assert f"{p:.3g} @100" in next(l for l in r.stdout.splitlines() if l.strip().startswith("p vs span 0"))
+
+
+def test_runs_without_seeds_to_group_compare_as_before(tmp_path):
+    runs = [make_run(tmp_path, "x", {10: 5.0}, seed=1), make_run(tmp_path, "y", {10: 7.0}, seed=2, g_span=1, d_span=1)]
+    r = run_main(["compare", *runs, "--out", tmp_path / "p.png"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    head, first = r.stdout.splitlines()[:2]
+    assert "x (span 0)" in head and "y (span 1)" in head and first.split() == ["10", "5.00", "7.00"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"step,fid\n\xff\xfe,1\n", "cannot read"),
+    (b"step,fid\n10,abc\n", "malformed row"),
+    (b"step,fid\nten,1.0\n", "malformed row"),
+])
+def test_malformed_fid_csv_is_one_line(tmp_path, content, message):
+    d = make_run(tmp_path, "bad", {})
+    (d / "fid.csv").write_bytes(content)
+    r = run_main(["compare", d], entry=fid.main)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
