@@ -161,6 +161,9 @@ def main(argv=None):
     except UserError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("bench.py: interrupted", file=sys.stderr)
+        return 130
 
 
 def run(argv=None):
@@ -246,4 +249,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -370,7 +370,8 @@ def run_sweep(cfg, argv, main_py) -> int:
                 running.remove(c)
                 if c.proc.stdout is not None:
                     c.reader.join()
-                c.result = "ok" if c.proc.returncode == 0 else f"failed (exit {c.proc.returncode})"
+                rc = c.proc.returncode
+                c.result = "ok" if rc == 0 else "interrupted" if stop["signal"] is not None else f"failed (exit {rc})"
                 print(f"sweep: {c.version} {c.result}", flush=True)
             if stop["signal"] is not None and not running:
                 break

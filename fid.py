@@ -864,6 +864,9 @@ def main(argv=None):
     except UserError as e:  # UserError and the UserErrors of the data and checkpoint helpers
         print(f"fid.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-written is left (atomic writes), so no traceback
+        print("fid.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

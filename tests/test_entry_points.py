@@ -206,3 +206,18 @@ def test_a_span_that_leaves_a_layer_no_key_is_named_once_at_start(tmp_path, caps
     out = capsys.readouterr().out
     # 16x16 keeps keys for its corner queries at span 10; 8x8 and 4x4 keep none
     assert "of G attn8, D attn8, D attn4 (" in out and "nothing: x passes through" in out
+
+
+def test_ctrl_c_during_start_up_exits_quietly(tmp_path, monkeypatch):
+    import trainer
+    from conftest import run_main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt  # what SIGINT raises before training installs its own handler
+
+    monkeypatch.setattr(trainer, "build_dataset", interrupted)
+    r = run_main(train(tmp_path, "--version", "i", "--total_step", "2"), cwd=tmp_path)
+    assert r.returncode == 130 and r.stderr.strip() == "main.py: interrupted"
+    # the run's lock went with it: the same command starts
+    monkeypatch.undo()
+    assert run_main(train(tmp_path, "--version", "i", "--total_step", "2"), cwd=tmp_path).returncode == 0
