@@ -49,8 +49,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     to black."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            a = a * 255.0
+        if img.mode == "F":  # floats in 0..1 (the usual convention), or already 0..255
+            a = a * 255.0 if a.max(initial=0) <= 1.0 else a
         elif img.mode == "I" and a.max(initial=0) <= 255:  # 32-bit container of 8-bit values
             pass
         else:
@@ -169,6 +169,9 @@ def quiet_pil(path, said=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Image.DecompressionBombWarning)
         yield
+    for w in caught:  # PIL's other warnings go on as they came
+        if not issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
         warn_once_across_workers("bomb", f"very large images (e.g. {path}, over {Image.MAX_IMAGE_PIXELS:,} pixels) "
                                          f"are slow to decode; resize them once, or train with --cache", said)

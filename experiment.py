@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 from scipy import stats
 
-from utils import UserError, checkpoints
+from utils import LEGACY_SETTINGS, UserError, checkpoints
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -35,7 +35,7 @@ NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path",
                 "package_version", "git_commit", "torch", "device", "world_size", "num_workers", "cache",
                 "resume", "pretrained_model", "start_checkpoint", "train", "n_samples", "parallel",
                 "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step", "fid_batch_size",
-                "jobs", "span"}
+                "jobs", "span", "sweep"}
 CSV_COLUMNS = ["group", "g_span", "d_span", "step", "n", "mean", "std", "ci95_low", "ci95_high"]
 
 
@@ -80,10 +80,16 @@ def load_run(folder, column="fid") -> Run:
             config = json.loads((d / "config.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise UserError(f"cannot read {d / 'config.json'} ({type(e).__name__})") from None
+        config = {**LEGACY_SETTINGS, **config}  # runs from before a setting existed group with their equals
     path = d / "fid.csv"
     fid = {_number(r, "step", path, int): _number(r, column, path) for r in _read_csv(path)
            if r.get(column) not in (None, "")}
     attention = _read_csv(d / "attention.csv") if (d / "attention.csv").is_file() else []
+    for r in attention:  # checked here, not half-way through a plot
+        _number(r, "step", d / "attention.csv", int), _number(r, "distance", d / "attention.csv")
+        _number(r, "uniform", d / "attention.csv")
+        if any(r.get(k) in (None, "") for k in ("network", "layer", "map")):
+            raise UserError(f"{d / 'attention.csv'}: malformed row {dict(r)!r}; is it a file this package wrote?")
     return Run(d, config, fid, attention)
 
 
@@ -124,6 +130,10 @@ class Group:
 
     def steps(self) -> list:
         return sorted({s for r in self.runs for s in r.fid})
+
+    def full_steps(self) -> set:
+        """The steps every run of the group logged."""
+        return set.intersection(*(set(r.fid) for r in self.runs))
 
     def table(self) -> dict:
         """{step: Summary} over the runs that logged the step."""
@@ -185,25 +195,29 @@ def report(groups, column="fid", reach=None) -> str:
     row = lambda first, vals: f"{first:>12}  " + "  ".join(f"{v:>{width}}" for v in vals)
     lines = [row("step", [g.label for g in groups])]
     lines += [row(s, [cell(t.get(s)) for t in tables]) for s in steps]
-    best = [min(t.items(), key=lambda kv: kv[1].mean) if t else None for t in tables]
+    finite = [{s: m for s, m in t.items() if math.isfinite(m.mean)} for t in tables]
+    best = [min(t.items(), key=lambda kv: kv[1].mean) if t else None for t in finite]
     lines.append(row(f"best {column}", ["-" if b is None else f"{b[1].mean:.2f}" for b in best]))
     lines.append(row("at step", ["-" if b is None else str(b[0]) for b in best]))
-    ci = lambda m: "-" if m is None or m.n < 2 else f"[{m.ci95[0]:.2f}, {m.ci95[1]:.2f}]"
-    lines.append(row("last: 95% CI", [ci(t[max(t)]) if t else None for t in tables]))
+    # the last step at which every run of the group logged: later means may be over fewer seeds
+    ci = lambda g, t: "-" if not g.full_steps() or len(g.runs) < 2 else \
+        "[{:.2f}, {:.2f}]".format(*t[max(g.full_steps())].ci95)
+    lines.append(row("last: 95% CI", [ci(g, t) for g, t in zip(groups, tables)]))
     pvals = []
     for g in groups:
         base = baseline_of(g, groups)
-        common = sorted(set(g.steps()) & set(base.steps())) if base else []
+        common = sorted(g.full_steps() & base.full_steps()) if base else []
         if not common:
             pvals.append("-")
             continue
-        p = welch_p(g.values(common[-1]), base.values(common[-1]))
-        pvals.append("n<2" if math.isnan(p) else f"{p:.3g} @{common[-1]}")
+        a, b = g.values(common[-1]), base.values(common[-1])
+        p = welch_p(a, b)
+        pvals.append("n<2" if min(len(a), len(b)) < 2 else "nan" if math.isnan(p) else f"{p:.3g} @{common[-1]}")
     lines.append(row("p vs span 0", pvals))
     if reach is not None:
         lines.append(row(f"reach {column}≤{reach:g}", [str(g.reach(reach) or "never") for g in groups]))
     lines.append("mean ± std (n runs) per step; 95% CI: Student t; p: Welch's t-test against the span-0 group "
-                 "with the same other settings, at the last step both logged")
+                 "with the same other settings; both at the last step every run of the groups logged")
     return "\n".join(lines)
 
 
@@ -283,7 +297,8 @@ def compare(argv) -> int:
                    help=f"write one row per group and step: {','.join(CSV_COLUMNS)}")
     args = p.parse_args(argv)
     column = "fid_ema" if args.ema else "fid"
-    groups = group_runs([load_run(d, column) for d in args.runs])
+    folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
+    groups = group_runs([load_run(d, column) for d in folders])
     print(report(groups, column, args.reach))
     plot_groups(groups, args.out, column)
     print(f"plot: {args.out}")
@@ -353,7 +368,8 @@ def run_sweep(cfg, argv, main_py) -> int:
     def on_signal(signum, frame):
         stop["signal"] = signum
         for c in running:  # each cell saves a checkpoint and exits
-            c.proc.send_signal(signum)
+            if c.proc is not None:
+                c.proc.send_signal(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -361,17 +377,20 @@ def run_sweep(cfg, argv, main_py) -> int:
             while todo and len(running) < cfg.jobs and stop["signal"] is None:
                 cell, resume = todo.pop(0)
                 cell.slot = min(set(range(cfg.jobs)) - {c.slot for c in running})
+                running.append(cell)  # before it starts: a signal from now on reaches it (on_signal)
                 _launch(cell, cell_argv(argv, cell.span, cell.seed, cell.version, resume), main_py, cfg, gpus,
                         prefix=cfg.jobs > 1)
+                if stop["signal"] is not None:  # the signal came while it was starting
+                    cell.proc.send_signal(stop["signal"])
                 print(f"sweep: {'continuing' if resume else 'starting'} {cell.version}", flush=True)
-                running.append(cell)
             time.sleep(0.2)
             for c in [c for c in running if c.proc.poll() is not None]:
                 running.remove(c)
                 if c.proc.stdout is not None:
-                    c.reader.join()
+                    c.reader.join(timeout=10)
                 rc = c.proc.returncode
-                c.result = "ok" if rc == 0 else "interrupted" if stop["signal"] is not None else f"failed (exit {rc})"
+                c.result = "ok" if cell_state(cfg, c.version) == "done" else \
+                    "interrupted" if stop["signal"] is not None else f"failed (exit {rc})"
                 print(f"sweep: {c.version} {c.result}", flush=True)
             if stop["signal"] is not None and not running:
                 break
@@ -413,7 +432,7 @@ def _launch(cell, args, main_py, cfg, gpus, prefix):
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))  # share the cores
     out = subprocess.PIPE if prefix else None
     cell.proc = subprocess.Popen([sys.executable, str(main_py), *args], env=env, stdout=out,
-                                 stderr=subprocess.STDOUT if prefix else None, text=True)
+                                 stderr=subprocess.STDOUT if prefix else None, text=True, errors="replace")
     if prefix:  # several cells at once: their lines, each marked with its cell
         import threading
         cell.reader = threading.Thread(target=_forward, args=(cell.proc.stdout, f"[{cell.version}] "), daemon=True)

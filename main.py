@@ -58,7 +58,10 @@ def run(argv):
     except UserError as e:
         fail(e)
     if cfg.sweep:  # --span / --seed lists: one run per cell, each in its own process
-        return run_sweep(cfg, sys.argv[1:] if argv is None else list(argv), os.path.abspath(__file__))
+        try:
+            return run_sweep(cfg, sys.argv[1:] if argv is None else list(argv), os.path.abspath(__file__))
+        except UserError as e:  # e.g. a cell's fid.csv the final report cannot read
+            fail(e)
     if cfg.parallel and "WORLD_SIZE" not in os.environ:
         relaunch_with_torchrun()
     distributed = init_distributed(cfg)

@@ -10,12 +10,12 @@ from pathlib import Path
 from diffaug import TRANSFORMS, parse_policy
 from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
 from sagan_models import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
-from utils import UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, warn
+from utils import LEGACY_SETTINGS, UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, warn
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
             "fully_masked", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
-LEGACY = {"fully_masked": "skip", "diffaug": ""}  # what checkpoints saved before a RUN_KEYS flag existed ran
+LEGACY = LEGACY_SETTINGS  # what checkpoints saved before a RUN_KEYS flag existed ran
 # Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
 OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
@@ -318,6 +318,22 @@ def get_parameters(argv=None):
     return cfg
 
 
+def _newest_loadable(found, needs, what) -> int:
+    """The newest step whose checkpoint loads: one cut short (a full disk, a bad copy) is
+    skipped, with one warning saying which and why. UserError if none loads."""
+    skipped = []
+    for step in sorted(found, reverse=True):
+        ck, why = _read_checkpoint(found[step], needs)
+        if ck is not None:
+            if skipped and int(os.environ.get("RANK", "0")) == 0:
+                warn(f"{what}: using step {step}, skipping {'; '.join(skipped)}"
+                     + (" (training writes the later steps again)" if what == "--resume" else ""))
+            return step
+        skipped.append(f"{found[step]} {why}")
+    raise UserError(f"{what}: {skipped[0]}, nor can any older one be used; re-copy it, or move the "
+                    f"checkpoints away")
+
+
 def _read_checkpoint(path, needs):
     """(checkpoint loaded lazily, None), or (None, why it cannot be used)."""
     try:
@@ -350,7 +366,8 @@ def sweep_cells(cfg, parser):
     for span in spans:
         for seed in seeds:
             one = argparse.Namespace(**{**vars(cfg), "span": span, "seed": seed})
-            name = resolve(one).version if cfg.version is None else f"{cfg.version}_span{span}"
+            name = resolve(one).version if cfg.version is None else \
+                cfg.version + (f"_span{span}" if len(spans) > 1 else "")
             cells.append((span, seed, name + (f"_seed{seed}" if seed is not None else "")))
     return cells
 
@@ -372,7 +389,7 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
         if not found:
             raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
                             f"(and --model_save_path) of a trained run")
-        step = cfg.pretrained_model if cfg.pretrained_model is not None else max(found)
+        step = cfg.pretrained_model if cfg.pretrained_model is not None else _newest_loadable(found, needs, "sampling")
     elif cfg.resume:
         if not found:
             if (run_dirs(cfg)["log"] / "metrics.csv").exists():  # it stopped before its first checkpoint
@@ -380,19 +397,7 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
                 return cfg
             raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
-        # the newest checkpoint that loads: one cut short (a full disk, a copy) is skipped, and said
-        skipped = []
-        for step in sorted(found, reverse=True):
-            ck, why = _read_checkpoint(found[step], needs)
-            if ck is not None:
-                break
-            skipped.append(f"{found[step]} {why}")
-        else:
-            raise UserError(f"--resume: {skipped[0]}, nor can any older one be used; re-copy it, or move the "
-                            f"checkpoints away to start over")
-        if skipped and rank0:
-            warn(f"--resume: continuing from step {step}, skipping {'; '.join(skipped)} (training writes "
-                 f"the later steps again)")
+        step = _newest_loadable(found, needs, "--resume")
     elif cfg.pretrained_model is not None:
         step = cfg.pretrained_model
         newer = sorted(s for s in found if s > step and _read_checkpoint(found[s], needs)[0] is not None)

@@ -4,6 +4,7 @@ The Non-local idea: a query pixel may not attend to keys inside the (2·span+1)�
 around itself, because the convolutions already see that neighbourhood; attention is
 left for far pixels. span 0 is plain SAGAN (no mask at all).
 """
+import functools
 from collections import OrderedDict
 
 import torch
@@ -247,10 +248,15 @@ def attention_distance(weights: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """How far attention looks. weights: (B, N, N) attention weights of an h×w map (N = h·w,
     row-major); returns (B,): per image, the mean over queries q of Σ_k w[q, k]·‖pos(q) − pos(k)‖₂,
     in pixels of the map."""
-    r = torch.arange(h, device=weights.device).repeat_interleave(w)
-    c = torch.arange(w, device=weights.device).repeat(h)
-    dist = ((r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2).float().sqrt()  # (N, N)
-    return (weights.float() * dist).sum(dim=-1).mean(dim=-1)
+    return (weights.float() * _pixel_distances(h, w, weights.device)).sum(dim=-1).mean(dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_distances(h, w, device):
+    """(N, N) Euclidean distances between the pixels of an h×w map, row-major."""
+    r = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
+    c = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    return ((r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2).sqrt()
 
 
 def count_parameters(model: nn.Module) -> int:

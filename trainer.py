@@ -28,7 +28,7 @@ import fid  # noqa: E402
 from diffaug import augment
 from data_loader import build_dataset, make_batches
 from sagan_models import attention_distance, attention_layers, build_discriminator, build_generator
-from utils import (UserError, __version__, atomic_open, atomic_save, checkpoints, convert_sync_bn, csv_rows_until,
+from utils import (UserError, __version__, atomic_open, atomic_save, convert_sync_bn, csv_rows_until,
                    dist_info, fixed_latents, git_commit, image_grid, is_tty, load_checkpoint, pick_device,
                    remove_stale_temp_files, rng_state, run_dirs, sampling_mode, save_png, seed_everything, set_rng_state,
                    to_uint8, uint8_batches, warn)
@@ -87,7 +87,8 @@ class Trainer:
         self.step, self.elapsed = 0, 0.0
         self.interval = None  # the steps since the last metrics row (Interval), while training
         self.attn_real, self.attention_rows = None, []  # D's attention-distance batch, set with the data
-        self.last_saved = max(checkpoints(self.dirs["model_save"]), default=None)  # named if a loss turns NaN
+        # named if a loss turns NaN: the checkpoint this run started from (not a newer unreadable one)
+        self.last_saved = self.ckpt["step"] if self.ckpt is not None else None
         if self.ckpt is not None:
             self._load(self.ckpt)
         self.fixed_z = self.fixed_z.to(self.device)

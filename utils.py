@@ -18,6 +18,11 @@ __version__ = "0.1.0"
 REPO = Path(__file__).resolve().parent
 
 
+# Run settings that checkpoints and config.json files saved before the flag existed lack:
+# what those runs trained with.
+LEGACY_SETTINGS = {"fully_masked": "skip", "diffaug": ""}
+
+
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, no traceback, exit code 2."""
 
@@ -150,7 +155,7 @@ def check_writable(folder, flag: str) -> None:
     can be created as one; creates nothing."""
     path = Path(folder).absolute()
     probe = path
-    while not probe.exists():
+    while not os.path.exists(probe):  # os.path: no PermissionError from an unreadable parent
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"{flag}: {probe} is a file, so {path} cannot be a folder; pick another {flag}")

@@ -90,14 +90,39 @@ def test_runs_without_seeds_to_group_compare_as_before(tmp_path):
     assert "x (span 0)" in head and "y (span 1)" in head and first.split() == ["10", "5.00", "7.00"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"step,fid\n\xff\xfe,1\n", "cannot read"),
-    (b"step,fid\n10,abc\n", "malformed row"),
-    (b"step,fid\nten,1.0\n", "malformed row"),
+@pytest.mark.parametrize("name, content, message", [
+    ("fid.csv", b"step,fid\n\xff\xfe,1\n", "cannot read"),
+    ("fid.csv", b"step,fid\n10,abc\n", "malformed row"),
+    ("fid.csv", b"step,fid\nten,1.0\n", "malformed row"),
+    ("attention.csv", b"step,network,layer,map,distance,uniform\n10,G,attn8,8x8,abc,1\n", "malformed row"),
 ])
-def test_malformed_fid_csv_is_one_line(tmp_path, content, message):
-    d = make_run(tmp_path, "bad", {})
-    (d / "fid.csv").write_bytes(content)
+def test_malformed_csv_is_one_line(tmp_path, name, content, message):
+    d = make_run(tmp_path, "bad", {10: 1.0})
+    (d / name).write_bytes(content)
     r = run_main(["compare", d], entry=fid.main)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_edge_cases_empty_runs_repeated_folders_uneven_seeds_and_old_configs(tmp_path):
+    empty = make_run(tmp_path, "empty", {}, seed=0)  # header only: a run stopped before its first FID
+    r = run_main(["compare", empty, empty, "--out", tmp_path / "e.png"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    # span 0: seed 2 went on to step 200; span 3 stopped at 100. The p-value and the CI use the last
+    # step every run logged (100), not a step only some seeds reached.
+    a = [make_run(tmp_path, "a0", {100: 10, 200: 5}, seed=0), make_run(tmp_path, "a1", {100: 12}, seed=1)]
+    b = [make_run(tmp_path, "b0", {100: 20}, seed=0, g_span=3, d_span=3),
+         make_run(tmp_path, "b1", {100: 23}, seed=1, g_span=3, d_span=3)]
+    r = run_main(["compare", *a, *b, a[0], "--out", tmp_path / "u.png", "--csv", tmp_path / "u.csv"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    p = stats.ttest_ind([20, 23], [10, 12], equal_var=False).pvalue
+    assert f"{p:.3g} @100" in next(l for l in r.stdout.splitlines() if l.strip().startswith("p vs span 0"))
+    n = {(row["group"], row["step"]): row["n"] for row in csv.DictReader(open(tmp_path / "u.csv"))}
+    assert n[("span 0", "100")] == "2" and n[("span 0", "200")] == "1"  # a0 given twice counts once
+    # a config.json from before --diffaug existed (its runs had none) groups with its equal of today
+    old, new = make_run(tmp_path, "old", {100: 11}, seed=5), make_run(tmp_path, "new", {100: 13}, seed=6)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["diffaug"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    r = run_main(["compare", old, new, "--out", tmp_path / "o.png", "--csv", tmp_path / "o.csv"], entry=fid.main)
+    assert [row["n"] for row in csv.DictReader(open(tmp_path / "o.csv"))] == ["2"]
