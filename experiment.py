@@ -15,12 +15,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 from scipy import stats
 
 from utils import LEGACY_SETTINGS, UserError, checkpoints
@@ -284,6 +286,16 @@ def plot_attention(groups, path):
     return True
 
 
+def show(groups, out, column="fid", reach=None):
+    """Print the report and write the FID plot to `out`, the attention plot beside it."""
+    print(report(groups, column, reach))
+    plot_groups(groups, out, column)
+    print(f"plot: {out}")
+    attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
+    if plot_attention(groups, attention_out):
+        print(f"attention distance: {attention_out}")
+
+
 def compare(argv) -> int:
     """`python fid.py compare RUN_LOG_DIR ...`"""
     p = argparse.ArgumentParser(prog="fid.py compare", description="FID of several runs, grouped by settings "
@@ -299,12 +311,7 @@ def compare(argv) -> int:
     column = "fid_ema" if args.ema else "fid"
     folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
     groups = group_runs([load_run(d, column) for d in folders])
-    print(report(groups, column, args.reach))
-    plot_groups(groups, args.out, column)
-    print(f"plot: {args.out}")
-    attention_out = Path(args.out).with_name(Path(args.out).stem + "_attention.png")
-    if plot_attention(groups, attention_out):
-        print(f"attention distance: {attention_out}")
+    show(groups, args.out, column, args.reach)
     if args.csv:
         write_csv(groups, args.csv)
         print(f"csv: {args.csv}")
@@ -405,12 +412,7 @@ def run_sweep(cfg, argv, main_py) -> int:
           ("; run the same command again to continue the rest" if unfinished else ""), flush=True)
     have_fid = [d for d in dirs if (d / "fid.csv").is_file()]
     if have_fid:
-        groups = group_runs([load_run(d) for d in have_fid])
-        print(report(groups))
-        out = Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png"
-        plot_groups(groups, out)
-        plot_attention(groups, out.with_name(out.stem + "_attention.png"))
-        print(f"plots: {out} and {out.stem}_attention.png beside it")
+        show(group_runs([load_run(d) for d in have_fid]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png")
     else:
         print("sweep: no FID logged (on a CPU FID is off unless --fid_step N is given)")
     print("compare again with: python fid.py compare " + " ".join(str(d) for d in dirs), flush=True)
@@ -418,7 +420,6 @@ def run_sweep(cfg, argv, main_py) -> int:
 
 
 def _visible_gpus():
-    import torch
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [g for g in listed.split(",") if g.strip()] if listed else [str(i) for i in range(torch.cuda.device_count())]
     return ids if len(ids) > 1 else []
@@ -434,7 +435,6 @@ def _launch(cell, args, main_py, cfg, gpus, prefix):
     cell.proc = subprocess.Popen([sys.executable, str(main_py), *args], env=env, stdout=out,
                                  stderr=subprocess.STDOUT if prefix else None, text=True, errors="replace")
     if prefix:  # several cells at once: their lines, each marked with its cell
-        import threading
         cell.reader = threading.Thread(target=_forward, args=(cell.proc.stdout, f"[{cell.version}] "), daemon=True)
         cell.reader.start()
 

@@ -581,10 +581,11 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
     feats_path = path.with_suffix(".pool3.npy")
     # runs starting together (a sweep's --jobs) wait for the one computing them instead of repeating it
-    with file_lock(path.with_name(f".{path.name}.lock")) if rank == 0 else contextlib.nullcontext():
-        if rank == 0 and (not path.exists() or (with_features and not feats_path.exists())):
-            _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path,
-                               key, with_features)
+    if rank == 0:
+        with file_lock(path.with_name(f".{path.name}.lock")):
+            if not path.exists() or (with_features and not feats_path.exists()):
+                _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path,
+                                   feats_path, key, with_features)
     if world > 1:
         dist.barrier()
     mu, sigma, meta = load_stats(path)

@@ -10,12 +10,11 @@ from pathlib import Path
 from diffaug import TRANSFORMS, parse_policy
 from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
 from sagan_models import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
-from utils import LEGACY_SETTINGS, UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, warn
+from utils import LEGACY_SETTINGS, OUTPUT_FOLDERS, UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, warn
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
             "fully_masked", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
-LEGACY = LEGACY_SETTINGS  # what checkpoints saved before a RUN_KEYS flag existed ran
 # Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
 OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
@@ -303,7 +302,7 @@ def get_parameters(argv=None):
     resolve_device_defaults(cfg, parser)
     cfg.sweep = sweep_cells(cfg, parser)
     if cfg.sweep:  # the cells resolve their own start, each in its own process
-        for key in ("log", "model_save", "sample", "attn"):
+        for key in OUTPUT_FOLDERS:
             check_writable(getattr(cfg, f"{key}_path"), f"--{key}_path")
         return resolve(cfg)
     resolve(cfg)
@@ -318,9 +317,9 @@ def get_parameters(argv=None):
     return cfg
 
 
-def _newest_loadable(found, needs, what) -> int:
-    """The newest step whose checkpoint loads: one cut short (a full disk, a bad copy) is
-    skipped, with one warning saying which and why. UserError if none loads."""
+def _newest_loadable(found, needs, what):
+    """(step, checkpoint) of the newest checkpoint that loads: one cut short (a full disk, a
+    bad copy) is skipped, with one warning saying which and why. UserError if none loads."""
     skipped = []
     for step in sorted(found, reverse=True):
         ck, why = _read_checkpoint(found[step], needs)
@@ -328,7 +327,7 @@ def _newest_loadable(found, needs, what) -> int:
             if skipped and int(os.environ.get("RANK", "0")) == 0:
                 warn(f"{what}: using step {step}, skipping {'; '.join(skipped)}"
                      + (" (training writes the later steps again)" if what == "--resume" else ""))
-            return step
+            return step, ck
         skipped.append(f"{found[step]} {why}")
     raise UserError(f"{what}: {skipped[0]}, nor can any older one be used; re-copy it, or move the "
                     f"checkpoints away")
@@ -389,7 +388,8 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
         if not found:
             raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
                             f"(and --model_save_path) of a trained run")
-        step = cfg.pretrained_model if cfg.pretrained_model is not None else _newest_loadable(found, needs, "sampling")
+        step, ck = (cfg.pretrained_model, None) if cfg.pretrained_model is not None else \
+            _newest_loadable(found, needs, "sampling")
     elif cfg.resume:
         if not found:
             if (run_dirs(cfg)["log"] / "metrics.csv").exists():  # it stopped before its first checkpoint
@@ -397,9 +397,9 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
                 return cfg
             raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
-        step = _newest_loadable(found, needs, "--resume")
+        step, ck = _newest_loadable(found, needs, "--resume")
     elif cfg.pretrained_model is not None:
-        step = cfg.pretrained_model
+        step, ck = cfg.pretrained_model, None
         newer = sorted(s for s in found if s > step and _read_checkpoint(found[s], needs)[0] is not None)
         if step in found and newer:
             raise UserError(f"{folder} has checkpoints after step {step} ({newer}); continuing from "
@@ -415,10 +415,11 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
         return cfg
     if step not in found:
         raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
-    ck, why = _read_checkpoint(found[step], needs)
-    if ck is None:
-        raise UserError(f"{found[step]} {why}; use another step or re-copy the file")
-    saved = {**LEGACY, **ck["config"]}
+    if ck is None:  # a step the command line named: read it here
+        ck, why = _read_checkpoint(found[step], needs)
+        if ck is None:
+            raise UserError(f"{found[step]} {why}; use another step or re-copy the file")
+    saved = {**LEGACY_SETTINGS, **ck["config"]}  # what checkpoints saved before a RUN_KEYS flag existed ran
     differ = [f"{k}={saved[k]}" for k in RUN_KEYS if getattr(cfg, k) not in (None, saved[k])]
     for k in RUN_KEYS:
         setattr(cfg, k, saved[k])

@@ -21,10 +21,16 @@ FULLY_MASKED = ("mean", "skip")
 def span_mask(h: int, w: int, span: int, device=None) -> torch.Tensor:
     """(N, N) bool, N = h·w row-major: True where key (r, c) is *far enough* from
     query (i, j) to be attended, i.e. max(|r−i|, |c−j|) > span. Borders clip (no wrap)."""
+    dr, dc = _pixel_offsets(h, w, device)
+    return torch.maximum(dr.abs(), dc.abs()) > span
+
+
+def _pixel_offsets(h: int, w: int, device=None):
+    """(N, N) row and column offsets between the pixels of an h×w map, N = h·w row-major:
+    [q, k] = (row(q) − row(k), col(q) − col(k))."""
     r = torch.arange(h, device=device).repeat_interleave(w)
     c = torch.arange(w, device=device).repeat(h)
-    cheb = torch.maximum((r[:, None] - r[None, :]).abs(), (c[:, None] - c[None, :]).abs())
-    return cheb > span
+    return r[:, None] - r[None, :], c[:, None] - c[None, :]
 
 
 class Self_Attn(nn.Module):
@@ -254,9 +260,8 @@ def attention_distance(weights: torch.Tensor, h: int, w: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _pixel_distances(h, w, device):
     """(N, N) Euclidean distances between the pixels of an h×w map, row-major."""
-    r = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
-    c = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
-    return ((r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2).sqrt()
+    dr, dc = _pixel_offsets(h, w, device)
+    return torch.hypot(dr.float(), dc.float())
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -195,12 +195,10 @@ def lock_run(path, what: str) -> None:
     _run_locks[path] = f
 
 
-def unlock_run(path=None) -> None:
-    """Release one run lock of this process (all with path=None)."""
-    for p in [Path(path)] if path is not None else list(_run_locks):
-        f = _run_locks.pop(p, None)
-        if f is not None:
-            f.close()
+def unlock_run() -> None:
+    """Release the run locks this process holds."""
+    while _run_locks:
+        _run_locks.popitem()[1].close()
 
 
 def remove_stale_temp_files(folder) -> int:
@@ -248,9 +246,12 @@ def checkpoints(folder: Path) -> dict:
     return {int(p.stem): p for p in folder.glob("*.pt") if p.stem.isdigit()} if folder.is_dir() else {}
 
 
+OUTPUT_FOLDERS = ("log", "model_save", "sample", "attn")  # each under its --<name>_path root
+
+
 def run_dirs(cfg) -> dict:
     """A run's output folders: {"log", "model_save", "sample", "attn"} → <root>/<version>."""
-    return {k: Path(getattr(cfg, f"{k}_path")) / cfg.version for k in ("log", "model_save", "sample", "attn")}
+    return {k: Path(getattr(cfg, f"{k}_path")) / cfg.version for k in OUTPUT_FOLDERS}
 
 
 def load_checkpoint(path, mmap=False) -> dict:
