@@ -17,6 +17,7 @@ and flags.
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -29,9 +30,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import fid
 from data_loader import build_dataset, make_batches
-from parameter import OneLineParser, get_parameters
+from parameter import get_parameters
 from trainer import Trainer
-from utils import REPO, UserError, configure_backends, fixed_latents, pick_device, set_tf32
+from utils import (REPO, OneLineParser, UserError, atomic_open, check_output_file, configure_backends, fixed_latents,
+                   int_at_least, pick_device, set_tf32, write_failed)
 
 
 def sync(device):
@@ -170,19 +172,19 @@ def run(argv=None):
     p = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--spans", default=[0, 3], type=spans, help="comma-separated spans to time")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 300 GPU, 5 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 30 GPU, 2 CPU)")
-    p.add_argument("--batch_size", type=int, default=None, help="default: 64 GPU, 8 CPU")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="timed steps (default: 300 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed steps first (default: 30 GPU, 2 CPU)")
+    p.add_argument("--batch_size", type=int_at_least(1), default=None, help="default: 64 GPU, 8 CPU")
     p.add_argument("--imsize", type=int, default=None, help="default: 64 GPU, 32 CPU")
-    p.add_argument("--conv_dim", type=int, default=None, help="G and D width (default: 64 GPU, 16 CPU)")
-    p.add_argument("--n_images", type=int, default=None, help="synthetic JPEGs (default: 4096 GPU, 64 CPU)")
-    p.add_argument("--num_workers", type=int, default=2, help="reference path's decoding workers")
+    p.add_argument("--conv_dim", type=int_at_least(1), default=None, help="G and D width (default: 64 GPU, 16 CPU)")
+    p.add_argument("--n_images", type=int_at_least(1), default=None, help="synthetic JPEGs (default: 4096 GPU, 64 CPU)")
+    p.add_argument("--num_workers", type=int_at_least(0), default=2, help="reference path's decoding workers")
     p.add_argument("--fast_flags", default="", help="extra main.py flags for the fast path, e.g. '--amp none' "
                                                     "(default: none, i.e. main.py's own defaults)")
-    p.add_argument("--profile", type=int, default=0, help="profile this many steps per path (GPU)")
+    p.add_argument("--profile", type=int_at_least(0), default=0, help="profile this many steps per path (GPU)")
     p.add_argument("--skip_reference", action="store_true", help="time the fast path only")
-    p.add_argument("--fid_samples", type=int, default=None, help="default: 10000 GPU, 16 CPU")
-    p.add_argument("--fid_batch_size", type=int, default=None, help="default: 500 GPU, 16 CPU")
+    p.add_argument("--fid_samples", type=int_at_least(2), default=None, help="default: 10000 GPU, 16 CPU")
+    p.add_argument("--fid_batch_size", type=int_at_least(1), default=None, help="default: 500 GPU, 16 CPU")
     p.add_argument("--fid_weights", default=None)
     p.add_argument("--out", default="bench_results/bench.json")
     args = p.parse_args(argv)
@@ -193,8 +195,20 @@ def run(argv=None):
     args.batch_size, args.imsize = pick(args.batch_size, 64, 8), pick(args.imsize, 64, 32)
     args.conv_dim, args.n_images = pick(args.conv_dim, 64, 16), pick(args.n_images, 4096, 64)
     args.fid_samples, args.fid_batch_size = pick(args.fid_samples, 10000, 16), pick(args.fid_batch_size, 500, 16)
-
+    if args.n_images < args.batch_size:  # every path would fail on it, after the JPEGs were made
+        raise UserError(f"--n_images {args.n_images} is fewer than --batch_size {args.batch_size}; raise --n_images")
+    out = check_output_file(args.out, "--out")  # now, not after minutes of timing
     tmp = Path(tempfile.mkdtemp(prefix="sagan_bench_"))
+    try:
+        measure(args, device, tmp, out, argv)
+    finally:  # its thousands of JPEGs and run folders are the benchmark's own
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, device, tmp, out, argv):
+    """Time every path and FID with the data and run folders under `tmp`; print the table
+    and write it to `out`."""
+    gpu = device.type == "cuda"
     make_jpegs(tmp / "data", args.n_images)
     common = ["--dataset", "folder", "--image_path", str(tmp / "data"), "--imsize", str(args.imsize),
               "--batch_size", str(args.batch_size), "--g_conv_dim", str(args.conv_dim),
@@ -214,6 +228,8 @@ def run(argv=None):
             try:
                 r = time_training(common + flags + ["--span", str(span), "--version", f"{name}{span}"],
                                   args.steps, args.warmup, device, reference=name == "reference", profile=args.profile)
+            except UserError:  # a user mistake (e.g. --imsize 48) fails every path alike: one line, now
+                raise
             except Exception as e:  # a benchmark reports a failing path and goes on with the others
                 print(f"span {span}  {name:9s}  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 rows.append({"path": name, "span": span, "flags": " ".join(flags), "error": repr(e)[:2000],
@@ -242,9 +258,11 @@ def run(argv=None):
               f"{r['stats_s']:.2f}, distance {r['distance_device_s']:.2f} on {device.type} / "
               f"{r['distance_cpu_s']:.2f} on cpu); FID {r['fid']:.4f}, {r['fid_rel_diff_vs_fp32']:.2e} from fp32 "
               f"(weights: {fid_row['weights']})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "args": vars(args), "training": rows, "fid": fid_row}, indent=2))
+    try:  # through a temp file: a full disk never costs the table an earlier run wrote there
+        with atomic_open(out, "w") as f:
+            f.write(json.dumps({"env": env, "args": vars(args), "training": rows, "fid": fid_row}, indent=2))
+    except OSError as e:
+        raise write_failed("--out", out, e) from None
     print(f"wrote {out}")
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -26,7 +27,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import LSUN
-from torchvision.datasets.folder import make_dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
@@ -38,7 +38,11 @@ ARRAY_EXTS = {".npy", ".npz"}
 CELEBA_URL = "https://www.kaggle.com/datasets/jessicali9530/celeba-dataset"
 LSUN_URL = "https://www.kaggle.com/datasets/ajaykgp12/lsunchurch"
 LSUN_CLASS = "church_outdoor_train"
-CELEB_CROP = 160  # the seed's CelebA center crop before resizing
+# The seed's CelebA center crop, 160 pixels of the 178x218 originals, as a share of the
+# shorter side: the same 160 there, and pre-resized copies (64x64, 128x128) get the same
+# share instead of a 160 crop that zero-pads them into a black frame.
+CELEB_CROP = "160/178"
+CACHE_PREFIX = ".sagan_cache_"  # --cache files; never read as data (see _from_path)
 
 
 # ---------------------------------------------------------------------------- transform
@@ -60,13 +64,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def crop_resize(img: Image.Image, crop, size: int) -> torch.Tensor:
-    """PIL image → uint8 (3, size, size). crop: an int (center crop of that side, the
-    seed's CelebA 160), "square" (center crop to the shorter side, so nothing is
-    stretched) or None (image is already square). Resize: PIL bilinear with antialias,
-    what torchvision's Resize does on PIL images in the seed."""
+    """PIL image → uint8 (3, size, size). crop: "square" (center crop to the shorter
+    side, so nothing is stretched), "A/B" (center square of side round(shorter side·A/B),
+    half up: CELEB_CROP gives the seed's 160 on 178x218 CelebA), an int (center crop of
+    that side, zero-padded where the image is smaller) or None (image is already
+    square). Resize: PIL bilinear with antialias, what torchvision's Resize does on PIL
+    images in the seed."""
     img = to_rgb(img)
     if crop == "square":
         img = TF.center_crop(img, min(img.size))
+    elif isinstance(crop, str):
+        num, den = map(int, crop.split("/"))
+        short = min(img.size)
+        # integer half-up rounding (exact, no float ties); capped at the shorter side, so never padded
+        img = TF.center_crop(img, min(short, max(1, (2 * short * num + den) // (2 * den))))
     elif crop is not None:
         img = TF.center_crop(img, crop)
     if img.size != (size, size):
@@ -123,11 +134,6 @@ class ArrayDataset(ImageDataset):
         return self.array[i]
 
 
-def _is_image_name(path: str) -> bool:
-    # is_file: os.walk lists broken links and other non-files among the files
-    return Path(path).suffix.lower() in IMAGE_EXTS and os.path.isfile(path)
-
-
 def _header_readable(path: Path) -> bool:
     try:
         with quiet_pil(path), Image.open(path) as im:
@@ -177,6 +183,44 @@ def quiet_pil(path, said=None):
                                          f"are slow to decode; resize them once, or train with --cache", said)
 
 
+def unreadable_folder(folder, e: OSError, root=None) -> UserError:
+    """One line for a folder the scan cannot list, naming it and the fix."""
+    why = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+    elsewhere = f" or move it out of {root}" if root is not None and Path(folder) != Path(root) else ""
+    return UserError(f"cannot read the folder {folder} ({why}): make it readable "
+                     f"(chmod -R a+rX '{folder}'){elsewhere}")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Files under root with an image suffix (any case), following folder links but
+    entering each real folder (st_dev, st_ino) once: links back into the tree (`a -> .`,
+    `b -> .`) would otherwise branch without end. Depth first, names in sorted order, so
+    a folder reached by several paths is entered under the first in Path order."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        folder = stack.pop()
+        subfolders = []
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda entry: entry.name)
+            for entry in entries:
+                # is_dir/is_file follow links; broken or looping links are neither
+                if entry.is_dir():
+                    subfolders.append(folder / entry.name)
+                elif Path(entry.name).suffix.lower() in IMAGE_EXTS and entry.is_file():
+                    found.append(folder / entry.name)
+        except (FileNotFoundError, NotADirectoryError):  # gone or replaced while scanning
+            continue
+        except OSError as e:  # unreadable: its images would be left out without a word
+            raise unreadable_folder(e.filename or folder, e, root) from None
+        stack += reversed(subfolders)
+    return found
+
+
 def image_files(root) -> tuple[list[Path], int]:
     """The image files under `root`, flat or nested to any depth, as one unlabeled set:
     (files, n_unreadable).
@@ -187,19 +231,21 @@ def image_files(root) -> tuple[list[Path], int]:
     its suffix, in any case, is in IMAGE_EXTS and PIL can read its header; the
     n_unreadable files that have such a suffix but no readable header (empty,
     truncated, not an image) are left out. Nothing is printed: the caller reports
-    n_unreadable in its one warning. A missing root gives ([], 0).
+    n_unreadable in its one warning. A missing root gives ([], 0); a folder that cannot
+    be listed raises UserError naming it.
 
-    The walk is torchvision's `make_dataset` with the root itself as the only "class"
-    (ImageFolder wants class subfolders and rejects flat folders); subfolder links are
-    followed, and a file reached twice (a link back into the tree) counts once. Its order
-    (each folder's files before its subfolders) is re-sorted."""
+    Folder links are followed, each real folder is entered once, and a file reached
+    twice (a link to it) counts once."""
     root = Path(root)
-    directory = str(root)
-    if directory.startswith("~"):  # make_dataset expands "~"; a folder named "~x" is literal here
-        directory = os.path.join(".", directory)
-    found = make_dataset(directory, class_to_idx={"": 0}, is_valid_file=_is_image_name, allow_empty=True)
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            return [], 0
+    except (FileNotFoundError, NotADirectoryError):
+        return [], 0
+    except OSError as e:  # e.g. a parent folder without search permission
+        raise unreadable_folder(root, e) from None
     files, seen = [], set()
-    for p in sorted(Path(p) for p, _ in found):  # a file reached again through a linked folder counts once
+    for p in sorted(_walk_images(root)):  # a file reached again through a link counts once
         real = os.path.realpath(p)
         if real not in seen:
             seen.add(real)
@@ -217,7 +263,7 @@ class FileDataset(ImageDataset):
         files, bad = image_files(root)
         if bad:
             warn(f"skipped {bad} unreadable image file(s) under {root}")
-        self.files, self.size, self.crop, self.description = files, size, crop, description
+        self.root, self.files, self.size, self.crop, self.description = Path(root), files, size, crop, description
         self.said = said_once_folder()
 
     def __len__(self):
@@ -251,10 +297,53 @@ class LsunDataset(ImageDataset):
         return self.lsun[i][0]
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty one
+
+
+def _npy_dtype(f):
+    """The dtype in the header of the .npy stream f (ValueError when it has none)."""
+    version = np.lib.format.read_magic(f)
+    # version 3.0 only allows utf8 field names in the header: 2.0's reader parses what images use
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)[2]
+
+
+def check_array_file(path):
+    """UserError (one line) unless `path` is a .npy, or an .npz of .npy members, holding no
+    Python objects: checked from the headers, before np.load sees the file. For random
+    bytes, a pickle or an object array np.load's own message advises allow_pickle=True,
+    i.e. running code from the file; that advice must never reach the user."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+            if head == _NPY_MAGIC:
+                f.seek(0)
+                dtypes = {"": _npy_dtype(f)}
+            elif head[:4] in _ZIP_MAGICS:
+                with zipfile.ZipFile(f) as z:
+                    dtypes = {}
+                    for name in z.namelist():
+                        with z.open(name) as m:
+                            dtypes[name] = _npy_dtype(m)
+            else:
+                raise UserError(f"{path} is not a NumPy .npy/.npz file (random bytes, a pickle or another "
+                                f"format); save arrays with numpy.save / numpy.savez")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {path} as a NumPy .npy/.npz file ({first}); re-save or re-copy it") from None
+    objects = [name.removesuffix(".npy") for name, dtype in dtypes.items() if dtype.hasobject]
+    if objects:
+        where = f" (array {', '.join(objects)})" if objects != [""] else ""
+        raise UserError(f"{path} holds Python objects{where}, not numbers, and is not loaded (unpickling them "
+                        f"could run code from the file); save a numeric array instead")
+
+
 def load_array(path: Path) -> np.ndarray:
     """An image array from .npy (memory-mapped: big arrays stay on disk) or .npz (the
     'images' key, or its only array). Shape and dtype are checked by the caller."""
     path = Path(path)
+    check_array_file(path)  # before np.load, whose errors advise allow_pickle
     try:
         if path.suffix.lower() == ".npy":
             return np.load(path, mmap_mode="r")
@@ -269,11 +358,17 @@ def load_array(path: Path) -> np.ndarray:
 
 
 def _from_path(path: Path, size: int, crop, name: str) -> ImageDataset:
-    """A folder of images, or a .npy/.npz array file, or a folder holding one array."""
+    """A folder of images, or a .npy/.npz array file, or a folder holding one array.
+    --cache files (CACHE_PREFIX) are not arrays here: one beside the images would
+    otherwise stand in for them, at its own size, in every later run."""
     desc = {"dataset": name, "path": str(path.resolve())}
     if path.is_file() and path.suffix in ARRAY_EXTS:
         return ArrayDataset(load_array(path), size, crop, desc)
-    arrays = sorted(p for p in path.iterdir() if p.suffix in ARRAY_EXTS) if path.is_dir() else []
+    try:
+        arrays = sorted(p for p in path.iterdir() if p.suffix in ARRAY_EXTS and not p.name.startswith(CACHE_PREFIX)) \
+            if path.is_dir() else []
+    except OSError as e:
+        raise unreadable_folder(path, e) from None
     if len(arrays) == 1:
         desc["path"] = str(arrays[0].resolve())
         return ArrayDataset(load_array(arrays[0]), size, crop, desc)
@@ -287,6 +382,14 @@ def _missing(path: Path, what: str, url: str, layout: str) -> UserError:
 
 def build_dataset(cfg) -> ImageDataset:
     """The training set named by --dataset / --image_path at --imsize."""
+    try:
+        return _build_dataset(cfg)
+    except PermissionError as e:  # any the scan did not name itself (e.g. a parent without search permission)
+        raise UserError(f"cannot read {e.filename} (permission denied): make it readable "
+                        f"(chmod -R a+rX '{e.filename}') or pass another --image_path") from None
+
+
+def _build_dataset(cfg) -> ImageDataset:
     root = Path(cfg.image_path)
     size = cfg.imsize
     if cfg.dataset == "emoji":
@@ -392,25 +495,53 @@ def decode_all(dataset, num_workers=0, desc="decoding") -> torch.Tensor:
     return out
 
 
-def cache_path(dataset: ImageDataset) -> Path:
-    """Where --cache keeps the decoded array: next to the data when writable, else
-    ./data_cache. The name hashes the transform and the file list, so a change in
-    either makes a new cache instead of serving stale images."""
-    key = dataset.key()
+def _source_stats(dataset: ImageDataset) -> list:
+    """(name, bytes, mtime in ns) of every file the images come from: image files by
+    their path under the root, an array file or the files of an LMDB folder by name.
+    Cache files beside the data are not sources: they are never stat'ed here."""
+    def not_a_source(name):  # our caches and temp files are hidden; LMDB touches lock.mdb on every open
+        return name.startswith(".") or name == "lock.mdb"
+
     if isinstance(dataset, FileDataset):
-        st = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in dataset.files]
-        key["files"] = hashlib.sha1(json.dumps(st).encode()).hexdigest()
+        files = [(p, p.relative_to(dataset.root).as_posix()) for p in dataset.files]
+    else:
+        src = Path(dataset.description["path"])
+        files = [(src, src.name)] if not src.is_dir() else \
+            [(p, p.name) for p in sorted(src.iterdir()) if p.is_file() and not not_a_source(p.name)]
+    return [(name, st.st_size, st.st_mtime_ns) for p, name in files for st in [p.stat()]]
+
+
+def cache_path(dataset: ImageDataset) -> Path:
+    """Where --cache keeps the decoded array: CACHE_PREFIX<dataset>_<size>_<hash>.npy
+    next to the data when writable, else in ./data_cache. The folder scan never takes
+    such a file for data (see _from_path). The hash covers everything that decides
+    the decoded pixels: the transform (size, crop, resize), the count, and each source
+    file's name, size and mtime, so a changed, added or removed file makes a new
+    cache instead of serving stale images."""
+    key = {**dataset.key(), "files": hashlib.sha1(json.dumps(_source_stats(dataset)).encode()).hexdigest()}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     src = Path(key["path"])
     folder = src if src.is_dir() else src.parent
-    name = f".sagan_cache_{key['dataset']}_{dataset.size}_{digest}.npy"
+    name = f"{CACHE_PREFIX}{key['dataset']}_{dataset.size}_{digest}.npy"
     return folder / name if os.access(folder, os.W_OK) else Path("data_cache") / name
 
 
 def cached_images(dataset: ImageDataset, num_workers=0, log=print) -> torch.Tensor:
+    """The dataset decoded, read from its --cache file, or decoded once and written there.
+    Says in one line which of the two happened and where."""
     path = cache_path(dataset)
+    shape = (len(dataset), 3, dataset.size, dataset.size)
     if path.exists():
-        return torch.from_numpy(np.load(path))
+        try:
+            images = np.load(path)
+        except (OSError, ValueError, EOFError) as e:  # cut short, or not ours
+            images = None
+            warn(f"--cache: cannot read {path} ({type(e).__name__}); decoding again")
+        if images is not None and images.dtype == np.uint8 and images.shape == shape:
+            log(f"--cache: using {len(dataset):,} decoded images from {path}")
+            return torch.from_numpy(images)
+        if images is not None:  # not what this key writes: someone else's file under our name
+            warn(f"--cache: {path} holds {images.dtype} {images.shape}, not uint8 {shape}; decoding again")
     log(f"--cache: decoding {len(dataset):,} images once into {path}")
     images = decode_all(dataset, num_workers)
     with atomic_open(path) as f:  # a file object keeps np.save from renaming it

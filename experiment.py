@@ -9,12 +9,14 @@ from run-to-run noise; this is what can.
 """
 import argparse
 import csv
+import ctypes
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,10 +27,12 @@ import numpy as np
 import torch
 from scipy import stats
 
-from utils import LEGACY_SETTINGS, UserError, checkpoints
+from utils import (LEGACY_SETTINGS, OneLineParser, UserError, atomic_open, check_output_file, checkpoints, run_started,
+                   write_failed)
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 # config.json keys that do not change what a run computes, so runs differing in them belong
 # to one group: the seed (what a group varies), names and paths, bookkeeping, speed-only
@@ -37,7 +41,7 @@ NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path",
                 "package_version", "git_commit", "torch", "device", "world_size", "num_workers", "cache",
                 "resume", "pretrained_model", "start_checkpoint", "train", "n_samples", "parallel",
                 "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step", "fid_batch_size",
-                "jobs", "span", "sweep"}
+                "jobs", "span", "sweep", "given", "trust_checkpoint"}
 CSV_COLUMNS = ["group", "g_span", "d_span", "step", "n", "mean", "std", "ci95_low", "ci95_high"]
 
 
@@ -224,7 +228,7 @@ def report(groups, column="fid", reach=None) -> str:
 
 
 def write_csv(groups, path):
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:  # a failed write leaves the earlier file whole
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for g in groups:
@@ -250,8 +254,7 @@ def plot_groups(groups, path, column="fid"):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, dpi=100)
 
 
 def plot_attention(groups, path):
@@ -281,25 +284,56 @@ def plot_attention(groups, path):
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("where attention looks (dotted: uniform over the keys left by the span)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path, dpi=90)
     return True
 
 
-def show(groups, out, column="fid", reach=None):
-    """Print the report and write the FID plot to `out`, the attention plot beside it."""
+def _save_figure(fig, path, dpi):
+    """Write through a temp file renamed over `path` (a full disk never costs the earlier
+    picture), in the format its suffix names (see figure_path)."""
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, dpi=dpi, format=Path(path).suffix[1:].lower())
+    finally:
+        plt.close(fig)
+
+
+def figure_path(out, flag) -> Path:
+    """The picture file `out` names: a suffix matplotlib writes (none: .png is added, as
+    matplotlib does); UserError for a folder or an unknown suffix, before any work."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder; give a file name, e.g. {out / 'fid_compare.png'}")
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in kinds:
+        raise UserError(f"{flag} {out}: cannot draw a {out.suffix} file; end the name in one of "
+                        f"{', '.join('.' + k for k in sorted(kinds))}")
+    return out
+
+
+def show(groups, out, column="fid", reach=None, flag="--out"):
+    """Print the report and write the FID plot to `out`, the attention plot beside it; a
+    plot that cannot be written is a UserError naming `flag`, the option that chose it."""
     print(report(groups, column, reach))
-    plot_groups(groups, out, column)
-    print(f"plot: {out}")
     attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
-    if plot_attention(groups, attention_out):
-        print(f"attention distance: {attention_out}")
+    path = out  # the file being written, for the message
+    try:
+        plot_groups(groups, out, column)
+        print(f"plot: {out}")
+        path = attention_out
+        if plot_attention(groups, attention_out):
+            print(f"attention distance: {attention_out}")
+    except OSError as e:
+        raise write_failed(flag, path, e) from None
 
 
 def compare(argv) -> int:
     """`python fid.py compare RUN_LOG_DIR ...`"""
-    p = argparse.ArgumentParser(prog="fid.py compare", description="FID of several runs, grouped by settings "
-                                "(runs differing only in --seed form one group), with statistics and plots.")
+    # parameter imports fid, which imports this module: taken here, at call time, not at import
+    p = OneLineParser(prog="fid.py compare", description="FID of several runs, grouped by settings "
+                      "(runs differing only in --seed form one group), with statistics and plots.")
     p.add_argument("runs", nargs="+", metavar="RUN_LOG_DIR", help="<log_path>/<version> folders holding fid.csv")
     p.add_argument("--out", default="fid_compare.png", help="the FID plot; the attention plot goes beside it")
     p.add_argument("--ema", action="store_true", help="compare the EMA generators (fid_ema)")
@@ -309,11 +343,17 @@ def compare(argv) -> int:
                    help=f"write one row per group and step: {','.join(CSV_COLUMNS)}")
     args = p.parse_args(argv)
     column = "fid_ema" if args.ema else "fid"
+    out = check_output_file(figure_path(args.out, "--out"), "--out")  # before reading any run
+    if args.csv:
+        check_output_file(args.csv, "--csv")
     folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
     groups = group_runs([load_run(d, column) for d in folders])
-    show(groups, args.out, column, args.reach)
+    show(groups, out, column, args.reach)
     if args.csv:
-        write_csv(groups, args.csv)
+        try:
+            write_csv(groups, args.csv)
+        except OSError as e:
+            raise write_failed("--csv", args.csv, e) from None
         print(f"csv: {args.csv}")
     return 0
 
@@ -341,13 +381,53 @@ def cell_state(cfg, version):
     found = checkpoints(Path(cfg.model_save_path) / version)
     if found and max(found) >= cfg.total_step:
         return "done"
-    return "started" if found or (Path(cfg.log_path) / version / "metrics.csv").exists() else "new"
+    return "started" if run_started(argparse.Namespace(**{**vars(cfg), "version": version})) else "new"
 
 
 class _Cell:
     def __init__(self, span, seed, version):
         self.span, self.seed, self.version = span, seed, version
-        self.proc, self.slot, self.result = None, None, None
+        self.proc, self.slot, self.result, self.reader = None, None, None, None
+
+
+# Exit codes of a cell that stopped because it was told to, not because something broke: 0
+# (a signal while training: it saved a checkpoint first), 130 or death by SIGINT/SIGTERM (a
+# signal while starting up, before there was anything to save).
+STOPPED_CODES = (0, 130, -signal.SIGINT, -signal.SIGTERM)
+
+
+def cell_result(done, returncode) -> str:
+    """What became of a cell whose process ended: "ok" (a checkpoint at --total_step),
+    "interrupted" (stopped by a signal, the sweep's or its own, before that: the same
+    command continues it) or "failed (...)"."""
+    if returncode < 0:
+        how = f"killed by {signal.Signals(-returncode).name}" if -returncode in signal.valid_signals() \
+            else f"killed by signal {-returncode}"
+    else:
+        how = f"exit {returncode}"
+    if done:  # stopped by a signal after its last checkpoint is as good as finished; a crash is not
+        return "ok" if returncode in STOPPED_CODES else f"failed ({how}, after its last checkpoint)"
+    return "interrupted" if returncode in STOPPED_CODES else f"failed ({how})"
+
+
+def sweep_summary(results):
+    """(the sweep's closing line, its exit code) from [(version, result)], result as
+    run_sweep sets it: "done before", "ok", "interrupted", "failed (...)" or None (never
+    started). Counts and names come from the one list, so they always agree; exit code 1
+    if a cell failed."""
+    kinds = {"finished": [], "interrupted": [], "failed": [], "not started": []}
+    for version, result in results:
+        kind = "finished" if result in ("done before", "ok") else "not started" if result is None else \
+            "interrupted" if result == "interrupted" else "failed"
+        kinds[kind].append(version)
+    parts = [f"{len(kinds['finished'])}/{len(results)} cells finished"]
+    for kind in ("interrupted", "failed", "not started"):
+        if kinds[kind]:
+            parts.append(f"{kind}: {len(kinds[kind])} ({', '.join(kinds[kind])})" +
+                         (", their output above says why" if kind == "failed" else ""))
+    if len(kinds["finished"]) < len(results):
+        parts.append("run the same command again to continue the rest")
+    return "sweep: " + "; ".join(parts), 1 if kinds["failed"] else 0
 
 
 def run_sweep(cfg, argv, main_py) -> int:
@@ -355,8 +435,11 @@ def run_sweep(cfg, argv, main_py) -> int:
     time, each as its own `python main.py` process: finished cells are skipped, started ones
     continue (--resume). Every cell is an ordinary run folder, and every cell measures FID
     against the same cached reference statistics (<log_path>/fid_stats). Ctrl-C / SIGTERM
-    stop every running cell at a checkpoint; the same command continues the sweep. At the
-    end it prints the comparison of `fid.py compare`. Returns the exit code."""
+    stop every running cell at a checkpoint (forwarded, then waited for); the same command
+    continues the sweep. If this process dies without that chance (SIGKILL, OOM killer), its
+    cells get SIGTERM from the kernel (Linux, see _die_with) and stop the same way, so none
+    trains on unwatched holding its run's lock. At the end it prints the comparison of
+    `fid.py compare`. Returns the exit code."""
     cells = [_Cell(*c) for c in cfg.sweep]
     todo = []
     for c in cells:
@@ -393,30 +476,26 @@ def run_sweep(cfg, argv, main_py) -> int:
             time.sleep(0.2)
             for c in [c for c in running if c.proc.poll() is not None]:
                 running.remove(c)
-                if c.proc.stdout is not None:
+                if c.reader is not None:  # its last lines first
                     c.reader.join(timeout=10)
-                rc = c.proc.returncode
-                c.result = "ok" if cell_state(cfg, c.version) == "done" else \
-                    "interrupted" if stop["signal"] is not None else f"failed (exit {rc})"
+                c.result = cell_result(cell_state(cfg, c.version) == "done", c.proc.returncode)
                 print(f"sweep: {c.version} {c.result}", flush=True)
             if stop["signal"] is not None and not running:
                 break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    unfinished = [c for c in cells if cell_state(cfg, c.version) != "done"]
-    failed = [c for c in cells if c.result and c.result.startswith("failed")]
+    line, code = sweep_summary([(c.version, c.result) for c in cells])
+    print(line, flush=True)
     dirs = [Path(cfg.log_path) / c.version for c in cells]
-    print(f"sweep: {len(cells) - len(unfinished)}/{len(cells)} cells finished" +
-          (f"; failed: {', '.join(c.version for c in failed)} (their output above says why)" if failed else "") +
-          ("; run the same command again to continue the rest" if unfinished else ""), flush=True)
     have_fid = [d for d in dirs if (d / "fid.csv").is_file()]
     if have_fid:
-        show(group_runs([load_run(d) for d in have_fid]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png")
+        show(group_runs([load_run(d) for d in have_fid]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
+             flag="--log_path")
     else:
         print("sweep: no FID logged (on a CPU FID is off unless --fid_step N is given)")
     print("compare again with: python fid.py compare " + " ".join(str(d) for d in dirs), flush=True)
-    return 1 if failed else 0
+    return code
 
 
 def _visible_gpus():
@@ -431,14 +510,72 @@ def _launch(cell, args, main_py, cfg, gpus, prefix):
         env["CUDA_VISIBLE_DEVICES"] = gpus[cell.slot % len(gpus)]
     elif cfg.device == "cpu" and cfg.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))  # share the cores
-    out = subprocess.PIPE if prefix else None
-    cell.proc = subprocess.Popen([sys.executable, str(main_py), *args], env=env, stdout=out,
-                                 stderr=subprocess.STDOUT if prefix else None, text=True, errors="replace")
-    if prefix:  # several cells at once: their lines, each marked with its cell
-        cell.reader = threading.Thread(target=_forward, args=(cell.proc.stdout, f"[{cell.version}] "), daemon=True)
-        cell.reader.start()
+    if not prefix:  # one cell at a time: it writes to this process's own stdout and stderr
+        cell.proc = subprocess.Popen([sys.executable, str(main_py), *args], env=env, preexec_fn=_die_with(os.getpid()))
+        return
+    # Several cells at once: their lines, each marked with its cell. They go through an
+    # unlinked temp file, not a pipe: if this process dies, a cell writing to a pipe nobody
+    # reads would fail on its next print (BrokenPipeError) before it saved its checkpoint; a
+    # file takes its lines until it stops, and the space goes with the cell.
+    fd, name = tempfile.mkstemp(prefix=f"sagan_sweep_{cell.version}_")
+    try:
+        read_fd = os.open(name, os.O_RDONLY)
+    finally:
+        os.unlink(name)
+    try:
+        cell.proc = subprocess.Popen([sys.executable, str(main_py), *args], env=env, stdout=fd,
+                                     stderr=subprocess.STDOUT, preexec_fn=_die_with(os.getpid()))
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(fd)  # the cell has its copy
+    cell.reader = threading.Thread(target=_forward, args=(read_fd, cell.proc, f"[{cell.version}] "), daemon=True)
+    cell.reader.start()
 
 
-def _forward(stream, prefix):
-    for line in stream:
-        print(prefix + line.rstrip("\n"), flush=True)
+def _forward(fd, proc, prefix):
+    """Print the lines a cell writes to the file behind `fd`, each behind `prefix`, until
+    the cell has ended and all it wrote is printed; closes fd."""
+    pending = b""
+    try:
+        while True:
+            ended = proc.poll() is not None  # asked before reading: what it wrote before ending is read below
+            chunk = os.read(fd, 1 << 16)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                print(prefix + line.decode(errors="replace").rstrip("\r"), flush=True)
+            if not chunk and ended:
+                if pending:
+                    print(prefix + pending.decode(errors="replace"), flush=True)
+                return
+            if not chunk:
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
+_prctl = None
+
+
+def _die_with(parent_pid):
+    """preexec_fn for a cell: on Linux, ask the kernel to send it SIGTERM when this process
+    dies, however it dies (a sweep killed with SIGKILL cannot forward anything itself), so
+    the cell saves a checkpoint, exits and frees its run lock instead of training on
+    unwatched. The kernel ties this to the thread that started the cell, which is the main
+    thread (run_sweep). Elsewhere: None (no such request exists)."""
+    global _prctl
+    if not sys.platform.startswith("linux"):
+        return None
+    if _prctl is None:  # looked up here, not in the forked child, where as little as possible should run
+        try:
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
+    prctl, sigterm = _prctl, int(signal.SIGTERM)
+
+    def preexec():
+        prctl(1, sigterm)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent_pid:  # the sweep died before the request was made: stop now
+            os._exit(1)
+    return preexec

@@ -44,15 +44,17 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from experiment import compare  # the `compare` sub-command (statistics over seeds)
-from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
+from data_loader import IMAGE_EXTS, as_nhwc_uint8, check_array_file, image_files, load_array, quiet_pil, to_rgb
 from sagan_models import build_generator
-from utils import (UserError, atomic_open, check_writable, csv_rows_until, file_lock, fixed_latents, is_tty, load_checkpoint, pick_device,
+from utils import (TRUST_FLAG, OneLineParser, UserError, int_at_least, write_failed, atomic_open, check_writable, csv_rows_until, file_lock, fixed_latents, is_tty, load_checkpoint, pick_device,
                    set_tf32, tf32_flags, uint8_batches, warn)
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 # the same converted TF weights under pytorch-fid's and torch-fidelity's file names
 WEIGHT_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
+# torch hub's naming convention (its check_hash): <name>-<first hex digits of the file's sha256>.<ext>
+PUBLISHED_SHA256_PREFIX = FID_WEIGHTS_URL.rsplit("-", 1)[1].split(".")[0]  # "6726825d"
 RESIZE_MODES = ("tf1", "pytorch")
 
 
@@ -256,8 +258,13 @@ def load_inception(weights_path, resize="tf1", device="cpu", precision="fp32"):
         model = FIDInception(resize, precision)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated download, random bytes, a pickle of other objects
+        # torch's message advises weights_only=False, i.e. running code from the file: not passed on
+        raise UserError(f"{weights_path} is not an FID Inception (2015-12-05) weights file (no plain tensor "
+                        f"state dict: {type(e).__name__}); get {FID_WEIGHTS_URL}") from None
+    try:
         model.load_state_dict(state, strict=True)
-    except Exception as e:  # truncated download, pickle garbage, wrong keys: one line, not a traceback
+    except Exception as e:  # wrong keys or shapes: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{weights_path} is not an FID Inception (2015-12-05) weights file ({first}); "
                        f"get {FID_WEIGHTS_URL}") from None
@@ -385,10 +392,15 @@ def kernel_inception_distance(f1, f2, subsets=100, subset_size=1000, degree=3, g
 
 
 def save_stats(path, mu, sigma, key=None, n=None):
-    """Write mu, sigma, n and a JSON key (what produced the stats) to an .npz, atomically."""
-    with atomic_open(path) as f:  # parallel runs may write the same stats; a file object keeps np.savez's name
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                 n=np.int64(-1 if n is None else n), key=np.array(json.dumps(key or {}, sort_keys=True)))
+    """Write mu, sigma, n and a JSON key (what produced the stats) to an .npz, atomically:
+    when writing fails (disk full, read-only, folder gone) `path` keeps what it had and a
+    UserError names it and the fix."""
+    try:
+        with atomic_open(path) as f:  # parallel runs may write the same stats; a file object keeps np.savez's name
+            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                     n=np.int64(-1 if n is None else n), key=np.array(json.dumps(key or {}, sort_keys=True)))
+    except OSError as e:
+        raise write_failed("statistics file", path, e) from None
 
 
 def _is_stats_file(path):
@@ -404,6 +416,7 @@ def _is_stats_file(path):
 def load_stats(path):
     """(mu, sigma, meta) from our .npz or a pytorch-fid one (mu/sigma only);
     meta = {"n": int or None, "key": dict}."""
+    check_array_file(Path(path))
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:
@@ -437,6 +450,7 @@ def load_images(path):
     if path.is_file():
         if path.suffix.lower() not in (".npy", ".npz"):
             raise UserError(f"{path}: expected a folder of images or a .npy/.npz image array")
+        check_array_file(path)
         return np.ascontiguousarray(as_nhwc_uint8(load_array(path), path))
     files, bad = image_files(path)
     images = []
@@ -446,10 +460,11 @@ def load_images(path):
                 images.append(np.asarray(to_rgb(im)))
         except (OSError, ValueError, SyntaxError):  # truncated / not really an image
             bad += 1
+    if not images:  # the error alone says it all: one line, no warning above it
+        unreadable = f" ({bad} file(s) with an image name could not be read)" if bad else ""
+        raise UserError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}{unreadable}")
     if bad:
         warn(f"skipped {bad} unreadable image file(s) under {path}")
-    if not images:
-        raise UserError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         a, b = sorted(sizes)[:2]
@@ -493,6 +508,18 @@ def weights_id(path) -> str:
                 h.update(chunk)
         _weights_ids[path] = h.hexdigest()[:16]
     return _weights_ids[path]
+
+
+def check_published_weights(path) -> str:
+    """weights_id(path), with one warning per file and process when it is not the published
+    file's: other weights (converted again, fine-tuned, another port) move FID, so their
+    numbers cannot be set beside published ones. The fingerprint is still recorded."""
+    digest = weights_id(path)
+    if not digest.startswith(PUBLISHED_SHA256_PREFIX):
+        warn(f"FID weights {path} (sha256 {digest}...) are not the published {WEIGHT_FILENAMES[0]} (sha256 "
+             f"{PUBLISHED_SHA256_PREFIX}...): FID/IS/KID from them are not comparable with published numbers "
+             f"(converted or fine-tuned weights?); for comparable numbers use {FID_WEIGHTS_URL}", once=True)
+    return digest
 
 
 def generated_features(G, model, z, batch_size, device, bn_mode="batch", progress=True, rank=0, world=1,
@@ -574,7 +601,8 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     `images`: the dataset already decoded (uint8 (N, 3, H, W), as --cache and in-memory
     arrays serve training), read directly instead of through loader workers."""
     n = min(len(dataset), cap)
-    key = {**dataset.key(), "count": n, "resize": resize, "weights": weights_id(weights)}
+    wid = check_published_weights(weights) if rank == 0 else weights_id(weights)  # one warning, not one per rank
+    key = {**dataset.key(), "count": n, "resize": resize, "weights": wid}
     if torch.device(device).type == "cuda" and model.precision != "fp32":  # fp32 keys stay as they were
         key["precision"] = model.precision
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -613,17 +641,19 @@ def _compute_reference(dataset, model, n, batch_size, device, num_workers, progr
     print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
 
 
-def generator_from_checkpoint(path, ema=False):
+def generator_from_checkpoint(path, ema=False, trust=False):
     """(G, its config) from a training checkpoint, built with the checkpoint's own settings
     (size, spans, mask mode, BatchNorm mode, seed). UserError for anything else."""
-    ck = load_checkpoint(path)
-    if not isinstance(ck, dict) or "G" not in ck or "config" not in ck:
-        raise UserError(f"{path} is not a checkpoint of this package (no 'G' and 'config')")
+    ck = load_checkpoint(path, trust=trust)
     cfg = argparse.Namespace(**ck["config"])
     if ema and ck.get("G_ema") is None:
         raise UserError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema")
-    G = build_generator(cfg)
-    G.load_state_dict(ck["G_ema"] if ema else ck["G"])
+    try:
+        G = build_generator(cfg)
+        G.load_state_dict(ck["G_ema"] if ema else ck["G"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: its generator does not fit the config stored with it ({type(e).__name__}); "
+                        f"pass a checkpoint main.py wrote") from None
     return G, cfg
 
 
@@ -750,7 +780,8 @@ class Resolved:
     meta: dict = field(default_factory=dict)
 
 
-def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_samples=10000, ema=False):
+def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_samples=10000, ema=False,
+                  trust=False):
     """Turn a CLI input into statistics (+ features when computed from images).
     `get_model` is called only when features must be computed, so stats-only runs
     need no weights."""
@@ -758,7 +789,7 @@ def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_
     if not path.exists():
         raise UserError(f"{spec} does not exist")
     if path.suffix.lower() == ".pt":
-        G, cfg = generator_from_checkpoint(path, ema)  # a bad file fails before the network loads
+        G, cfg = generator_from_checkpoint(path, ema, trust)  # a bad file fails before the network loads
         z = fixed_latents(cfg.seed, "fid", n_samples, cfg.z_dim)
         pool3, logits = generated_features(G.to(device), get_model(), z, batch_size, device, cfg.fid_g_mode,
                                            progress=progress, gen_batch=cfg.batch_size)
@@ -775,7 +806,7 @@ def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_
 
 
 def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="fid.py", description="FID / IS / KID with the TF FID Inception network.")
+    p = OneLineParser(prog="fid.py", description="FID / IS / KID with the TF FID Inception network.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image folder, .npy/.npz image array (N,H,W,3 uint8) or statistics .npz (mu/sigma)")
     p.add_argument("--metrics", default="fid", help="comma list of fid,is,kid (IS is of the first input)")
@@ -787,13 +818,17 @@ def _parse_args(argv):
     p.add_argument("--fid_precision", default="tf32", choices=PRECISIONS,
                    help="Inception arithmetic on CUDA: tf32 (TensorFloat-32; FID within 1e-4 relative of fp32, "
                         "2.4x faster, see README) or fp32 (IEEE)")
-    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--batch_size", type=int_at_least(1), default=50)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--kid_subsets", type=int, default=100)
-    p.add_argument("--kid_subset_size", type=int, default=1000)
-    p.add_argument("--isc_splits", type=int, default=10)
-    p.add_argument("--fid_samples", type=int, default=10000, help="images generated from a checkpoint input")
+    p.add_argument("--kid_subsets", type=int_at_least(1), default=100)
+    p.add_argument("--kid_subset_size", type=int_at_least(2), default=1000)  # the unbiased MMD divides by m(m-1)
+    p.add_argument("--isc_splits", type=int_at_least(1), default=10)
+    p.add_argument("--fid_samples", type=int_at_least(2), default=10000,  # a covariance needs 2
+                   help="images generated from a checkpoint input")
     p.add_argument("--ema", action="store_true", help="checkpoint inputs: use the EMA generator")
+    p.add_argument(TRUST_FLAG, action="store_true",
+                   help="checkpoint inputs: load one of a version before 0.2 (pickled numpy RNG state); unpickling "
+                        "can run code hidden in a file, so only for checkpoints you made yourself")
     p.add_argument("--no_progress", action="store_true")
     return p.parse_args(argv)
 
@@ -817,11 +852,12 @@ def _run(args):
             if weights is None:
                 weights = resolve_weights(quiet=True)  # load_inception's error says the same
             model = load_inception(weights, args.fid_resize, device, args.fid_precision)
+            check_published_weights(weights)  # after loading: a file that is no weights gets its error alone
         return model
 
     key = lambda: {"resize": args.fid_resize, "weights": Path(weights).name if weights else None}
     resolve = lambda spec: resolve_input(spec, get_model, args.batch_size, device, not args.no_progress,
-                                         args.fid_samples, args.ema)
+                                         args.fid_samples, args.ema, args.trust_checkpoint)
 
     if args.save_stats:
         src, out = args.inputs

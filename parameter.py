@@ -10,7 +10,7 @@ from pathlib import Path
 from diffaug import TRANSFORMS, parse_policy
 from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
 from sagan_models import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
-from utils import LEGACY_SETTINGS, OUTPUT_FOLDERS, UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, warn
+from utils import CHECKPOINT_KEYS, OneLineParser, LEGACY_SETTINGS, OUTPUT_FOLDERS, TRAINING_KEYS, TRUST_FLAG, UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, run_started, warn
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
@@ -53,13 +53,6 @@ def int_list(v):
 def _flag(p, name, **kw):
     """A boolean flag usable as `--name`, `--name true` or `--name false` (the seed's style)."""
     p.add_argument(name, type=str2bool, nargs="?", const=True, default=kw.pop("default", False), **kw)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """User mistakes end in one line naming the fix, not a usage dump or a traceback."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--resume", help="continue from the newest checkpoint of --version")
     _flag(p, "--train", default=True, help="false: write --n_samples images from a checkpoint instead")
     a("--n_samples", type=int, default=64, help="images written by --train false")
+    _flag(p, TRUST_FLAG, help="load a checkpoint of a version before 0.2 (pickled numpy RNG state): unpickling "
+                              "can run code hidden in a file, so only for checkpoints you made yourself")
     _flag(p, "--parallel", help="all visible GPUs with DistributedDataParallel (re-launches via torchrun)")
     _flag(p, "--sync_bn", help="under torchrun: BatchNorm statistics over the global batch")
 
@@ -228,6 +223,9 @@ def validate(cfg, parser):
         err(str(e))
     if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
         err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
+    for seed in cfg.seed or []:
+        if not 0 <= seed < 2**63:
+            err(f"--seed {seed} is out of range; use an integer in [0, 2^63)")
     if cfg.resume and cfg.pretrained_model is not None:
         err("--resume and --pretrained_model both say where to start; give one")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -289,15 +287,18 @@ def resolve(cfg):
 def get_parameters(argv=None):
     parser = build_parser()
     # argparse leaves attributes it finds on the namespace alone unless the flag is given:
-    # the sentinel tells which optimizer settings the command line gave.
+    # the sentinel tells which flags the command line gave (the resume hint repeats those,
+    # and a resumed run keeps its checkpoint's optimizer settings unless they are given).
     unset = object()
+    dests = [a.dest for a in parser._actions if a.option_strings and a.dest != "help"]
     cfg, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv,
-                                           argparse.Namespace(**dict.fromkeys(OPTIMIZER_KEYS, unset)))
+                                           argparse.Namespace(**dict.fromkeys(dests, unset)))
     if unknown:
         parser.error(_unknown_flag_message(unknown, parser))
-    given = {k for k in OPTIMIZER_KEYS if getattr(cfg, k) is not unset}
-    for k in set(OPTIMIZER_KEYS) - given:
+    cfg.given = sorted(k for k in dests if getattr(cfg, k) is not unset)
+    for k in set(dests) - set(cfg.given):
         setattr(cfg, k, parser.get_default(k))
+    given = set(cfg.given) & set(OPTIMIZER_KEYS)
     validate(cfg, parser)
     resolve_device_defaults(cfg, parser)
     cfg.sweep = sweep_cells(cfg, parser)
@@ -310,39 +311,37 @@ def get_parameters(argv=None):
         if cfg.train or key == "sample":
             check_writable(folder, f"--{key}_path")
     if cfg.train and int(os.environ.get("RANK", "0")) == 0:  # one writer per run, before anything is read or written
-        lock_run(Path(cfg.log_path) / f".{cfg.version}.lock", f"run '{cfg.version}'")
+        # a lock in every output root: two runs that share any one of the run's folders
+        # (same --version and --model_save_path, other --log_path) cannot both write
+        for root in dict.fromkeys(Path(getattr(cfg, f"{k}_path")).resolve() for k in OUTPUT_FOLDERS):
+            lock_run(root / f".{cfg.version}.lock", f"run '{cfg.version}'")
     cfg = resolve_start(cfg, given)
     if cfg.diffaug is None:  # not given and not from a checkpoint
         cfg.diffaug = default_diffaug(cfg)
     return cfg
 
 
-def _newest_loadable(found, needs, what):
+def _newest_loadable(found, cfg, needs, what):
     """(step, checkpoint) of the newest checkpoint that loads: one cut short (a full disk, a
     bad copy) is skipped, with one warning saying which and why. UserError if none loads."""
     skipped = []
     for step in sorted(found, reverse=True):
-        ck, why = _read_checkpoint(found[step], needs)
+        ck, why = _read_checkpoint(found[step], cfg, needs)
         if ck is not None:
             if skipped and int(os.environ.get("RANK", "0")) == 0:
                 warn(f"{what}: using step {step}, skipping {'; '.join(skipped)}"
                      + (" (training writes the later steps again)" if what == "--resume" else ""))
             return step, ck
-        skipped.append(f"{found[step]} {why}")
-    raise UserError(f"{what}: {skipped[0]}, nor can any older one be used; re-copy it, or move the "
-                    f"checkpoints away")
+        skipped.append(why)
+    raise UserError(f"{what}: {skipped[0]}; nor can any older checkpoint be used")
 
 
-def _read_checkpoint(path, needs):
+def _read_checkpoint(path, cfg, needs):
     """(checkpoint loaded lazily, None), or (None, why it cannot be used)."""
     try:
-        ck = load_checkpoint(path, mmap=True)
-    except UserError:
-        return None, "cannot be read (cannot read checkpoint: cut short, or not a checkpoint file)"
-    if not isinstance(ck, dict) or not needs <= set(ck) or not isinstance(ck["config"], dict):
-        return None, (f"is not a training checkpoint of this package (it needs {', '.join(sorted(needs))}; "
-                      f"pass the --version of a run this package trained)")
-    return ck, None
+        return load_checkpoint(path, mmap=True, trust=cfg.trust_checkpoint, needs=needs), None
+    except UserError as e:
+        return None, str(e)
 
 
 def sweep_cells(cfg, parser):
@@ -382,32 +381,32 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
     `given` on the command line. Raises UserError."""
     folder = run_dirs(cfg)["model_save"]
     found = checkpoints(folder)
-    needs = {"G", "D", "config", "step"} | ({"g_opt", "d_opt"} if cfg.train else set())
+    needs = CHECKPOINT_KEYS | (TRAINING_KEYS if cfg.train else set())
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if not cfg.train:
         if not found:
             raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
                             f"(and --model_save_path) of a trained run")
         step, ck = (cfg.pretrained_model, None) if cfg.pretrained_model is not None else \
-            _newest_loadable(found, needs, "sampling")
+            _newest_loadable(found, cfg, needs, "sampling")
     elif cfg.resume:
         if not found:
-            if (run_dirs(cfg)["log"] / "metrics.csv").exists():  # it stopped before its first checkpoint
+            if run_started(cfg):  # it stopped before its first checkpoint
                 cfg.start_checkpoint = None
                 return cfg
             raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
-        step, ck = _newest_loadable(found, needs, "--resume")
+        step, ck = _newest_loadable(found, cfg, needs, "--resume")
     elif cfg.pretrained_model is not None:
         step, ck = cfg.pretrained_model, None
-        newer = sorted(s for s in found if s > step and _read_checkpoint(found[s], needs)[0] is not None)
+        newer = sorted(s for s in found if s > step and _read_checkpoint(found[s], cfg, needs)[0] is not None)
         if step in found and newer:
             raise UserError(f"{folder} has checkpoints after step {step} ({newer}); continuing from "
                             f"{step} would overwrite them. Move them away first, or use --resume")
     else:
-        if found or (run_dirs(cfg)["log"] / "metrics.csv").exists():
+        if run_started(cfg):
             where = f"checkpoints up to step {max(found)} in {folder}" if found else \
-                f"logs in {run_dirs(cfg)['log']}, no checkpoint yet"
+                f"a config or logs in {run_dirs(cfg)['log']}, no checkpoint yet"
             raise UserError(f"run '{cfg.version}' already exists ({where}); add --resume to continue it "
                             f"(from step 0 when it has no checkpoint), pick another --version, or delete "
                             f"its folders to start over")
@@ -416,9 +415,9 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
     if step not in found:
         raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
     if ck is None:  # a step the command line named: read it here
-        ck, why = _read_checkpoint(found[step], needs)
+        ck, why = _read_checkpoint(found[step], cfg, needs)
         if ck is None:
-            raise UserError(f"{found[step]} {why}; use another step or re-copy the file")
+            raise UserError(why)
     saved = {**LEGACY_SETTINGS, **ck["config"]}  # what checkpoints saved before a RUN_KEYS flag existed ran
     differ = [f"{k}={saved[k]}" for k in RUN_KEYS if getattr(cfg, k) not in (None, saved[k])]
     for k in RUN_KEYS:
@@ -430,3 +429,31 @@ def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
     cfg.start_checkpoint = str(found[step])
     return cfg
+
+
+# Flags a resumed run does not repeat: where it starts comes from --resume itself, and a
+# stop always leaves a checkpoint of the current format.
+NOT_REPEATED = {"resume", "pretrained_model", "train", "trust_checkpoint", "parallel", "jobs"}
+
+
+def resume_command(cfg, world=1) -> str:
+    """The command that continues this run, built from the parsed config: the flags the
+    command line gave (with their resolved values), the run's --version, and --resume;
+    main.py as a path from the current folder, so it runs when pasted here."""
+    import shlex
+    options = {a.dest: a.option_strings[-1] for a in build_parser()._actions if a.option_strings}
+    words = []
+    for dest in cfg.given:
+        value = getattr(cfg, dest, None)
+        if dest in NOT_REPEATED or dest == "version" or value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        elif dest == "diffaug" and value == "":
+            value = "none"
+        words += [options[dest], str(value)]
+    main_py = os.path.relpath(Path(__file__).resolve().with_name("main.py"))
+    launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
+    return shlex.join(launcher + [main_py, *words, "--version", cfg.version, "--resume"])

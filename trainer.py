@@ -4,8 +4,9 @@ import copy
 import csv
 import json
 import math
+import os
 import random
-import shlex
+import shutil
 import signal
 import sys
 import time
@@ -27,8 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import fid  # noqa: E402
 from diffaug import augment
 from data_loader import build_dataset, make_batches
+from parameter import resume_command
 from sagan_models import attention_distance, attention_layers, build_discriminator, build_generator
-from utils import (UserError, __version__, atomic_open, atomic_save, convert_sync_bn, csv_rows_until,
+from utils import (UserError, __version__, atomic_open, atomic_save, convert_sync_bn, csv_header, csv_rows_until,
                    dist_info, fixed_latents, git_commit, image_grid, is_tty, load_checkpoint, pick_device,
                    remove_stale_temp_files, rng_state, run_dirs, sampling_mode, save_png, seed_everything, set_rng_state,
                    to_uint8, uint8_batches, warn)
@@ -56,7 +58,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dirs = run_dirs(cfg)
         # parameter.py chose the checkpoint and took its run settings; the state is read here
-        self.ckpt = load_checkpoint(cfg.start_checkpoint) if cfg.start_checkpoint else None
+        self.ckpt = load_checkpoint(cfg.start_checkpoint, trust=cfg.trust_checkpoint) \
+            if cfg.start_checkpoint else None
         # Drawn here, not with the other settings: under torchrun every rank needs rank 0's.
         if cfg.seed is None:
             cfg.seed = random.SystemRandom().randrange(2**31)
@@ -120,6 +123,13 @@ class Trainer:
                 "world_size": self.world, "version": __version__}
 
     def _load(self, ck: dict):
+        try:
+            self._load_state(ck)
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise UserError(f"{self.cfg.start_checkpoint} does not fit the networks its own config describes "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); use another step") from None
+
+    def _load_state(self, ck: dict):
         # SyncBatchNorm2d is a BatchNorm2d with the same keys, so any world size loads.
         self.G.load_state_dict(ck["G"])
         self.D.load_state_dict(ck["D"])
@@ -153,9 +163,13 @@ class Trainer:
         if self.is_main:
             try:
                 atomic_save(self._state(), path)
-            except OSError as e:  # disk full, folder removed: the last good checkpoint stays as it was
+            # disk full, folder removed: the last good checkpoint stays as it was. torch.save
+            # reports a failed write (ENOSPC) as a RuntimeError, not an OSError.
+            except (OSError, RuntimeError) as e:
                 where = f"{self.last_saved}.pt is the last one saved" if self.last_saved is not None else "none saved yet"
-                raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}); {where}") from None
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:100]
+                raise UserError(f"cannot write checkpoint {path} ({why}); {where}. Free space or fix the "
+                                f"folder, then continue with --resume") from None
         self.last_saved = self.step
         return path
 
@@ -170,18 +184,15 @@ class Trainer:
                 "dataset_size": n_images, "world_size": self.world, "torch": torch.__version__,
                 "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name()}
         path = self.dirs["log"] / "config.json"
-        if path.exists():  # a resumed run: keep the original, record this part beside it
+        if self.ckpt is not None:  # a resumed run: keep the original, record this part beside it
             path = path.with_name(f"config_resumed_at_{self.step}.json")
+        # else the run starts at step 0 and writes its own, also over the config of an earlier
+        # start that stopped before its first checkpoint (its seed and span may differ)
         with atomic_open(path, "w") as f:
             f.write(json.dumps(info, indent=2, default=str))
 
     def _resume_hint(self):
-        args = [a for a in sys.argv[1:] if a not in ("--resume",)]
-        if "--pretrained_model" in args:
-            i = args.index("--pretrained_model")
-            del args[i:i + 2]
-        launcher = "python" if self.world == 1 else f"torchrun --nproc_per_node {self.world}"
-        return f"{launcher} main.py " + " ".join(shlex.quote(a) for a in args + ["--resume"])
+        return resume_command(self.cfg, self.world)
 
     # ------------------------------------------------------------------ the steps
     def _rank_slice(self, x):
@@ -271,13 +282,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train(self):
+        try:
+            self._train()
+        except (BrokenPipeError, ConnectionError):  # stdout closed (`| head`): not a disk problem
+            raise
+        except OSError as e:  # a log or config that cannot be written (disk full, folder gone)
+            raise UserError(f"cannot write {e.filename or 'an output file'} ({e.strerror or e}); free space or "
+                            f"fix the folder, then continue with: {self._resume_hint()}") from None
+
+    def _train(self):
         cfg = self.cfg
-        if self.step >= cfg.total_step:
+        if self.step >= cfg.total_step and not self._fid_missing():
             if self.is_main:
                 print(f"run '{cfg.version}' is already at step {self.step} >= --total_step {cfg.total_step}; "
                       f"raise --total_step to train further")
             return
+        if self.is_main:  # before anything of the run is touched
+            RunLog.check_columns(self)
         batches, fid_monitor = self._prepare_data_and_fid()
+        if fid_monitor is not None and self._fid_missing():
+            # killed after the checkpoint of a FID step and before its row: the row is made now,
+            # from the same weights, so no step of the run lacks its FID
+            self._share_running_statistics()
+            fid_monitor.evaluate(self.step, self.G, self.G_ema)
+        if self.step >= cfg.total_step:
+            return
         with StopSignals() as stop, RunLog(self) as log:
             self.interval = Interval(self.device, self.step, self.ckpt.get("interval") if self.ckpt else None)
             while self.step < cfg.total_step:
@@ -302,10 +331,20 @@ class Trainer:
                             warn(f"could not write the samples of step {self.step} ({e}); training goes on")
                     if fid_now:
                         self._share_running_statistics()
-                        fid_monitor.evaluate(self.step, self.G, self.G_ema)
+                        with stop.busy(f"the FID of step {self.step}"):
+                            fid_monitor.evaluate(self.step, self.G, self.G_ema)
                 if stopping:
                     self._announce_stop()
                     break
+
+    def _fid_missing(self) -> bool:
+        """Whether the checkpoint this run started from is a FID step without its fid.csv row."""
+        cfg, ck = self.cfg, self.ckpt
+        if not cfg.fid_step or ck is None or self.step == 0:
+            return False
+        if self.step % cfg.fid_step and self.step != ck["config"].get("total_step"):
+            return False
+        return all(int(r["step"]) != self.step for r in csv_rows_until(self.dirs["log"] / "fid.csv", self.step))
 
     def _prepare_data_and_fid(self):
         """The batch stream from the current step on, and the FID monitor (or None); writes
@@ -414,18 +453,29 @@ class Trainer:
         if not self.is_main:
             return
         z = fixed_latents(cfg.seed, "eval", cfg.n_samples, cfg.z_dim)
-        written = []
+        written, replaced = [], []
         for suffix, G in (("", self.G), ("_ema", self.G_ema)):
             if G is None:
                 continue
             out = self.dirs["sample"] / f"eval_{self.step}{suffix}"
-            out.mkdir(parents=True, exist_ok=True)
+            # Written into a fresh folder that then takes the name: an earlier, larger set of
+            # samples of this step never survives beside the new one (fid.py on the folder
+            # would measure both).
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
             starts = range(0, cfg.n_samples, cfg.batch_size)
             for i, batch in zip(starts, uint8_batches(G, z, starts, cfg.batch_size, self.device, cfg.fid_g_mode)):
                 for j, im in enumerate(batch.permute(0, 2, 3, 1).cpu().numpy()):
-                    save_png(im, out / f"{i + j:05d}.png")
+                    save_png(im, tmp / f"{i + j:05d}.png")
+            if out.exists():
+                replaced.append(out)
+                shutil.rmtree(out)
+            os.replace(tmp, out)
             written.append(out)
         print(f"wrote {cfg.n_samples} samples of step {self.step} to " + " and ".join(map(str, written)))
+        if replaced:
+            print("(replacing the earlier samples in " + " and ".join(map(str, replaced)) + ")")
 
     def _fid_monitor(self, dataset, images=None):
         """The FID monitor, or None when FID is off or its weights are missing (then
@@ -487,12 +537,23 @@ class StopSignals:
     checkpoint and stop cleanly; the previous handlers come back on exit."""
 
     def __enter__(self):
-        self.received = False
+        self.received, self.doing = False, None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
+        if self.doing and not self.received:  # a long FID: say why the stop is not immediate
+            print(f"\nstopping: finishing {self.doing} first, then saving a checkpoint", file=sys.stderr, flush=True)
         self.received = True
+
+    @contextmanager
+    def busy(self, what):
+        """A stretch of work a signal waits for (it is named if one comes)."""
+        self.doing = what
+        try:
+            yield
+        finally:
+            self.doing = None
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -559,16 +620,16 @@ class RunLog:
         if not t.is_main:
             return
         folder = t.dirs["log"]
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / "metrics.csv"
-        self.names = self.COLUMNS + [f"{net}_{n}_gamma" for net, m in (("g", t.G), ("d", t.D))
-                                     for n, _ in attention_layers(m)]
+        self.names = self.columns(t)
+        # The rows up to the checkpoint are rewritten through a temp file and a rename: a kill
+        # or a write error in between leaves the old file whole, never a truncated one.
         rows = csv_rows_until(path, t.step)
-        self.file = open(path, "w", newline="")
-        writer = csv.DictWriter(self.file, self.names)
-        writer.writeheader()
-        writer.writerows(rows)
-        self.file.flush()
+        with atomic_open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.names)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.file = open(path, "a", newline="")
         self.csv = csv.writer(self.file)
         if cfg.use_tensorboard:
             try:
@@ -577,6 +638,21 @@ class RunLog:
             except ImportError:
                 warn("--use_tensorboard: tensorboard is not installed (pip install tensorboard); "
                      "metrics.csv is still written")
+
+    @classmethod
+    def columns(cls, t):
+        return cls.COLUMNS + [f"{net}_{n}_gamma" for net, m in (("g", t.G), ("d", t.D)) for n, _ in attention_layers(m)]
+
+    @classmethod
+    def check_columns(cls, t):
+        """UserError, before the run touches anything, if the metrics.csv it would keep rows of
+        has other columns (another network's attention layers: not this run's log)."""
+        path = t.dirs["log"] / "metrics.csv"
+        header = csv_header(path)
+        if t.step > 0 and header is not None and header != cls.columns(t):
+            raise UserError(f"{path} has the columns of another network ({len(header)} columns, this run "
+                            f"logs {len(cls.columns(t))}): it is not this run's log; move it away or pick "
+                            f"another --log_path")
 
     def __enter__(self):
         return self

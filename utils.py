@@ -1,10 +1,14 @@
 """Small helpers shared by the trainer, the data loader and the metrics."""
+import argparse
 import csv
+import errno
 import os
+import pickle
 import random
 import re
 import subprocess
 import sys
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: checkpoints load with weights_only (no pickled numpy)
 REPO = Path(__file__).resolve().parent
 
 
@@ -25,6 +29,14 @@ LEGACY_SETTINGS = {"fully_masked": "skip", "diffaug": ""}
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, no traceback, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The parser of every entry point: a bad flag ends in one line naming the fix, not a
+    usage dump or a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
 _warned = set()
@@ -163,6 +175,44 @@ def check_writable(folder, flag: str) -> None:
         raise UserError(f"{flag}: cannot write to {probe} (permission denied or read-only); pick another {flag}")
 
 
+def int_at_least(low):
+    """argparse type: an integer >= low (0 steps, splits or subsets would divide by zero or
+    print nan as a result)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # what argparse calls it in messages
+    return parse
+
+
+def check_output_file(path, flag) -> Path:
+    """Before the work: UserError (one line) if `path` cannot become a file, because it is
+    a folder or its folder cannot be created or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    check_writable(path.parent, flag)
+    return path
+
+
+def write_failed(what, path, error) -> UserError:
+    """The one line for an output file that could not be written (a full disk, a read-only
+    or missing folder): the path, why, and the fix. Writes go through atomic_open, so an
+    earlier file at the path is as it was."""
+    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.ENOTDIR: "part of its folder is a file",
+               errno.EEXIST: "its folder is a file", errno.EISDIR: "it is a folder", errno.ENOENT: "its folder is gone"}
+    why = reasons.get(getattr(error, "errno", None), getattr(error, "strerror", None) or type(error).__name__)
+    fix = "free some space or pick another" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "pick another"
+    return UserError(f"cannot write {what} {path}: {why}; {fix} {what} (any earlier file there is unchanged)")
+
+
 _run_locks = {}  # path -> open file: the run locks this process holds
 
 
@@ -254,34 +304,105 @@ def run_dirs(cfg) -> dict:
     return {k: Path(getattr(cfg, f"{k}_path")) / cfg.version for k in OUTPUT_FOLDERS}
 
 
-def load_checkpoint(path, mmap=False) -> dict:
-    """A checkpoint on the CPU; mmap=True reads tensors lazily (cheap when only the config is needed)."""
+def run_started(cfg) -> bool:
+    """Whether run cfg.version has begun: checkpoints, or a config or logs it wrote (a run
+    stopped before its first checkpoint). Such a run is continued, never started over."""
+    dirs = run_dirs(cfg)
+    return bool(checkpoints(dirs["model_save"])) or any((dirs["log"] / f).exists()
+                                                         for f in ("config.json", "metrics.csv"))
+
+
+# The entries every checkpoint holds (written by trainer.Trainer._state), and those a run
+# that trains on from it needs too.
+CHECKPOINT_KEYS = frozenset({"G", "D", "config", "step"})
+TRAINING_KEYS = frozenset({"g_opt", "d_opt", "rng"})
+TRUST_FLAG = "--trust_checkpoint"
+
+
+def load_checkpoint(path, mmap=False, trust=False, needs=CHECKPOINT_KEYS) -> dict:
+    """A checkpoint on the CPU, checked to hold `needs`; mmap=True reads tensors lazily
+    (cheap when only the config is needed).
+
+    Loaded with weights_only=True: unpickling an arbitrary .pt can run code hidden in it, so
+    only tensors and plain Python values are accepted. Checkpoints of versions before 0.2
+    pickled numpy's RNG state and need `trust` (the --trust_checkpoint flag), an explicit
+    statement that the file is the user's own. Every failure is one UserError line."""
+    unreadable = UserError(f"cannot read checkpoint {path} (not a checkpoint file, or cut short); use another "
+                           f"step or re-copy the file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise unreadable
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:  # truncated copy, not a checkpoint at all
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); use another step or "
-                        f"re-copy the file") from None
+        ck = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a garbled pickle inside the archive
+            raise unreadable from None
+        raise UserError(f"{path} holds pickled Python objects, which a safe load refuses: a checkpoint saved "
+                        f"before version 0.2, or a file that runs code when opened. Only if you made it yourself, "
+                        f"add {TRUST_FLAG} to load it unsafely") from None
+    except Exception:  # an archive cut short or damaged
+        raise unreadable from None
+    missing = sorted(set(needs) - set(ck)) if isinstance(ck, dict) else None
+    if missing is None or missing or not isinstance(ck.get("config"), dict):
+        what = f"it lacks {', '.join(missing)}" if missing else "not a dict with a config"
+        raise UserError(f"{path} is not a training checkpoint of this package ({what}); pass a <step>.pt "
+                        f"that main.py wrote")
+    return ck
 
 
 def csv_rows_until(path: Path, step: int) -> list:
     """The rows (dicts) of a log CSV up to `step`: a resumed run drops what was logged
-    after its checkpoint."""
+    after its checkpoint. Lines a kill or a full disk left broken (NUL bytes, cut short, a
+    step that is not a number) are dropped with one warning, never kept as rows."""
+    path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with open(path, newline="", errors="replace") as f:
+        lines = f.read().splitlines(keepends=True)
+    good = [line for line in lines if "\x00" not in line]
+    reader = csv.DictReader(good)
+    rows, broken = [], len(lines) - len(good)
+    for r in reader:
+        try:
+            ok = None not in r and None not in r.values() and int(r["step"]) >= 0
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            broken += 1
+        elif int(r["step"]) <= step:
+            rows.append(r)
+    if broken:
+        warn(f"{path}: dropped {broken} broken line(s) (a write cut short by a kill or a full disk)")
+    return rows
+
+
+def csv_header(path: Path):
+    """The column names of a CSV file, or None if it is missing or empty."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path, newline="", errors="replace") as f:
+        return next(csv.reader(line for line in f if "\x00" not in line), None)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The host and device RNG states as tensors and plain values, which a weights_only
+    load accepts (numpy's own state holds an ndarray)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():  # this process's GPU: under torchrun every rank holds the same state
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    else:  # the tuple of checkpoints before version 0.2 (loaded with --trust_checkpoint)
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         # Every rank draws the same global z, so rank 0's state serves any number of GPUs.

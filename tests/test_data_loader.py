@@ -1,14 +1,18 @@
 """Image-file scanning and the array-layout check in data_loader (CPU, offline, fast)."""
+import errno
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data_loader
-from data_loader import ArrayDataset, FileDataset, as_nhwc_uint8, build_dataset, image_files
+from data_loader import (ArrayDataset, FileDataset, as_nhwc_uint8, build_dataset, cache_path, cached_images,
+                         image_files, make_batches)
 from utils import UserError
 
 # Written out here rather than imported, so a change to IMAGE_EXTS shows up as a failure.
@@ -215,3 +219,171 @@ def test_decompression_bomb_warning_is_one_line_of_ours(tmp_path, monkeypatch, c
     ds[0]
     err = capfd.readouterr().err
     assert err.count("very large images") == 1 and "DecompressionBombWarning" not in err, err
+
+
+# ---------------------------------------------------------------------------- --cache (issue 20, item 9)
+def direct(path, size, box=None):
+    """Independent decode: PIL RGB, a centred square crop computed here (the shorter side,
+    or `box`), PIL bilinear resize; CHW uint8. The test images have even size differences,
+    so the centre needs no rounding."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    if box is None:
+        w, h = im.size
+        s = min(w, h)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return np.asarray(im.crop(box).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+def folder_cfg(root, size, dataset="folder"):
+    return SimpleNamespace(dataset=dataset, image_path=str(root), imsize=size, cache=True, batch_size=4, seed=0,
+                           num_workers=0)
+
+
+GOOD = ["a/broken.jpg"]  # image_folder's one unreadable file
+
+
+def test_a_cache_does_not_stand_in_for_the_folder_at_another_size(image_folder):
+    cfg16 = folder_cfg(image_folder, 16)
+    make_batches(build_dataset(cfg16), cfg16, 0, torch.device("cpu"))  # a --cache run at 16
+    assert len(list(image_folder.glob(".sagan_cache_*.npy"))) == 1
+    ds = build_dataset(folder_cfg(image_folder, 32))
+    files = reference_files(image_folder, GOOD)
+    want = np.stack([direct(f, 32) for f in files])  # not the 16-pixel cache scaled up
+    assert len(ds) == len(files) == 15
+    assert np.array_equal(np.stack([ds[i].numpy() for i in range(len(ds))]), want)
+    assert np.array_equal(cached_images(ds).numpy(), want)
+
+
+def test_an_image_added_or_changed_after_caching_is_trained_on(image_folder, capsys):
+    cfg = folder_cfg(image_folder, 16)
+    cached_images(build_dataset(cfg))
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(image_folder / "new.png")
+    changed = image_folder / "a" / "rgb1.jpg"  # same name and pixel size, new pixels
+    Image.fromarray(rng.integers(0, 256, (48, 36, 3), dtype=np.uint8)).save(changed)
+    capsys.readouterr()
+    ds = build_dataset(cfg)
+    assert len(ds) == 16
+    images = cached_images(ds)
+    assert capsys.readouterr().out.splitlines() == [f"--cache: decoding 16 images once into {cache_path(ds)}"]
+    files = reference_files(image_folder, GOOD)
+    assert np.array_equal(images.numpy(), np.stack([direct(f, 16) for f in files]))
+    assert len(list(image_folder.glob(".sagan_cache_*.npy"))) == 2
+
+
+def test_cache_use_is_said_in_one_line(image_folder, capsys):
+    cfg = folder_cfg(image_folder, 16)
+    ds = build_dataset(cfg)
+    capsys.readouterr()
+    written = cached_images(ds)
+    path = cache_path(ds)
+    assert capsys.readouterr().out.splitlines() == [f"--cache: decoding 15 images once into {path}"]
+    ds = build_dataset(cfg)  # a later run
+    capsys.readouterr()
+    assert torch.equal(cached_images(ds), written)
+    assert cache_path(ds) == path
+    assert capsys.readouterr().out.splitlines() == [f"--cache: using 15 decoded images from {path}"]
+
+
+def test_a_cache_beside_an_array_does_not_hide_it(tmp_path, capsys):
+    arr = np.random.default_rng(2).integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+    (tmp_path / "LSUN").mkdir()
+    np.save(tmp_path / "LSUN" / "church.npy", arr)
+    cfg = folder_cfg(tmp_path, 32, dataset="lsun")
+    first = cached_images(build_dataset(cfg))
+    assert len(list((tmp_path / "LSUN").glob(".sagan_cache_*.npy"))) == 1
+    ds = build_dataset(cfg)  # two .npy files in the folder now; one of them is ours
+    assert ds.description["path"] == str((tmp_path / "LSUN" / "church.npy").resolve())
+    capsys.readouterr()
+    assert torch.equal(cached_images(ds), first)
+    assert capsys.readouterr().out.startswith("--cache: using 5 decoded images")
+    want = np.stack([np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1) for a in arr])
+    assert np.array_equal(first.numpy(), want)
+
+
+def test_an_unreadable_cache_is_decoded_again(image_folder, capsys):
+    ds = build_dataset(folder_cfg(image_folder, 16))
+    cache_path(ds).write_bytes(b"not an array")
+    capsys.readouterr()
+    images = cached_images(ds)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: --cache: cannot read {cache_path(ds)}")
+    assert np.array_equal(images.numpy(), np.stack([direct(f, 16) for f in reference_files(image_folder, GOOD)]))
+    assert np.load(cache_path(ds)).shape == (15, 3, 16, 16)  # rewritten
+
+
+# ---------------------------------------------------------------------------- folder links (item 12)
+def test_links_back_into_the_folder_end_and_count_each_image_once(tmp_path):
+    root = tmp_path / "loop"
+    save(root / "m.png", fmt="PNG")
+    save(root / "sub" / "x.png", fmt="PNG")
+    os.symlink(".", root / "a")  # each a link to the folder itself: a/b/a/b/... without end
+    os.symlink(".", root / "b")
+    os.symlink("sub", root / "c")  # the same subfolder under a second name: its image counts once
+    result = []
+    scan = threading.Thread(target=lambda: result.append(image_files(root)), daemon=True)
+    scan.start()
+    scan.join(20)
+    assert not scan.is_alive(), "the scan did not end"
+    # each image once: the links back to the root add nothing, and sub/ is entered under
+    # the first of its names in Path order (c/ before sub/)
+    assert result == [([root / "c" / "x.png", root / "m.png"], 0)]
+
+
+# ---------------------------------------------------------------------------- unreadable folders (item 6)
+@pytest.mark.parametrize("which", ["subfolder", "image_path"])
+def test_an_unreadable_folder_is_one_line_naming_it(tmp_path, monkeypatch, which):
+    """What an unreadable folder does to a user who is not root (tests run as root, who reads
+    folders whatever their mode, so the listing is refused by a patch)."""
+    root = tmp_path / "imgs"
+    save(root / "ok.png", fmt="PNG")
+    save(root / "sub" / "x.png", fmt="PNG")
+    bad = root / "sub" if which == "subfolder" else root
+
+    def deny(real):
+        def listing(path=".", *args, **kwargs):
+            if not isinstance(path, int) and os.path.abspath(path) == str(bad):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", deny(os.scandir))
+    monkeypatch.setattr(os, "listdir", deny(os.listdir))
+    with pytest.raises(UserError) as e:
+        build_dataset(folder_cfg(root, 8))
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and "permission denied" in msg and "chmod -R a+rX" in msg
+
+
+# ---------------------------------------------------------------------------- CelebA crop (item 15)
+def test_celeb_crop_is_the_seeds_share_of_any_image_size(tmp_path):
+    folder = tmp_path / "CelebA" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    original = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)  # H x W of the seed's CelebA
+    small = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(original).save(folder / "000001.png")
+    Image.fromarray(small).save(folder / "000002.png")
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(folder / "000003.png")
+    ds = build_dataset(SimpleNamespace(dataset="celeb", image_path=str(tmp_path), imsize=32))
+    got = {p.name: ds[i].numpy() for i, p in enumerate(ds.files)}
+    # the seed: torchvision CenterCrop(160) of 178x218 is the box from (9, 29), then Resize
+    assert np.array_equal(got["000001.png"], direct(folder / "000001.png", 32, (9, 29, 169, 189)))
+    # 64x64: the same share, 64 * 160 / 178 = 57.53 -> 58, centred from (3, 3); no padding
+    assert np.array_equal(got["000002.png"], direct(folder / "000002.png", 32, (3, 3, 61, 61)))
+    white = got["000003.png"]
+    assert white.min() == 255, "a black frame around a white image"
+
+
+@pytest.mark.parametrize("content", ["random", "objects"])
+def test_an_array_file_that_is_not_numbers_is_one_line_without_pickle_advice(tmp_path, content):
+    path = tmp_path / "images.npy"
+    if content == "random":
+        path.write_bytes(os.urandom(4096))
+    else:
+        np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError) as e:
+        build_dataset(folder_cfg(path, 8))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "allow_pickle" not in msg

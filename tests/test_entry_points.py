@@ -73,7 +73,7 @@ def test_fid_bad_inputs_are_one_line(tmp_path, capsys):
              (["--save-stats", tmp_path / "s.npz", tmp_path / "a_folder"], "is a folder; give a file name"),
              (["--save-stats", tmp_path / "s.npz", tmp_path / "s.npz" / "x.npz"], "is a file"),([tmp_path / "bad.npz", tmp_path / "s.npz"], "bad.npz"),
              ([tmp_path / "bad.pt", tmp_path / "s.npz"], "cannot read checkpoint"),
-             ([tmp_path / "other.pt", tmp_path / "s.npz"], "not a checkpoint of this package"),
+             ([tmp_path / "other.pt", tmp_path / "s.npz"], "not a training checkpoint of this package"),
              ([tmp_path / "floats.npz", tmp_path / "s.npz"], "expected a uint8 image array"),
              ([tmp_path / "missing", tmp_path / "s.npz"], "does not exist"),
              (["compare", tmp_path / "nothing_here"], "has no fid.csv"),
@@ -180,7 +180,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path, caps
     main.main(train(tmp_path, "--version", "early", "--total_step", "5", "--model_save_step", "100"))
     (tmp_path / "models" / "early" / "5.pt").unlink()  # as if it died before saving
     err = one_line_exit_2(capsys, main.main, train(tmp_path, "--version", "early", "--total_step", "5"))
-    assert f"logs in {tmp_path / 'logs' / 'early'}, no checkpoint yet" in err and "--resume" in err
+    assert f"a config or logs in {tmp_path / 'logs' / 'early'}, no checkpoint yet" in err and "--resume" in err
     main.main(train(tmp_path, "--version", "early", "--total_step", "5", "--resume"))  # the one way forward works
     assert (tmp_path / "models" / "early" / "5.pt").exists()
 

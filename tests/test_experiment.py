@@ -126,3 +126,65 @@ def test_edge_cases_empty_runs_repeated_folders_uneven_seeds_and_old_configs(tmp
     (old / "config.json").write_text(json.dumps(cfg))
     r = run_main(["compare", old, new, "--out", tmp_path / "o.png", "--csv", tmp_path / "o.csv"], entry=fid.main)
     assert [row["n"] for row in csv.DictReader(open(tmp_path / "o.csv"))] == ["2"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "fid.py compare: error: unrecognized arguments: --bogus (see python fid.py compare --help)"),
+    ([], "the following arguments are required: RUN_LOG_DIR"),
+    (["--reach", "x"], "argument --reach: invalid float value: 'x'"),
+])
+def test_compare_bad_flags_are_one_line(tmp_path, capsys, argv, message):
+    run = make_run(tmp_path, "r", {10: 1.0})
+    with pytest.raises(SystemExit) as e:
+        fid.main(["compare", *([str(run)] if argv != [] else []), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_compare_outputs_it_cannot_write_are_one_line_before_any_work(tmp_path):
+    run = make_run(tmp_path, "r", {10: 1.0})
+    (tmp_path / "a_file").write_text("mine")
+    cases = [(["--csv", tmp_path / "a_file" / "t.csv"], f"--csv: {tmp_path / 'a_file'} is a file"),
+             (["--out", tmp_path / "a_file" / "p.png"], f"--out: {tmp_path / 'a_file'} is a file"),
+             (["--csv", tmp_path], f"--csv {tmp_path} is a folder; give a file name"),
+             (["--out", tmp_path / "p.v2"], "--out " + str(tmp_path / "p.v2") + ": cannot draw a .v2 file; end the "
+                                                                               "name in one of")]
+    for extra, message in cases:
+        r = run_main(["compare", run, *extra], entry=fid.main)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert r.stdout == ""  # refused before the report: nothing read, nothing drawn
+    assert (tmp_path / "a_file").read_text() == "mine"
+    # a name without a suffix gets .png, as matplotlib would add, and the report names that file
+    r = run_main(["compare", run, "--out", tmp_path / "plain"], entry=fid.main)
+    assert r.returncode == 0 and f"plot: {tmp_path / 'plain.png'}" in r.stdout
+    assert (tmp_path / "plain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # folders that do not exist yet are made (they used to end in a FileNotFoundError traceback)
+    r = run_main(["compare", run, "--out", tmp_path / "new" / "p.pdf", "--csv", tmp_path / "new2" / "t.csv"],
+                 entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "new" / "p.pdf").read_bytes()[:4] == b"%PDF" and (tmp_path / "new2" / "t.csv").is_file()
+
+
+@pytest.mark.parametrize("which", ["--csv", "--out"])
+def test_compare_on_a_full_disk_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypatch, which):
+    import errno
+    import os
+    run = make_run(tmp_path, "r", {10: 1.0, 20: 2.0})
+    out = tmp_path / "results" / ("table.csv" if which == "--csv" else "plot.png")
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier file")
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if os.fspath(dst) == os.fspath(out):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    other = ["--out", tmp_path / "p.png"] if which == "--csv" else []
+    r = run_main(["compare", run, which, out, *other], entry=fid.main)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"fid.py: error: cannot write {which} {out}: the disk is full; free some space or "
+                                f"pick another {which} (any earlier file there is unchanged)")
+    assert out.read_bytes() == b"an earlier file" and sorted(p.name for p in out.parent.iterdir()) == [out.name]

@@ -1,11 +1,18 @@
 """One command for the span experiment: `--span` / `--seed` lists run a grid of ordinary
 runs; the same command again continues unfinished cells and skips finished ones."""
 import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, out_dirs, random_fid_state_dict, run_main
+from conftest import REPO, TINY, out_dirs, random_fid_state_dict, run_main
 from experiment import cell_argv
 from parameter import get_parameters
 
@@ -65,3 +72,85 @@ def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path)
         assert all(torch.equal(done[net][k], redone[net][k]) for k in done[net])
     rows = list(csv.DictReader(open(tmp_path / f"logs/{cells[1]}/metrics.csv")))
     assert [r["step"] for r in rows] == ["2", "4"]
+
+
+def test_cell_results_and_the_summary_agree_with_the_cells():
+    from experiment import cell_result, sweep_summary
+    # a cell that stopped cleanly on a SIGTERM of its own (checkpoint saved, exit 0) before --total_step
+    assert cell_result(done=False, returncode=0) == "interrupted"
+    assert cell_result(False, 130) == cell_result(False, -signal.SIGTERM) == "interrupted"  # stopped while starting
+    assert cell_result(False, 1) == "failed (exit 1)"
+    assert cell_result(False, -signal.SIGKILL) == "failed (killed by SIGKILL)"  # e.g. the OOM killer
+    assert cell_result(True, 0) == cell_result(True, -signal.SIGTERM) == "ok"
+    assert cell_result(True, 1) == "failed (exit 1, after its last checkpoint)"
+    results = [("a", "done before"), ("b", "ok"), ("c", "interrupted"), ("d", "failed (exit 1)"),
+               ("e", "failed (killed by SIGKILL)"), ("f", None)]
+    line, code = sweep_summary(results)
+    assert line == ("sweep: 2/6 cells finished; interrupted: 1 (c); failed: 2 (d, e), their output above says why; "
+                    "not started: 1 (f); run the same command again to continue the rest")
+    assert code == 1
+    assert sweep_summary([("a", "ok"), ("b", "interrupted")]) == (
+        "sweep: 1/2 cells finished; interrupted: 1 (b); run the same command again to continue the rest", 0)
+    assert sweep_summary([("a", "ok"), ("b", "done before")]) == ("sweep: 2/2 cells finished", 0)
+
+
+def _cell_pid(lock):
+    """The process named in a run lock ("process PID (main.py ...)"), or None before it is written."""
+    m = re.match(r"process (\d+) ", lock.read_text()) if lock.is_file() else None
+    return int(m.group(1)) if m else None
+
+
+def _gone(pid):
+    """Ended (a zombie nobody reaped counts: it holds no lock and runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _wait(condition, seconds, what):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cells die with the sweep through Linux's prctl")
+def test_a_cell_stopped_alone_is_interrupted_and_cells_stop_with_a_killed_sweep(tmp_path):
+    args = [*SWEEP, *out_dirs(tmp_path), "--span", "0,2", "--seed", "5", "--jobs", "2", "--total_step", "100000",
+            "--log_step", "1", "--sample_step", "100000", "--model_save_step", "100000"]
+    cells = ["sagan_emoji_span0_32px_seed5", "sagan_emoji_span2_32px_seed5"]
+    locks = [tmp_path / "logs" / f".{c}.lock" for c in cells]
+    output = tmp_path / "sweep.out"
+    with open(output, "w") as out:
+        sweep = subprocess.Popen([sys.executable, str(REPO / "main.py"), *map(str, args)], cwd=tmp_path, stdout=out,
+                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    pids = []
+    try:
+        metrics = [tmp_path / "logs" / c / "metrics.csv" for c in cells]
+        # both cells in their training loops: a lock naming the process, a metrics row (header + 1)
+        _wait(lambda: all(_cell_pid(lock) for lock in locks) and
+              all(m.is_file() and len(m.read_text().splitlines()) > 1 for m in metrics), 180, "both cells to train")
+        pids = [_cell_pid(lock) for lock in locks]
+        # a SIGTERM to one cell alone (a scheduler, a user): it saves a checkpoint, exits 0, and the
+        # sweep reports it as interrupted, not as a failure
+        os.kill(pids[0], signal.SIGTERM)
+        _wait(lambda: f"sweep: {cells[0]} " in output.read_text(), 60, "the sweep to report the cell")
+        assert f"sweep: {cells[0]} interrupted" in output.read_text()
+        assert list((tmp_path / "models" / cells[0]).glob("*.pt"))
+        # the sweep killed outright: its other cell stops too, at a checkpoint, and frees its run lock
+        os.kill(sweep.pid, signal.SIGKILL)
+        sweep.wait(timeout=30)
+        _wait(lambda: _gone(pids[1]), 60, "the orphaned cell to stop")
+        assert list((tmp_path / "models" / cells[1]).glob("*.pt")), output.read_text()
+        import fcntl
+        with open(locks[1], "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a process still holds the run
+    finally:
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        if sweep.poll() is None:
+            sweep.kill()
+        sweep.wait()

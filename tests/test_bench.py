@@ -1,0 +1,87 @@
+"""bench.py's command line: counts it cannot run with, and a --out it cannot write, are one
+line and exit code 2 before any timing; a table that cannot be written at the end never
+costs the one an earlier run left there."""
+import errno
+import os
+import tempfile
+
+import pytest
+
+import bench
+
+
+def one_line_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("bench.py: error:"), err
+    return err
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """bench.run without the minutes of work: no JPEGs, and canned timings."""
+    monkeypatch.setattr(bench, "make_jpegs", lambda folder, n: None)
+    monkeypatch.setattr(bench, "time_training", lambda *a, **k: {"it_per_s": 2.0, "images_per_s": 16.0,
+                                                                   "warmup_seconds": 0.1})
+    fid_row = {"feature_images_per_s": 1.0, "fid_seconds": 1.0, "generate_and_features_s": 1.0, "stats_s": 0.0,
+               "distance_device_s": 0.0, "distance_cpu_s": 0.0, "fid": 300.0, "fid_rel_diff_vs_fp32": 0.0}
+    monkeypatch.setattr(bench, "time_fid", lambda *a, **k: {"precisions": {"fp32": fid_row, "tf32": fid_row},
+                                                            "weights": "random (speed only)"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),  # was a ZeroDivisionError at the end
+    (["--steps", "-3"], "--steps: must be at least 1"),
+    (["--warmup", "-1"], "--warmup: must be at least 0"),
+    (["--batch_size", "0"], "--batch_size: must be at least 1"),
+    (["--conv_dim", "0"], "--conv_dim: must be at least 1"),
+    (["--n_images", "0"], "--n_images: must be at least 1"),
+    (["--num_workers", "-1"], "--num_workers: must be at least 0"),
+    (["--profile", "-1"], "--profile: must be at least 0"),
+    (["--fid_samples", "1"], "--fid_samples: must be at least 2"),
+    (["--fid_batch_size", "0"], "--fid_batch_size: must be at least 1"),
+    (["--steps", "two"], "--steps: expected an integer, got 'two'"),
+    (["--n_images", "4", "--batch_size", "8"], "--n_images 4 is fewer than --batch_size 8"),
+])
+def test_counts_it_cannot_run_with_are_one_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(bench, "make_jpegs", lambda *a: pytest.fail("refused only after starting the work"))
+    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(tmp_path / "b.json"), *args])
+    assert message in err
+
+
+def test_an_out_it_cannot_write_is_refused_before_any_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "make_jpegs", lambda *a: pytest.fail("refused only after starting the work"))
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "a_folder").mkdir()
+    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(tmp_path / "a_file" / "bench.json")])
+    assert f"{tmp_path / 'a_file'} is a file" in err and "pick another --out" in err
+    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(tmp_path / "a_folder")])
+    assert "is a folder; give a file name" in err
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_earlier_table(tmp_path, capsys, monkeypatch, no_timing):
+    out = tmp_path / "results" / "bench.json"
+    out.parent.mkdir()
+    out.write_text('{"an": "earlier run"}')
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if os.fspath(dst) == os.fspath(out):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(out), "--spans", "0"])
+    assert f"cannot write --out {out}: the disk is full; free some space or pick another --out" in err
+    assert out.read_text() == '{"an": "earlier run"}'
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]  # no temp file left behind
+    monkeypatch.setattr(os, "replace", real_replace)  # and with room on the disk, the same run writes it
+    assert bench.main(["--device", "cpu", "--out", str(out), "--spans", "0"]) is None
+    assert '"training"' in out.read_text()
+    assert not any((tmp_path / "tmp").iterdir())  # the synthetic data and run folders went with the runs

@@ -1,0 +1,173 @@
+"""fid.py's command line (issue 20): bad flags and junk inputs in one line, never numpy's or
+torch's advice to unpickle; a warning for weights other than the published file; write
+errors of --save-stats. Fast: where the network is not what is tested, a tiny stand-in
+replaces it (features are pixels), so no Inception forward runs."""
+import errno
+import os
+
+import numpy as np
+import pytest
+
+import fid
+
+UNSAFE_ADVICE = ("allow_pickle", "weights_only", "pickle.load")
+
+
+def run(capsys, argv):
+    """fid.main(argv) -> (exit code, stdout, stderr)."""
+    try:
+        code = fid.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fid.py: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+def pixel_inception(weights, resize="tf1", device="cpu", precision="fp32"):
+    # stands in for load_inception: 8 pixel values as "pool3", the next 8 as logits
+    return lambda b: (b.float().flatten(1)[:, :8], b.float().flatten(1)[:, 8:16])
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "imgs.npy", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    fid.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
+    (tmp_path / "w.pth").write_bytes(rng.bytes(256))  # never the published weights
+    return tmp_path
+
+
+def published(monkeypatch, weights):
+    """Make `weights` count as the published file (its own sha256 prefix expected)."""
+    monkeypatch.setattr(fid, "PUBLISHED_SHA256_PREFIX", fid.weights_id(weights)[:8], raising=False)
+
+
+# -----------------------------------------------------------------------------
+# (10) bad flags and junk inputs
+
+
+def test_bad_flag_values_are_refused_in_one_line(inputs, capsys):
+    stats = inputs / "s.npz"
+    cases = [("--isc_splits", "0"), ("--kid_subsets", "0"), ("--kid_subset_size", "0"), ("--kid_subset_size", "1"),
+             ("--fid_samples", "0"), ("--fid_samples", "-3"), ("--batch_size", "0"), ("--isc_splits", "x")]
+    for flag, value in cases:  # stats inputs, FID only: today 0 splits went unnoticed and exited 0
+        code, out, err = run(capsys, [stats, stats, flag, value])
+        line = assert_one_line_error(code, err)
+        assert f"argument {flag}:" in line and "--help" in line and not out, (flag, value, line)
+    line = assert_one_line_error(*run(capsys, [stats, stats, "--bogus"])[::2])
+    assert "unrecognized arguments: --bogus" in line  # argparse's usage block is not printed
+    code, out, err = run(capsys, ["--help"])
+    assert code == 0 and "--isc_splits" in out and "--save-stats" in out and not err
+
+
+def test_junk_inputs_are_one_line_without_unpickling_advice(inputs, capsys):
+    junk = np.random.default_rng(1).bytes(4000)
+    for name in ("junk.npz", "junk.npy", "pics/a.png"):
+        (inputs / name).parent.mkdir(exist_ok=True)
+        (inputs / name).write_bytes(junk)
+    np.save(inputs / "obj.npy", np.array([{"a": 1}], dtype=object))
+    np.savez(inputs / "obj.npz", images=np.array([{"a": 1}], dtype=object))
+    np.savez(inputs / "objstats.npz", mu=np.array([0, "x"], dtype=object), sigma=np.eye(2))
+    (inputs / "junk.pth").write_bytes(junk)
+    s = inputs / "s.npz"
+    cases = [([inputs / "junk.npz", s], "is not a NumPy .npy/.npz file"),
+             ([inputs / "junk.npy", s], "is not a NumPy .npy/.npz file"),
+             ([inputs / "pics", s], "1 file(s) with an image name could not be read"),
+             ([inputs / "obj.npy", s], "holds Python objects"),
+             ([inputs / "obj.npz", s], "holds Python objects (array images)"),
+             ([inputs / "objstats.npz", s], "holds Python objects (array mu)"),
+             ([s, inputs / "objstats.npz"], "holds Python objects (array mu)"),
+             ([inputs / "imgs.npy", s, "--fid_weights", inputs / "junk.pth", "--no_progress"],
+              "is not an FID Inception (2015-12-05) weights file")]
+    for argv, message in cases:
+        line = assert_one_line_error(*run(capsys, argv)[::2])
+        assert message in line, (argv, line)
+        assert not any(a in line for a in UNSAFE_ADVICE), line
+
+
+def test_object_arrays_are_refused_before_numpy_reads_them(inputs, monkeypatch):
+    np.save(inputs / "obj.npy", np.array([None, 1], dtype=object))
+    monkeypatch.setattr(fid, "load_array", lambda *a: pytest.fail("the file must not be loaded"))
+    with pytest.raises(fid.UserError, match="holds Python objects") as e:
+        fid.load_images(inputs / "obj.npy")
+    assert "allow_pickle" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# (14) weights other than the published file
+
+
+def test_published_prefix_follows_the_hub_file_name():
+    import torch.hub
+    assert fid.PUBLISHED_SHA256_PREFIX == torch.hub.HASH_REGEX.search(fid.WEIGHT_FILENAMES[0]).group(1) == "6726825d"
+
+
+def test_other_weights_warn_once_naming_file_and_fingerprint(inputs, capsys, monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", pixel_inception)
+    w = inputs / "w.pth"
+    code, out, err = run(capsys, [inputs / "imgs.npy", inputs / "imgs.npy", "--fid_weights", w, "--metrics",
+                                  "fid,is,kid", "--isc_splits", 2, "--kid_subset_size", 3, "--no_progress"])
+    assert code == 0 and "FID: " in out, err
+    warnings = [l for l in err.splitlines() if "not comparable with published" in l]
+    assert len(warnings) == 1, err  # one for the file, though both inputs needed the network
+    assert str(w) in warnings[0] and fid.weights_id(w) in warnings[0]
+    assert fid.check_published_weights(w) == fid.weights_id(w)  # the fingerprint is still what is recorded
+    assert "not comparable" not in capsys.readouterr().err  # once per process
+
+
+def test_published_weights_do_not_warn(inputs, capsys, monkeypatch):
+    w = inputs / "w.pth"
+    published(monkeypatch, w)
+    assert fid.check_published_weights(w) == fid.weights_id(w)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(fid, "load_inception", pixel_inception)
+    code, out, err = run(capsys, [inputs / "imgs.npy", inputs / "imgs.npy", "--fid_weights", w, "--no_progress"])
+    assert code == 0 and "FID: " in out and err == "", err
+
+
+# -----------------------------------------------------------------------------
+# (6) --save-stats write errors
+
+
+def _fail_in_savez(monkeypatch):
+    def savez(f, *a, **k):  # half the file written, then the disk is full
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "savez", savez)
+
+
+def _fail_in_replace(monkeypatch):
+    def replace(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("fail, message", [(_fail_in_savez, "the disk is full; free some space"), (_fail_in_replace, "the file system is read-only")])
+def test_save_stats_write_error_is_one_line_and_keeps_the_earlier_file(inputs, capsys, monkeypatch, fail, message):
+    monkeypatch.setattr(fid, "load_inception", pixel_inception)
+    published(monkeypatch, inputs / "w.pth")
+    out = inputs / "out" / "stats.npz"
+    out.parent.mkdir()
+    fid.save_stats(out, np.ones(2), np.eye(2), n=5)
+    earlier = out.read_bytes()
+    fail(monkeypatch)
+    code, stdout, err = run(capsys, ["--save-stats", inputs / "imgs.npy", out, "--fid_weights", inputs / "w.pth",
+                                     "--no_progress"])
+    line = assert_one_line_error(code, err)
+    assert str(out) in line and message in line and "saved" not in stdout, line
+    assert out.read_bytes() == earlier and os.listdir(out.parent) == ["stats.npz"]  # no temp file left either
+
+
+def test_save_stats_write_error_is_a_user_error(tmp_path, monkeypatch):
+    (tmp_path / "s.npz").write_bytes(b"earlier")
+    _fail_in_savez(monkeypatch)
+    with pytest.raises(fid.UserError, match="cannot write statistics .*s.npz: the disk is full; free some space"):
+        fid.save_stats(tmp_path / "s.npz", np.zeros(2), np.eye(2))
+    assert (tmp_path / "s.npz").read_bytes() == b"earlier" and os.listdir(tmp_path) == ["s.npz"]
