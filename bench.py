@@ -28,12 +28,18 @@ import torch
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
-import fid
-from data_loader import build_dataset, make_batches
-from parameter import get_parameters
+from batches import make_batches
+from choices import PRECISIONS
+from data_loader import build_dataset
+from device import configure_backends, pick_device, set_tf32
+from features import batches_from_array, extract_features, generated_features, load_images
+from files import atomic_open, check_output_file
+from inception import FIDInception, load_inception, resolve_weights
+from metrics import feature_stats, frechet_distance
+from run import configure
+from sampling import fixed_latents
 from trainer import Trainer
-from utils import (REPO, OneLineParser, UserError, atomic_open, check_output_file, configure_backends, fixed_latents,
-                   int_at_least, pick_device, set_tf32, write_failed)
+from utils import REPO, OneLineParser, UserError, int_at_least, write_failed
 
 
 def sync(device):
@@ -53,7 +59,7 @@ def make_jpegs(folder: Path, n: int, seed=0):
 
 
 def time_training(argv, steps, warmup, device, reference=False, profile=0):
-    cfg = get_parameters(argv)
+    cfg = configure(argv)
     configure_backends(cfg)
     if reference:  # PyTorch's defaults: no TF32 matmuls (cuDNN convs may use TF32), no autotuning
         set_tf32(False, True)
@@ -98,18 +104,18 @@ def time_fid(args, device, trainer_argv):
     generated images through the Trainer's FID path, in phases (generation + features,
     statistics, Fréchet distance on the CPU and on the device). The reference side is the
     bundled emoji's statistics, computed beforehand with the same network."""
-    weights = fid.resolve_weights(args.fid_weights, download=False, quiet=True)
-    cfg = get_parameters(trainer_argv)
+    weights = resolve_weights(args.fid_weights, download=False, quiet=True)
+    cfg = configure(trainer_argv)
     t = Trainer(cfg)
-    real = fid.load_images(REPO / "data" / "emoji64.npz")
+    real = load_images(REPO / "data" / "emoji64.npz")
     if device.type == "cpu":
         real = real[:4 * args.fid_samples]  # Inception is slow on a CPU; this is a smoke test there
     rows = {}
-    for precision in fid.PRECISIONS:
+    for precision in PRECISIONS:
         if weights:
-            model = fid.load_inception(weights, device=device, precision=precision)
+            model = load_inception(weights, device=device, precision=precision)
         else:  # speed only (noted in the output)
-            model = fid.FIDInception(precision=precision).to(device).eval().requires_grad_(False)
+            model = FIDInception(precision=precision).to(device).eval().requires_grad_(False)
         batch = torch.randint(0, 256, (args.fid_batch_size, 3, args.imsize, args.imsize), dtype=torch.uint8,
                               device=device)
         with torch.inference_mode():
@@ -121,20 +127,20 @@ def time_fid(args, device, trainer_argv):
                 model(batch)
             sync(device)
         feat_ips = reps * args.fid_batch_size / (time.perf_counter() - t0)
-        ref_pool3, _ = fid.extract_features(model, fid.batches_from_array(real, args.fid_batch_size), device,
+        ref_pool3, _ = extract_features(model, batches_from_array(real, args.fid_batch_size), device,
                                             progress=False)
-        mu, sigma = fid.feature_stats(ref_pool3)
+        mu, sigma = feature_stats(ref_pool3)
         sync(device)
         t0 = time.perf_counter()
         z = fixed_latents(0, "fid", args.fid_samples, cfg.z_dim)
-        pool3, _ = fid.generated_features(t.G, model, z, args.fid_batch_size, t.device, bn_mode="batch",
+        pool3, _ = generated_features(t.G, model, z, args.fid_batch_size, t.device, bn_mode="batch",
                                           progress=False, gen_batch=cfg.batch_size)
         t1 = time.perf_counter()
-        stats = fid.feature_stats(pool3)
+        stats = feature_stats(pool3)
         t2 = time.perf_counter()
-        value_cpu = fid.frechet_distance(*stats, mu, sigma, "cpu")
+        value_cpu = frechet_distance(*stats, mu, sigma, "cpu")
         t3 = time.perf_counter()
-        value = fid.frechet_distance(*stats, mu, sigma, device)
+        value = frechet_distance(*stats, mu, sigma, device)
         t4 = time.perf_counter()
         rows[precision] = {"feature_images_per_s": feat_ips, "generate_and_features_s": t1 - t0,
                            "stats_s": t2 - t1, "distance_cpu_s": t3 - t2, "distance_device_s": t4 - t3,

@@ -12,7 +12,6 @@ of the seed and the batch counter, so resumed and multi-GPU runs see the same da
 """
 import atexit
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -25,13 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets import LSUN
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
-from tqdm import tqdm
 
-from utils import REPO, UserError, atomic_open, warn
+from utils import REPO, UserError, warn
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 ARRAY_EXTS = {".npy", ".npz"}
@@ -421,140 +419,3 @@ def _build_dataset(cfg) -> ImageDataset:
     return ds
 
 
-# ---------------------------------------------------------------------------- batches
-def batch_indices(n: int, batch: int, seed: int, start: int = 0, device="cpu"):
-    """Global batches of indices, forever: epoch e is randperm(n) seeded by seed + e,
-    cut into n // batch batches (the remainder dropped, as the seed's drop_last).
-    Batch number k is the same whatever `start` was, so a resumed run continues the
-    exact order. The permutation moves to `device` once per epoch."""
-    per_epoch = n // batch
-    epoch, i = divmod(start, per_epoch)
-    while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).to(device)
-        for j in range(i, per_epoch):
-            yield perm[j * batch:(j + 1) * batch]
-        epoch, i = epoch + 1, 0
-
-
-def _own_generator():
-    """DataLoader iterators draw a worker seed from the generator they are given, by
-    default the global one; a private one keeps the global RNG (which draws z) identical
-    between a resumed run and an uninterrupted one."""
-    return torch.Generator().manual_seed(0)
-
-
-class _RankBatchSampler:
-    """A DataLoader batch sampler: this rank's slice of each global batch."""
-
-    def __init__(self, n, batch, seed, start, rank, world):
-        self.args, self.rank, self.local = (n, batch, seed, start), rank, batch // world
-
-    def __iter__(self):
-        for idx in batch_indices(*self.args):
-            yield idx[self.rank * self.local:(self.rank + 1) * self.local].tolist()
-
-
-class LoaderBatches:
-    """Decode per batch in DataLoader workers (persistent: no restarts between epochs)."""
-
-    def __init__(self, dataset, batch, seed, start, device, num_workers, rank=0, world=1):
-        self.device = device
-        self.loader = DataLoader(
-            dataset, batch_sampler=_RankBatchSampler(len(dataset), batch, seed, start, rank, world),
-            num_workers=num_workers, pin_memory=device.type == "cuda", generator=_own_generator(),
-            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
-
-    def __iter__(self):
-        for x in self.loader:
-            yield x.to(self.device, non_blocking=True)
-
-
-class TensorBatches:
-    """Index batches out of one uint8 (N, 3, H, W) tensor held on the device."""
-
-    def __init__(self, images: torch.Tensor, batch, seed, start, device, rank=0, world=1):
-        on_device = device.type != "cuda" or images.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]
-        # Too big for the GPU: keep it in pinned host memory and copy each batch.
-        self.images = images.to(device) if on_device else images.pin_memory()
-        self.args, self.device = (len(images), batch, seed, start), device
-        self.lo, self.hi = rank * (batch // world), (rank + 1) * (batch // world)
-
-    def __iter__(self):
-        for idx in batch_indices(*self.args, device=self.images.device):
-            yield self.images[idx[self.lo:self.hi]].to(self.device, non_blocking=True)
-
-
-def decode_all(dataset, num_workers=0, desc="decoding") -> torch.Tensor:
-    """Every image of a dataset as one uint8 (N, 3, H, W) tensor, decoded in parallel."""
-    loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, generator=_own_generator())
-    out = torch.empty((len(dataset), 3, dataset.size, dataset.size), dtype=torch.uint8)
-    i = 0
-    for x in tqdm(loader, desc=desc, disable=len(dataset) < 5000, leave=False):
-        out[i:i + len(x)] = x
-        i += len(x)
-    return out
-
-
-def _source_stats(dataset: ImageDataset) -> list:
-    """(name, bytes, mtime in ns) of every file the images come from: image files by
-    their path under the root, an array file or the files of an LMDB folder by name.
-    Cache files beside the data are not sources: they are never stat'ed here."""
-    def not_a_source(name):  # our caches and temp files are hidden; LMDB touches lock.mdb on every open
-        return name.startswith(".") or name == "lock.mdb"
-
-    if isinstance(dataset, FileDataset):
-        files = [(p, p.relative_to(dataset.root).as_posix()) for p in dataset.files]
-    else:
-        src = Path(dataset.description["path"])
-        files = [(src, src.name)] if not src.is_dir() else \
-            [(p, p.name) for p in sorted(src.iterdir()) if p.is_file() and not not_a_source(p.name)]
-    return [(name, st.st_size, st.st_mtime_ns) for p, name in files for st in [p.stat()]]
-
-
-def cache_path(dataset: ImageDataset) -> Path:
-    """Where --cache keeps the decoded array: CACHE_PREFIX<dataset>_<size>_<hash>.npy
-    next to the data when writable, else in ./data_cache. The folder scan never takes
-    such a file for data (see _from_path). The hash covers everything that decides
-    the decoded pixels: the transform (size, crop, resize), the count, and each source
-    file's name, size and mtime, so a changed, added or removed file makes a new
-    cache instead of serving stale images."""
-    key = {**dataset.key(), "files": hashlib.sha1(json.dumps(_source_stats(dataset)).encode()).hexdigest()}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    src = Path(key["path"])
-    folder = src if src.is_dir() else src.parent
-    name = f"{CACHE_PREFIX}{key['dataset']}_{dataset.size}_{digest}.npy"
-    return folder / name if os.access(folder, os.W_OK) else Path("data_cache") / name
-
-
-def cached_images(dataset: ImageDataset, num_workers=0, log=print) -> torch.Tensor:
-    """The dataset decoded, read from its --cache file, or decoded once and written there.
-    Says in one line which of the two happened and where."""
-    path = cache_path(dataset)
-    shape = (len(dataset), 3, dataset.size, dataset.size)
-    if path.exists():
-        try:
-            images = np.load(path)
-        except (OSError, ValueError, EOFError) as e:  # cut short, or not ours
-            images = None
-            warn(f"--cache: cannot read {path} ({type(e).__name__}); decoding again")
-        if images is not None and images.dtype == np.uint8 and images.shape == shape:
-            log(f"--cache: using {len(dataset):,} decoded images from {path}")
-            return torch.from_numpy(images)
-        if images is not None:  # not what this key writes: someone else's file under our name
-            warn(f"--cache: {path} holds {images.dtype} {images.shape}, not uint8 {shape}; decoding again")
-    log(f"--cache: decoding {len(dataset):,} images once into {path}")
-    images = decode_all(dataset, num_workers)
-    with atomic_open(path) as f:  # a file object keeps np.save from renaming it
-        np.save(f, images.numpy())
-    return images
-
-
-def make_batches(dataset, cfg, start, device, rank=0, world=1):
-    """The batch stream the trainer draws from: (this rank's part of) batch_size images."""
-    if isinstance(dataset, ArrayDataset) and dataset.crop is None and dataset.array.shape[1] == dataset.size:
-        images = torch.from_numpy(np.ascontiguousarray(dataset.array)).permute(0, 3, 1, 2)
-    elif isinstance(dataset, ArrayDataset) or cfg.cache:
-        images = cached_images(dataset, cfg.num_workers) if cfg.cache else decode_all(dataset, cfg.num_workers)
-    else:
-        return LoaderBatches(dataset, cfg.batch_size, cfg.seed, start, device, cfg.num_workers, rank, world)
-    return TensorBatches(images, cfg.batch_size, cfg.seed, start, device, rank, world)

@@ -18,17 +18,6 @@ decides where they are drawn (the device generator, this rank's slice of a globa
 """
 import torch
 
-TRANSFORMS = ("color", "translation", "cutout")  # the paper's order of application
-
-
-def parse_policy(text) -> str:
-    """'cutout,color' -> 'color,cutout' (canonical order); '' / 'none' -> ''. ValueError otherwise."""
-    names = {t.strip().lower() for t in str(text).split(",") if t.strip()} - {"none"}
-    unknown = names - set(TRANSFORMS)
-    if unknown:
-        raise ValueError(f"unknown transform(s) {', '.join(sorted(unknown))}; choose from {','.join(TRANSFORMS)}")
-    return ",".join(t for t in TRANSFORMS if t in names)
-
 
 def _torch_rand(n, k, device):
     return torch.rand(n, k, device=device)

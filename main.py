@@ -1,21 +1,18 @@
-"""Entry point: `python main.py [flags]` trains (or samples, with --train false).
-Under torchrun (`torchrun --nproc_per_node K main.py ...`) it trains with
-DistributedDataParallel; --parallel starts that for all visible GPUs."""
+"""Entry point: `python main.py [flags]` trains (or samples, with --train false; or runs a
+sweep, with --span / --seed lists). Under torchrun (`torchrun --nproc_per_node K main.py
+...`) it trains with DistributedDataParallel; --parallel starts that for all visible GPUs.
+The flags are parsed before torch is imported: `--help` and a bad flag answer at once."""
 import os
 import sys
 
-import torch
-import torch.distributed as dist
-
-from experiment import run_sweep
-from parameter import get_parameters
-from trainer import Trainer
-from utils import UserError, configure_backends, unlock_run
+from parameter import parse_flags
+from utils import UserError
 
 
 def relaunch_with_torchrun():
     """--parallel outside torchrun: run this same command under torchrun, one process per
     GPU. With fewer than two GPUs there is nothing to spread over."""
+    import torch
     n = torch.cuda.device_count()
     if n < 2:
         print(f"--parallel: {n} GPU(s) visible, training in one process "
@@ -32,10 +29,12 @@ def fail(error):
     sys.exit(2)
 
 
-def init_distributed(cfg):
+def init_distributed(device: str) -> bool:
+    import torch
+    import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    cuda = cfg.device == "cuda"  # resolved by parameter.py
+    cuda = device == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -44,35 +43,36 @@ def init_distributed(cfg):
 
 def main(argv=None):
     try:
-        return run(argv)
+        return run(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:  # Ctrl-C before training took over the signal (start-up): nothing to save
         print("main.py: interrupted", file=sys.stderr)
         return 130
+    except UserError as e:  # from the flags, the start, the data, training: one line each
+        fail(e)
     finally:
-        unlock_run()
+        if "run" in sys.modules:
+            sys.modules["run"].unlock_run()
 
 
 def run(argv):
-    try:
-        cfg = get_parameters(argv)
-    except UserError as e:
-        fail(e)
-    if cfg.sweep:  # --span / --seed lists: one run per cell, each in its own process
-        try:
-            return run_sweep(cfg, sys.argv[1:] if argv is None else list(argv), os.path.abspath(__file__))
-        except UserError as e:  # e.g. a cell's fid.csv the final report cannot read
-            fail(e)
-    if cfg.parallel and "WORLD_SIZE" not in os.environ:
+    flags = parse_flags(argv)
+    from device import configure_backends, pick_device
+    from run import configure
+    if flags.sweep:  # --span / --seed lists: one run per cell, each in its own process
+        from sweep import run_sweep
+        return run_sweep(configure(flags=flags), argv, os.path.abspath(__file__))
+    if flags.parallel and "WORLD_SIZE" not in os.environ:
         relaunch_with_torchrun()
-    distributed = init_distributed(cfg)
-    configure_backends(cfg)
+    distributed = init_distributed(pick_device(flags.device).type)
     try:
+        cfg = configure(flags=flags)  # after the process group: the seed drawn is rank 0's
+        configure_backends(cfg)
+        from trainer import Trainer
         trainer = Trainer(cfg)
         trainer.train() if cfg.train else trainer.sample()
-    except UserError as e:
-        fail(e)
     finally:
         if distributed:
+            import torch.distributed as dist
             dist.destroy_process_group()
 
 

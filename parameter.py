@@ -1,20 +1,18 @@
-"""Command-line flags. `get_parameters()` returns the one config object (an argparse
-Namespace, resolved and validated) that the Trainer and everything else read."""
+"""Command-line flags: parsed and validated here, nothing else. No file system, no lock, no
+checkpoint reads, no torch (so `python main.py --help` answers at once): run.configure()
+turns the flags into the run's one frozen Config."""
 import argparse
 import difflib
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
-from diffaug import TRANSFORMS, parse_policy
-from fid import METRICS, PRECISIONS, RESIZE_MODES, parse_metrics
-from sagan_models import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
-from utils import CHECKPOINT_KEYS, OneLineParser, LEGACY_SETTINGS, OUTPUT_FOLDERS, TRAINING_KEYS, TRUST_FLAG, UserError, check_writable, checkpoints, load_checkpoint, lock_run, pick_device, run_dirs, run_started, warn
+from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRECISIONS, RESIZE_MODES, TRANSFORMS
+from choices import parse_metrics, parse_policy
+from utils import TRUST_FLAG, OneLineParser, UserError
 
-# Settings that define a run: on resume they come from the checkpoint.
-RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
-            "fully_masked", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
 # Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
 OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
@@ -124,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"],
                    help="bfloat16 autocast for G and D; auto: bf16 on CUDA, none on CPU")
-    g.add_argument("--compile", default="auto", choices=["auto", "none", "default", "reduce-overhead", "max-autotune"],
+    # torch.compile's reduce-overhead and max-autotune modes are not offered: the whole step is
+    # already one CUDA graph (--cuda_graph), and autotuning was not measured
+    g.add_argument("--compile", default="auto", choices=["auto", "none", "default"],
                    help="torch.compile G and D (fusion); auto: default on CUDA in one process (not with wgan-gp), "
-                        "none on CPU. "
-                        "reduce-overhead and max-autotune are refused (see --cuda_graph)")
+                        "none on CPU")
     for name, what in (("--channels_last", "channels_last memory format for G and D"),
                        ("--cuda_graph", "capture the whole training step (D and G steps, Adam, EMA, z draws) "
                                         "in one CUDA graph after 3 eager steps; needs one process")):
@@ -174,11 +173,10 @@ def _unknown_flag_message(unknown, parser):
     return f"unknown argument {flag}{hint}"
 
 
-def validate(cfg, parser):
-    err = parser.error
-    if cfg.compile in ("reduce-overhead", "max-autotune"):
-        err(f"--compile {cfg.compile} is not offered: the whole training step is already one CUDA graph "
-            f"(--cuda_graph) and its autotuning is not measured; use --compile default")
+def validate(cfg, world=1):
+    """UserError (one line) for a value no run can use."""
+    def err(message):
+        raise UserError(message)
     if cfg.imsize not in IMAGE_SIZES:
         err(f"--imsize {cfg.imsize} is not supported; use 32, 64 or 128")
     for name in ("span", "g_span", "d_span"):
@@ -218,9 +216,10 @@ def validate(cfg, parser):
         except ValueError as e:
             err(f"--diffaug {cfg.diffaug!r}: {e} (or none)")
     try:
-        metrics = parse_metrics(cfg.metrics)
-    except UserError as e:
+        cfg.metrics = parse_metrics(cfg.metrics)
+    except ValueError as e:
         err(str(e))
+    metrics = cfg.metrics
     if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
         err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
     for seed in cfg.seed or []:
@@ -228,29 +227,24 @@ def validate(cfg, parser):
             err(f"--seed {seed} is out of range; use an integer in [0, 2^63)")
     if cfg.resume and cfg.pretrained_model is not None:
         err("--resume and --pretrained_model both say where to start; give one")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world:
         err(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
 
 
-def resolve_device_defaults(cfg, parser):
-    """Defaults that depend on the device. The speed flags' auto values: the measured fast
-    path on CUDA (README, Performance), the plain path on CPU; combinations that cannot run
-    are refused here, at start. FID: every 10,000 steps on CUDA; on a CPU, where Inception
-    takes minutes, only when asked for."""
-    try:
-        cfg.device = pick_device(cfg.device).type
-    except UserError as e:
-        parser.error(str(e))
-    cuda = cfg.device == "cuda"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_device_defaults(cfg, device: str, world: int = 1):
+    """Defaults that depend on the device ("cuda" or "cpu", see device.pick_device). The
+    speed flags' auto values: the measured fast path on CUDA (README, Performance), the plain
+    path on CPU; combinations that cannot run are refused here, at start. FID: every 10,000
+    steps on CUDA; on a CPU, where Inception takes minutes, only when asked for."""
+    cfg.device = device
+    cuda = device == "cuda"
     if cfg.compile == "default" and cfg.adv_loss == "wgan-gp":
-        parser.error("--compile default cannot run wgan-gp: torch.compile has no double backward for the "
-                     "gradient penalty; drop --compile (auto leaves it off for wgan-gp)")
+        raise UserError("--compile default cannot run wgan-gp: torch.compile has no double backward for the "
+                        "gradient penalty; drop --compile (auto leaves it off for wgan-gp)")
     if cfg.cuda_graph is True and not cuda:
-        parser.error("--cuda_graph needs a CUDA device; drop it (or --cuda_graph false)")
+        raise UserError("--cuda_graph needs a CUDA device; drop it (or --cuda_graph false)")
     if cfg.cuda_graph is True and world > 1:
-        parser.error(f"--cuda_graph runs in one process, not under torchrun ({world} processes); drop it")
+        raise UserError(f"--cuda_graph runs in one process, not under torchrun ({world} processes); drop it")
     # Under torchrun, compile and graphs stay off unless asked for: DDP with either is not measured.
     auto = {"amp": "bf16" if cuda else "none",
             "compile": "default" if cuda and world == 1 and cfg.adv_loss != "wgan-gp" else "none",
@@ -264,27 +258,30 @@ def resolve_device_defaults(cfg, parser):
         cfg.fid_batch_size = 500 if cuda else 50
 
 
-def resolve(cfg):
-    """Fill the defaults that depend on other flags."""
-    cfg.metrics = parse_metrics(cfg.metrics)
-    cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
-    cfg.d_span = cfg.span if cfg.d_span is None else cfg.d_span
-    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None  # never disagrees with them
-    if cfg.version is None:
-        span = f"span{cfg.g_span}" if cfg.g_span == cfg.d_span else f"g{cfg.g_span}_d{cfg.d_span}"
-        cfg.version = f"sagan_{cfg.dataset}_{span}"
-        if cfg.mask_mode != "pre":
-            cfg.version += f"_{cfg.mask_mode}"
-        if cfg.fully_masked != "mean":
-            cfg.version += f"_{cfg.fully_masked}"
-        if cfg.diffaug not in (None, default_diffaug(cfg)):
-            cfg.version += f"_diffaug-{cfg.diffaug.replace(',', '-')}" if cfg.diffaug else "_nodiffaug"
-        if cfg.imsize != 64:
-            cfg.version += f"_{cfg.imsize}px"
-    return cfg
+def run_name(cfg) -> str:
+    """--version, or the default name: sagan_<dataset>_span<N>, and whatever else differs
+    from the defaults in the network or its training."""
+    if cfg.version is not None:
+        return cfg.version
+    span = f"span{cfg.g_span}" if cfg.g_span == cfg.d_span else f"g{cfg.g_span}_d{cfg.d_span}"
+    name = f"sagan_{cfg.dataset}_{span}"
+    if cfg.mask_mode != "pre":
+        name += f"_{cfg.mask_mode}"
+    if cfg.fully_masked != "mean":
+        name += f"_{cfg.fully_masked}"
+    if cfg.diffaug not in (None, default_diffaug(cfg)):
+        name += f"_diffaug-{cfg.diffaug.replace(',', '-')}" if cfg.diffaug else "_nodiffaug"
+    if cfg.imsize != 64:
+        name += f"_{cfg.imsize}px"
+    return name
 
 
-def get_parameters(argv=None):
+def parse_flags(argv=None, world=None):
+    """The command line as an argparse Namespace, validated (UserError otherwise), with
+    `given` (the flags the command line gave) and `sweep` (the grid's cells, or None for
+    one run). One run: span, g_span and d_span are ints (span None when G and D differ),
+    seed an int or None, version its name; a sweep keeps its lists in its cells."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     parser = build_parser()
     # argparse leaves attributes it finds on the namespace alone unless the flag is given:
     # the sentinel tells which flags the command line gave (the resume hint repeats those,
@@ -294,57 +291,21 @@ def get_parameters(argv=None):
     cfg, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv,
                                            argparse.Namespace(**dict.fromkeys(dests, unset)))
     if unknown:
-        parser.error(_unknown_flag_message(unknown, parser))
+        raise UserError(_unknown_flag_message(unknown, parser))
     cfg.given = sorted(k for k in dests if getattr(cfg, k) is not unset)
     for k in set(dests) - set(cfg.given):
         setattr(cfg, k, parser.get_default(k))
-    given = set(cfg.given) & set(OPTIMIZER_KEYS)
-    validate(cfg, parser)
-    resolve_device_defaults(cfg, parser)
-    cfg.sweep = sweep_cells(cfg, parser)
-    if cfg.sweep:  # the cells resolve their own start, each in its own process
-        for key in OUTPUT_FOLDERS:
-            check_writable(getattr(cfg, f"{key}_path"), f"--{key}_path")
-        return resolve(cfg)
-    resolve(cfg)
-    for key, folder in run_dirs(cfg).items():  # at start, not at the first sample step hours later
-        if cfg.train or key == "sample":
-            check_writable(folder, f"--{key}_path")
-    if cfg.train and int(os.environ.get("RANK", "0")) == 0:  # one writer per run, before anything is read or written
-        # a lock in every output root: two runs that share any one of the run's folders
-        # (same --version and --model_save_path, other --log_path) cannot both write
-        for root in dict.fromkeys(Path(getattr(cfg, f"{k}_path")).resolve() for k in OUTPUT_FOLDERS):
-            lock_run(root / f".{cfg.version}.lock", f"run '{cfg.version}'")
-    cfg = resolve_start(cfg, given)
-    if cfg.diffaug is None:  # not given and not from a checkpoint
-        cfg.diffaug = default_diffaug(cfg)
+    validate(cfg, world)
+    cfg.sweep = sweep_cells(cfg)
+    cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
+    cfg.d_span = cfg.span if cfg.d_span is None else cfg.d_span
+    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None  # never disagrees with them
+    if not cfg.sweep:
+        cfg.version = run_name(cfg)
     return cfg
 
 
-def _newest_loadable(found, cfg, needs, what):
-    """(step, checkpoint) of the newest checkpoint that loads: one cut short (a full disk, a
-    bad copy) is skipped, with one warning saying which and why. UserError if none loads."""
-    skipped = []
-    for step in sorted(found, reverse=True):
-        ck, why = _read_checkpoint(found[step], cfg, needs)
-        if ck is not None:
-            if skipped and int(os.environ.get("RANK", "0")) == 0:
-                warn(f"{what}: using step {step}, skipping {'; '.join(skipped)}"
-                     + (" (training writes the later steps again)" if what == "--resume" else ""))
-            return step, ck
-        skipped.append(why)
-    raise UserError(f"{what}: {skipped[0]}; nor can any older checkpoint be used")
-
-
-def _read_checkpoint(path, cfg, needs):
-    """(checkpoint loaded lazily, None), or (None, why it cannot be used)."""
-    try:
-        return load_checkpoint(path, mmap=True, trust=cfg.trust_checkpoint, needs=needs), None
-    except UserError as e:
-        return None, str(e)
-
-
-def sweep_cells(cfg, parser):
+def sweep_cells(cfg):
     """--span and --seed lists: [(span, seed, version), ...] of the grid, or None for one run
     (then cfg.span and cfg.seed become plain values). Cells are named after the run's
     --version (or the default name) with _span<S> and _seed<N> where those vary."""
@@ -352,83 +313,26 @@ def sweep_cells(cfg, parser):
     cfg.span, cfg.seed = spans[0], seeds[0]
     if len(spans) == 1 and len(seeds) == 1:
         if cfg.jobs != 1:
-            parser.error("--jobs runs the cells of a sweep at once; give --span or --seed a comma list, or drop --jobs")
+            raise UserError("--jobs runs the cells of a sweep at once; give --span or --seed a comma list, or "
+                            "drop --jobs")
         return None
     if len(spans) > 1 and (cfg.g_span is not None or cfg.d_span is not None):
-        parser.error("a --span list sweeps the spans of both networks; drop --g_span/--d_span")
+        raise UserError("a --span list sweeps the spans of both networks; drop --g_span/--d_span")
     if not cfg.train or cfg.resume or cfg.pretrained_model is not None:
-        parser.error("a sweep starts, continues or skips each of its cells by itself: drop --train false, "
-                     "--resume and --pretrained_model (run the same command again to continue it)")
+        raise UserError("a sweep starts, continues or skips each of its cells by itself: drop --train false, "
+                        "--resume and --pretrained_model (run the same command again to continue it)")
     cfg.sweep_name = (cfg.version or f"sagan_{cfg.dataset}") + "_sweep"
     cells = []
     for span in spans:
         for seed in seeds:
-            one = argparse.Namespace(**{**vars(cfg), "span": span, "seed": seed})
-            name = resolve(one).version if cfg.version is None else \
-                cfg.version + (f"_span{span}" if len(spans) > 1 else "")
+            name = cfg.version + (f"_span{span}" if len(spans) > 1 else "") if cfg.version is not None else \
+                run_name(argparse.Namespace(**{**vars(cfg), "g_span": span, "d_span": span}))
             cells.append((span, seed, name + (f"_seed{seed}" if seed is not None else "")))
     return cells
 
 
 def default_diffaug(cfg) -> str:
     return DIFFAUG_DEFAULT.get(cfg.dataset, "")
-
-
-def resolve_start(cfg, given=frozenset(OPTIMIZER_KEYS)):
-    """The checkpoint the run starts from (cfg.start_checkpoint: its path, or None for a new
-    run), refusing what would overwrite a run; a checkpoint's architecture, data and seed
-    (RUN_KEYS) replace the flags', and so do its optimizer settings (OPTIMIZER_KEYS) unless
-    `given` on the command line. Raises UserError."""
-    folder = run_dirs(cfg)["model_save"]
-    found = checkpoints(folder)
-    needs = CHECKPOINT_KEYS | (TRAINING_KEYS if cfg.train else set())
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if not cfg.train:
-        if not found:
-            raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
-                            f"(and --model_save_path) of a trained run")
-        step, ck = (cfg.pretrained_model, None) if cfg.pretrained_model is not None else \
-            _newest_loadable(found, cfg, needs, "sampling")
-    elif cfg.resume:
-        if not found:
-            if run_started(cfg):  # it stopped before its first checkpoint
-                cfg.start_checkpoint = None
-                return cfg
-            raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
-                            f"'{cfg.version}' from scratch")
-        step, ck = _newest_loadable(found, cfg, needs, "--resume")
-    elif cfg.pretrained_model is not None:
-        step, ck = cfg.pretrained_model, None
-        newer = sorted(s for s in found if s > step and _read_checkpoint(found[s], cfg, needs)[0] is not None)
-        if step in found and newer:
-            raise UserError(f"{folder} has checkpoints after step {step} ({newer}); continuing from "
-                            f"{step} would overwrite them. Move them away first, or use --resume")
-    else:
-        if run_started(cfg):
-            where = f"checkpoints up to step {max(found)} in {folder}" if found else \
-                f"a config or logs in {run_dirs(cfg)['log']}, no checkpoint yet"
-            raise UserError(f"run '{cfg.version}' already exists ({where}); add --resume to continue it "
-                            f"(from step 0 when it has no checkpoint), pick another --version, or delete "
-                            f"its folders to start over")
-        cfg.start_checkpoint = None
-        return cfg
-    if step not in found:
-        raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
-    if ck is None:  # a step the command line named: read it here
-        ck, why = _read_checkpoint(found[step], cfg, needs)
-        if ck is None:
-            raise UserError(why)
-    saved = {**LEGACY_SETTINGS, **ck["config"]}  # what checkpoints saved before a RUN_KEYS flag existed ran
-    differ = [f"{k}={saved[k]}" for k in RUN_KEYS if getattr(cfg, k) not in (None, saved[k])]
-    for k in RUN_KEYS:
-        setattr(cfg, k, saved[k])
-    for k in set(OPTIMIZER_KEYS) - set(given):
-        setattr(cfg, k, saved.get(k, getattr(cfg, k)))
-    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
-    if differ and rank0:
-        print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
-    cfg.start_checkpoint = str(found[step])
-    return cfg
 
 
 # Flags a resumed run does not repeat: where it starts comes from --resume itself, and a
@@ -440,7 +344,6 @@ def resume_command(cfg, world=1) -> str:
     """The command that continues this run, built from the parsed config: the flags the
     command line gave (with their resolved values), the run's --version, and --resume;
     main.py as a path from the current folder, so it runs when pasted here."""
-    import shlex
     options = {a.dest: a.option_strings[-1] for a in build_parser()._actions if a.option_strings}
     words = []
     for dest in cfg.given:
@@ -457,3 +360,21 @@ def resume_command(cfg, world=1) -> str:
     main_py = os.path.relpath(Path(__file__).resolve().with_name("main.py"))
     launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
     return shlex.join(launcher + [main_py, *words, "--version", cfg.version, "--resume"])
+
+
+class Config(argparse.Namespace):
+    """The run's one config: the flags, the device's defaults and what the start checkpoint
+    brings, resolved once by run.configure() and frozen after that: no module changes it
+    (`replace` makes a changed copy), and every field keeps one type."""
+
+    def __init__(self, **settings):
+        self.__dict__.update(settings)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the config is frozen ({name} cannot change); use config.replace({name}=...)")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"the config is frozen ({name} cannot be removed)")
+
+    def replace(self, **changes) -> "Config":
+        return Config(**{**vars(self), **changes})

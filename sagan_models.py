@@ -11,11 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
 from spectral import SpectralNorm, sn_conv, sn_deconv
-
-IMAGE_SIZES = (32, 64, 128)
-MASK_MODES = ("pre", "post")
-FULLY_MASKED = ("mean", "skip")
 
 
 def span_mask(h: int, w: int, span: int, device=None) -> torch.Tensor:
@@ -229,7 +226,7 @@ class Discriminator(nn.Module):
 def build_generator(cfg) -> Generator:
     """G as the config describes it (also a checkpoint's saved config)."""
     return Generator(cfg.imsize, cfg.z_dim, cfg.g_conv_dim, cfg.g_span, cfg.mask_mode,
-                     fused=cfg.attn_impl == "fused", fully_masked=fully_masked_of(cfg))
+                     fused=cfg.attn_impl == "fused", fully_masked=cfg.fully_masked)
 
 
 def build_discriminator(cfg) -> Discriminator:
@@ -237,12 +234,7 @@ def build_discriminator(cfg) -> Discriminator:
     # double backward on CUDA, so D keeps the dense path there.
     fused = cfg.attn_impl == "fused" and cfg.adv_loss != "wgan-gp"
     return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused,
-                         fully_masked=fully_masked_of(cfg))
-
-
-def fully_masked_of(cfg) -> str:
-    """The config's --fully_masked; checkpoints saved before the flag existed ran "skip"."""
-    return getattr(cfg, "fully_masked", "skip")
+                         fully_masked=cfg.fully_masked)
 
 
 def attention_layers(model: nn.Module):
@@ -266,3 +258,33 @@ def _pixel_distances(h, w, device):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def forward_capturing_attention_inputs(model, x):
+    """model(x), and {layer name: the input of that attention layer}."""
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, key=n: inputs.update({key: inp[0]}))
+             for n, m in attention_layers(model)]
+    try:
+        return model(x), inputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def layer_distances(model, inputs: dict) -> list:
+    """Per attention layer of `model`, given its inputs ({name: x}, see
+    forward_capturing_attention_inputs): (name, "HxW", mean attention distance over the
+    batch, what uniform weights over the keys the span leaves would give)."""
+    rows = []
+    for name, m in attention_layers(model):
+        x = inputs[name]
+        H, W = x.shape[2:]
+        # in chunks: the (B, N, N) weights of a 64×64 map are 64 MB per image
+        chunk = max(1, 2 ** 24 // (H * W) ** 2)
+        d = torch.cat([attention_distance(m(x[i:i + chunk], return_attention=True)[1], H, W)
+                       for i in range(0, len(x), chunk)])
+        uniform = attention_distance(m.attention_weights(x.new_zeros(1, H * W, H * W), H, W), H, W)
+        rows.append((name, f"{H}x{W}", d.mean().item(), uniform.item()))
+    return rows

@@ -81,8 +81,8 @@ def random_fid_state_dict(seed=0):
     # He-scaled convs and non-trivial BN statistics keep activations O(1) through the ~95
     # layers (default init shrinks them towards 0 and makes every image look alike)
     g = torch.Generator().manual_seed(seed)
-    import fid
-    m = fid.FIDInception()
+    import inception
+    m = inception.FIDInception()
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, torch.nn.Conv2d):

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import fid
 import main
 from conftest import TINY, out_dirs
-from utils import rng_state, set_rng_state
+from checkpoint import rng_state, set_rng_state
 
 
 def one_line_exit_2(capsys, entry, argv):
@@ -140,6 +141,32 @@ def test_fid_reads_a_pre_0_2_checkpoint_only_when_trusted(tmp_path, capsys):
     capsys.readouterr()
     err = one_line_exit_2(capsys, fid.main, [path, tmp_path / "ref.npz"])
     assert "--trust_checkpoint" in err
-    G, cfg = fid.generator_from_checkpoint(path, trust=True)  # what fid.py --trust_checkpoint builds
+    G, cfg = checkpoint.generator_from_checkpoint(path, trust=True)  # what fid.py --trust_checkpoint builds
     assert cfg.imsize == 32
     assert all(torch.equal(v, ck["G"][k]) for k, v in G.state_dict().items())
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes_bit_exactly(tmp_path):
+    """tests/data/ckpt_0.2.pt is step 2 of a run written by the code of commit cb8fc5b
+    (before the modules were split), with these flags; resumed there to step 4 its G, D
+    and EMA G hash to the digest below and metrics.csv logs the losses below."""
+    import hashlib
+    import shutil
+    from conftest import REPO
+    flags = ["--imsize", "32", "--batch_size", "8", "--num_workers", "0", "--g_conv_dim", "8", "--d_conv_dim", "8",
+             "--z_dim", "8", "--device", "cpu", "--seed", "5", "--span", "2", "--ema_decay", "0.9", "--log_step", "1",
+             "--sample_step", "100", "--model_save_step", "2", "--version", "old", *out_dirs(tmp_path)]
+    (tmp_path / "models/old").mkdir(parents=True)
+    shutil.copy(REPO / "tests/data/ckpt_0.2.pt", tmp_path / "models/old/2.pt")
+    assert main.main([*flags, "--total_step", "4", "--resume"]) in (0, None)
+    ck = torch.load(tmp_path / "models/old/4.pt", weights_only=True)
+    h = hashlib.sha256()
+    for net in ("G", "D", "G_ema"):
+        for k, v in sorted(ck[net].items()):
+            h.update(k.encode())
+            h.update(v.contiguous().numpy().tobytes())
+    assert h.hexdigest() == "c487bdc247f2917a0b28fe9de818b98b1f1db3bf1d45da2024e41a2ef8729554"
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "logs/old/metrics.csv")))
+    assert [(r["step"], r["d_loss"], r["g_loss"]) for r in rows] == [("3", "1.89838", "-0.0214987"),
+                                                                     ("4", "1.91674", "-0.0493473")]

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import out_dirs
-from data_loader import build_dataset, make_batches
-from parameter import get_parameters
+from batches import make_batches
+from data_loader import build_dataset
+from run import configure
 from sagan_models import Self_Attn
 from trainer import Trainer
-from utils import configure_backends, load_checkpoint, set_tf32
+from device import configure_backends, set_tf32
+from checkpoint import load as load_checkpoint
 
 pytestmark = pytest.mark.cuda
 
@@ -20,7 +22,7 @@ PLAIN = ["--amp", "none", "--compile", "none", "--channels_last", "false", "--cu
 
 
 def make_trainer(tmp_path, *flags):
-    cfg = get_parameters([*SMALL, *out_dirs(tmp_path), "--version", f"v{abs(hash(flags))}", *flags])
+    cfg = configure([*SMALL, *out_dirs(tmp_path), "--version", f"v{abs(hash(flags))}", *flags])
     configure_backends(cfg)
     return Trainer(cfg)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data_loader
-from data_loader import (ArrayDataset, FileDataset, as_nhwc_uint8, build_dataset, cache_path, cached_images,
-                         image_files, make_batches)
+import batches
+from batches import cache_path, cached_images, make_batches
+from data_loader import ArrayDataset, FileDataset, as_nhwc_uint8, build_dataset, image_files
 from utils import UserError
 
 # Written out here rather than imported, so a change to IMAGE_EXTS shows up as a failure.
@@ -117,7 +117,7 @@ def test_flat_folder_through_build_dataset(flat_folder, capsys):
     ds = build_dataset(cfg)
     assert isinstance(ds, FileDataset) and len(ds) == 4
     assert capsys.readouterr().err.count("warning:") == 1
-    assert data_loader.cache_path(ds).name.startswith(".sagan_cache_folder_8_")
+    assert batches.cache_path(ds).name.startswith(".sagan_cache_folder_8_")
 
 
 def test_clean_folder_does_not_warn(tricky_folder, capsys):

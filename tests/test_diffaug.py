@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import choices
 import diffaug
 from conftest import TINY, out_dirs, run_main
-from parameter import get_parameters
+from run import configure
 
 
 def fixed_rand(u):
@@ -95,22 +96,22 @@ def test_gradients_flow_to_the_input():
 
 
 def test_policy_is_parsed_in_canonical_order_and_bad_names_are_one_line(tmp_path):
-    assert diffaug.parse_policy("cutout, color") == "color,cutout"
-    assert diffaug.parse_policy("none") == diffaug.parse_policy("") == ""
+    assert choices.parse_policy("cutout, color") == "color,cutout"
+    assert choices.parse_policy("none") == choices.parse_policy("") == ""
     r = run_main([*TINY, "--diffaug", "colour"], cwd=tmp_path)
     assert r.returncode == 2 and "--diffaug 'colour': unknown transform(s) colour" in r.stderr
-    assert get_parameters(["--dataset", "emoji"]).diffaug == "color,translation,cutout"
-    assert get_parameters(["--dataset", "celeb"]).diffaug == ""
-    assert get_parameters(["--diffaug", "none"]).version == "sagan_emoji_span0_nodiffaug"
+    assert configure(["--dataset", "emoji"]).diffaug == "color,translation,cutout"
+    assert configure(["--dataset", "celeb"]).diffaug == ""
+    assert configure(["--diffaug", "none"]).version == "sagan_emoji_span0_nodiffaug"
 
 
 def test_trainer_augments_what_d_sees_in_both_steps_and_never_when_sampling(tmp_path):
     from trainer import Trainer
-    t = Trainer(get_parameters([*TINY, *out_dirs(tmp_path), "--diffaug", "cutout"]))
+    t = Trainer(configure([*TINY, *out_dirs(tmp_path), "--diffaug", "cutout"]))
     seen = []
     t.D.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
     real = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    t._step(real)
+    t.gan.step(real)
     d_input, g_input = seen  # one D forward in D's step (real + fake), one in G's step
     holes = lambda imgs: (imgs == 0).all(dim=1).flatten(1).sum(1)  # zero pixels per image
     # uint8 → [-1, 1] never gives exactly 0: every zero pixel is a cutout
@@ -122,10 +123,28 @@ def test_trainer_augments_what_d_sees_in_both_steps_and_never_when_sampling(tmp_
 
 
 @pytest.mark.slow
-def test_rt_is_logged_per_interval(tmp_path):
+def test_rt_is_logged_per_interval(tmp_path, monkeypatch):
+    """metrics.csv's rt is the mean over the interval's steps of the mean sign of D's logits
+    on the real images, recomputed here from the logits D gave in each D step."""
     import csv
-    r = run_main([*TINY, *out_dirs(tmp_path), "--total_step", "6", "--log_step", "3", "--version", "v"], cwd=tmp_path)
+    import gan_step
+    signs = []
+    real_forward = gan_step.GANStep.d_step
+
+    def recording(self, real):
+        logits = []
+        hook = self.D.register_forward_hook(lambda m, inp, out: logits.append(out.detach()[:len(real)]))
+        try:
+            return real_forward(self, real)
+        finally:
+            hook.remove()
+            signs.append(logits[0].sign().mean().item())
+
+    monkeypatch.setattr(gan_step.GANStep, "d_step", recording)
+    r = run_main([*TINY, *out_dirs(tmp_path), "--total_step", "6", "--log_step", "3", "--version", "v",
+                  "--sample_step", "100"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "logs/v/metrics.csv")))
-    assert [r["step"] for r in rows] == ["3", "6"]
-    assert all(-1 <= float(r["rt"]) <= 1 for r in rows)
+    assert [r["step"] for r in rows] == ["3", "6"] and len(signs) == 6
+    for row, interval in zip(rows, (signs[:3], signs[3:])):
+        assert float(row["rt"]) == pytest.approx(sum(interval) / 3, abs=1e-5)

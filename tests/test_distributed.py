@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, TINY, out_dirs, random_fid_state_dict
 from sagan_models import Generator
-from utils import sampling_mode
+from sampling import sampling_mode
 
 pytestmark = pytest.mark.slow  # training runs and multi-process launches
 
@@ -140,7 +140,7 @@ def test_fid_in_eval_mode_uses_the_checkpoints_statistics_on_every_rank(tmp_path
 
 def _sync_bn_rank(rank, world, store, x, up, out):
     import torch.distributed as dist
-    from utils import SyncBatchNorm2d
+    from distributed import SyncBatchNorm2d
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     bn = SyncBatchNorm2d(x.shape[1])

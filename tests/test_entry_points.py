@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import metrics
 import fid
 import main
 from conftest import TINY, out_dirs
@@ -62,10 +63,10 @@ def test_fid_bad_inputs_are_one_line(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     np.savez(tmp_path / "floats.npz", images=np.zeros((2, 8, 8, 3), np.float32))
     torch.save({"just": "a dict"}, tmp_path / "other.pt")
-    fid.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
-    fid.save_stats(tmp_path / "nan.npz", np.array([0, np.nan, 0]), np.eye(3))
-    fid.save_stats(tmp_path / "skew.npz", np.zeros(3), np.eye(3) + np.triu(np.ones((3, 3)), 1))
-    fid.save_stats(tmp_path / "neg.npz", np.zeros(3), -np.eye(3))
+    metrics.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
+    metrics.save_stats(tmp_path / "nan.npz", np.array([0, np.nan, 0]), np.eye(3))
+    metrics.save_stats(tmp_path / "skew.npz", np.zeros(3), np.eye(3) + np.triu(np.ones((3, 3)), 1))
+    metrics.save_stats(tmp_path / "neg.npz", np.zeros(3), -np.eye(3))
     (tmp_path / "a_folder").mkdir()
     cases = [([tmp_path / "nan.npz", tmp_path / "s.npz"], "hold NaN or inf"),
              ([tmp_path / "s.npz", tmp_path / "skew.npz"], "sigma is not symmetric"),
@@ -85,13 +86,13 @@ def test_fid_bad_inputs_are_one_line(tmp_path, capsys):
 
 
 def test_nan_stops_the_run_naming_the_last_good_checkpoint(tmp_path, capsys):
-    from parameter import get_parameters
+    from run import configure
     from trainer import Trainer
     from utils import UserError
-    t = Trainer(get_parameters(train(tmp_path, "--version", "n", "--total_step", "2", "--model_save_step", "1",
+    t = Trainer(configure(train(tmp_path, "--version", "n", "--total_step", "2", "--model_save_step", "1",
                                      "--log_step", "1")))
     t.train()
-    t.cfg.total_step = 4
+    t.cfg = t.cfg.replace(total_step=4)  # the config is frozen: a changed copy
     with torch.no_grad():  # what a diverging step leaves behind
         next(t.D.parameters()).fill_(float("nan"))
     with pytest.raises(UserError) as e:
@@ -122,14 +123,14 @@ def test_pretrained_model_refuses_to_overwrite_later_checkpoints(tmp_path, capsy
 
 
 def test_checkpoints_from_before_fully_masked_resume_as_they_trained(tmp_path, capsys):
-    from parameter import get_parameters
+    from run import configure
     main.main(train(tmp_path, "--version", "old", "--total_step", "10", "--span", "3"))
     path = tmp_path / "models" / "old" / "10.pt"
     ck = torch.load(path, weights_only=False)
     assert ck["config"]["fully_masked"] == "mean"
     del ck["config"]["fully_masked"]  # as saved before the flag existed
     torch.save(ck, path)
-    cfg = get_parameters(train(tmp_path, "--version", "old", "--total_step", "12", "--resume"))
+    cfg = configure(train(tmp_path, "--version", "old", "--total_step", "12", "--resume"))
     assert cfg.fully_masked == "skip" and cfg.d_span == 3
 
 
@@ -145,9 +146,9 @@ def test_a_pt_file_that_is_not_a_training_checkpoint_is_one_line(tmp_path, capsy
 def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path):
     import json
     from trainer import Trainer
-    from parameter import get_parameters
+    from run import configure
     main.main(train(tmp_path, "--version", "lr", "--total_step", "10", "--g_lr", "2e-4", "--beta2", "0.95"))
-    t = Trainer(get_parameters(train(tmp_path, "--version", "lr", "--total_step", "12", "--resume", "--d_lr", "1e-4")))
+    t = Trainer(configure(train(tmp_path, "--version", "lr", "--total_step", "12", "--resume", "--d_lr", "1e-4")))
     assert [g["lr"] for g in t.g_opt.param_groups] == [2e-4] and [g["lr"] for g in t.d_opt.param_groups] == [1e-4]
     assert all(g["betas"] == (0.0, 0.95) for opt in (t.g_opt, t.d_opt) for g in opt.param_groups)
     t.train()

@@ -129,7 +129,7 @@ def test_edge_cases_empty_runs_repeated_folders_uneven_seeds_and_old_configs(tmp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--bogus"], "fid.py compare: error: unrecognized arguments: --bogus (see python fid.py compare --help)"),
+    (["--bogus"], "fid.py: error: unrecognized arguments: --bogus (see python fid.py compare --help)"),
     ([], "the following arguments are required: RUN_LOG_DIR"),
     (["--reach", "x"], "argument --reach: invalid float value: 'x'"),
 ])

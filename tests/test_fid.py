@@ -16,6 +16,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import compare
+import device
+import features
+import inception
+import metrics
+import utils
 import fid  # noqa: E402
 from conftest import random_fid_state_dict, structured_images  # noqa: E402
 
@@ -41,7 +47,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid")
     ckpt_dir = root / "torch_home" / "hub" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
-    weights = ckpt_dir / fid.WEIGHT_FILENAMES[0]
+    weights = ckpt_dir / inception.WEIGHT_FILENAMES[0]
     torch.save(random_fid_state_dict(), weights)
     dirs = {}
     for name, seed, shift in (("A", 1, 0), ("B", 2, 90)):
@@ -57,11 +63,11 @@ def env(tmp_path_factory):
 
 
 def _ours(env, resize):
-    model = fid.load_inception(env["weights"], resize=resize)
+    model = inception.load_inception(env["weights"], resize=resize)
     out = {}
     for name in ("A", "B"):
-        imgs = fid.load_images(env[name])
-        out[name] = fid.extract_features(model, fid.batches_from_array(imgs, 8), progress=False)
+        imgs = features.load_images(env[name])
+        out[name] = features.extract_features(model, features.batches_from_array(imgs, 8), progress=False)
     return out
 
 
@@ -92,7 +98,7 @@ def rel_err(a, b):
 
 @pytest.mark.slow
 def test_state_dict_layout_matches_both_peers(env):
-    ours = fid.FIDInception().state_dict()
+    ours = inception.FIDInception().state_dict()
     # pytorch-fid's network (its file's layout); it loads our cached file strictly via torch.hub
     pf_sd = fid_inception_v3().state_dict()
     tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
@@ -101,21 +107,21 @@ def test_state_dict_layout_matches_both_peers(env):
     assert len(ours) == 566 and set(pf_sd) == set(ours) == set(tf_sd)
     assert all(pf_sd[k].shape == ours[k].shape == tf_sd[k].shape for k in ours)
     # torch-fidelity's own file layout (its module's state dict) loads strictly into ours
-    tf_file = env["root"] / fid.WEIGHT_FILENAMES[1]
+    tf_file = env["root"] / inception.WEIGHT_FILENAMES[1]
     tf_sd = {k: v.clone() for k, v in tf_sd.items()}
     tf_sd["fc.weight"] += 1.0  # make sure the values really come from this file
     torch.save(tf_sd, tf_file)
-    m = fid.load_inception(tf_file)
+    m = inception.load_inception(tf_file)
     assert torch.equal(m.fc.weight, tf_sd["fc.weight"])
 
 
 @pytest.mark.slow
 def test_features_pytorch_mode_match_pytorch_fid(env):
-    imgs = fid.load_images(env["A"])[:8]
+    imgs = features.load_images(env["A"])[:8]
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
         ref = PFInceptionV3([3], resize_input=True, normalize_input=True).eval()(x.float() / 255)[0].flatten(1)
-    ours, _ = fid.extract_features(fid.load_inception(env["weights"], "pytorch"), [x], progress=False)
+    ours, _ = features.extract_features(inception.load_inception(env["weights"], "pytorch"), [x], progress=False)
     ref = ref.double().numpy()
     assert ref.std(0).mean() > 1e-2 * np.abs(ref).mean()  # features differ between images
     err = np.abs(ours - ref).max()
@@ -124,13 +130,13 @@ def test_features_pytorch_mode_match_pytorch_fid(env):
 
 @pytest.mark.slow
 def test_features_tf1_match_torch_fidelity(env):
-    imgs = fid.load_images(env["A"])[:8]
+    imgs = features.load_images(env["A"])[:8]
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                      feature_extractor_weights_path=str(env["weights"]))
     with torch.no_grad():
         ref_pool, ref_logits = (t.double().numpy() for t in tf(x))
-    pool, logits = fid.extract_features(fid.load_inception(env["weights"]), [x[:5], x[5:]], progress=False)
+    pool, logits = features.extract_features(inception.load_inception(env["weights"]), [x[:5], x[5:]], progress=False)
     assert np.abs(pool - ref_pool).max() <= 1e-5 * np.abs(ref_pool).max()  # observed: 0
     assert np.abs(logits - ref_logits).max() <= 1e-5 * np.abs(ref_logits).max()  # observed: 0
 
@@ -161,7 +167,7 @@ def test_resize_tf1_matches_bruteforce(hw, out, tol):
     # at index ~300 shifts a sample by ~1e-5 px, i.e. up to ~5e-3 grey levels on a 255 edge
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, *hw, generator=g) * 255).round()
-    ours = fid.resize_tf1(x, out)
+    ours = inception.resize_tf1(x, out)
     ref = tf1_resize_reference(x[0, 1].double().numpy(), *out)
     assert np.abs(ours[0, 1].double().numpy() - ref).max() < tol
     peer = interpolate_bilinear_2d_like_tensorflow1x(x, size=out, align_corners=False)
@@ -174,7 +180,7 @@ def test_resize_tf1_matches_bruteforce(hw, out, tol):
 @pytest.mark.slow
 def test_fid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     (pa, _), (pb, _) = ours_tf1["A"], ours_tf1["B"]
-    ours = fid.frechet_distance(*fid.feature_stats(pa), *fid.feature_stats(pb))
+    ours = metrics.frechet_distance(*metrics.feature_stats(pa), *metrics.feature_stats(pb))
     ref = fidelity_metrics["frechet_inception_distance"]
     assert ref > 1
     # observed 8.9e-6: the peer's sum of sqrt(eigvals(S1 S2)) picks up ~2000 rounding-noise
@@ -184,7 +190,7 @@ def test_fid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
 
 @pytest.mark.slow
 def test_is_matches_torch_fidelity(ours_tf1, fidelity_metrics):
-    mean, std = fid.inception_score(ours_tf1["A"][1], splits=IS_SPLITS)
+    mean, std = metrics.inception_score(ours_tf1["A"][1], splits=IS_SPLITS)
     assert fidelity_metrics["inception_score_mean"] > 1.05  # not the degenerate IS = 1
     # same float32 logits on both sides, then float64 math: observed ~3e-16
     assert rel_err(mean, fidelity_metrics["inception_score_mean"]) < 1e-9
@@ -194,7 +200,7 @@ def test_is_matches_torch_fidelity(ours_tf1, fidelity_metrics):
 @pytest.mark.slow
 def test_kid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     fa, fb = ours_tf1["A"][0], ours_tf1["B"][0]
-    mean, std = fid.kernel_inception_distance(fa, fb, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE)
+    mean, std = metrics.kernel_inception_distance(fa, fb, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE)
     ref_mean = fidelity_metrics["kernel_inception_distance_mean"]
     ref_std = fidelity_metrics["kernel_inception_distance_std"]
     assert ref_mean > 0
@@ -211,7 +217,7 @@ def test_is_matches_torch_fidelity_random_logits():
     logits = np.random.default_rng(0).normal(0, 4, (57, 1008))
     for splits in (1, 5, 10):
         ref = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=True, rng_seed=2020)
-        mean, std = fid.inception_score(logits, splits=splits)
+        mean, std = metrics.inception_score(logits, splits=splits)
         assert rel_err(mean, ref["inception_score_mean"]) < 1e-10
         assert abs(std - ref["inception_score_std"]) < 1e-10 * mean
 
@@ -223,7 +229,7 @@ def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
     # rank-deficient) statistics, where scipy's sqrtm takes 0.2 s instead of 15-90 s
     model = PFInceptionV3([3])
     ref = {k: pf_score.compute_statistics_of_path(str(env[k]), model, 8, 2048, "cpu", num_workers=0) for k in "AB"}
-    stats = {k: fid.feature_stats(ours_pytorch[k][0]) for k in "AB"}
+    stats = {k: metrics.feature_stats(ours_pytorch[k][0]) for k in "AB"}
     for k in "AB":
         (mu, sigma), (rmu, rsigma) = stats[k], ref[k]
         assert np.abs(mu - rmu).max() <= 1e-6 * np.abs(rmu).max()  # observed: 0
@@ -231,7 +237,7 @@ def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
     d = 256
     blk = lambda s: (s[0][:d], s[1][:d, :d])
     ref_fid = pf_score.calculate_frechet_distance(*blk(ref["A"]), *blk(ref["B"]))
-    ours = fid.frechet_distance(*blk(stats["A"]), *blk(stats["B"]))
+    ours = metrics.frechet_distance(*blk(stats["A"]), *blk(stats["B"]))
     assert rel_err(ours, ref_fid) < 1e-4, (ours, ref_fid)  # observed 2.5e-6 (sqrtm noise, as below)
 
 
@@ -239,7 +245,7 @@ def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
 def test_fid_matches_pytorch_fid_end_to_end(env, ours_pytorch):
     ref = pf_score.calculate_fid_given_paths([str(env["A"]), str(env["B"])], 8, "cpu", 2048, num_workers=0)
     (pa, _), (pb, _) = ours_pytorch["A"], ours_pytorch["B"]
-    ours = fid.frechet_distance(*fid.feature_stats(pa), *fid.feature_stats(pb))
+    ours = metrics.frechet_distance(*metrics.feature_stats(pa), *metrics.feature_stats(pb))
     # observed 8.8e-6: pytorch-fid (like torch-fidelity) sums sqrt of ~2000 rounding-noise
     # eigenvalues of the rank-15 product; ours matches the exact value (see below) to 1e-14
     assert rel_err(ours, ref) < 1e-4, (ours, ref)
@@ -254,14 +260,14 @@ def test_fid_closed_forms():
     a = rng.normal(size=(d, d))
     sigma = a @ a.T
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    assert fid.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-9)
+    assert metrics.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-9)
     for a_, b_ in ((1.0, 3.0), (2.5, 0.5)):
-        got = fid.frechet_distance(mu1, a_ ** 2 * np.eye(d), mu1, b_ ** 2 * np.eye(d))
+        got = metrics.frechet_distance(mu1, a_ ** 2 * np.eye(d), mu1, b_ ** 2 * np.eye(d))
         assert got == pytest.approx(d * (a_ - b_) ** 2, rel=1e-9)
     # 1-d: (m1-m2)^2 + (s1-s2)^2
-    assert fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
+    assert metrics.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
     # zero covariance (all-identical images) and mixed rank
-    assert fid.frechet_distance(mu1, np.zeros((d, d)), mu2, sigma) == pytest.approx(
+    assert metrics.frechet_distance(mu1, np.zeros((d, d)), mu2, sigma) == pytest.approx(
         np.sum((mu1 - mu2) ** 2) + np.trace(sigma), rel=1e-12)
 
 
@@ -272,7 +278,7 @@ def test_fid_ill_conditioned_full_rank_matches_exact():
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     x = rng.normal(size=(500, d)) * np.logspace(0, -4, d) @ q
     y = (rng.normal(size=(400, d)) * np.logspace(0, -3, d) + 0.1) @ q
-    ours = fid.frechet_distance(*fid.feature_stats(x), *fid.feature_stats(y))
+    ours = metrics.frechet_distance(*metrics.feature_stats(x), *metrics.feature_stats(y))
     assert rel_err(ours, exact_fid(x, y)) < 1e-10  # observed ~3e-14
 
 
@@ -288,9 +294,9 @@ def exact_fid(x, y):
 @pytest.mark.slow
 def test_fid_rank_deficient_matches_exact(ours_tf1):
     fa, fb = ours_tf1["A"][0], ours_tf1["B"][0]
-    mu, sigma = fid.feature_stats(fa)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-12 * np.trace(sigma)  # observed ~2e-15 rel
-    ours = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fb))
+    mu, sigma = metrics.feature_stats(fa)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-12 * np.trace(sigma)  # observed ~2e-15 rel
+    ours = metrics.frechet_distance(*metrics.feature_stats(fa), *metrics.feature_stats(fb))
     assert rel_err(ours, exact_fid(fa, fb)) < 1e-10  # observed ~1e-14
 
 
@@ -314,9 +320,9 @@ def test_kid_matches_bruteforce(capsys):
     rng = np.random.default_rng(0)
     f1, f2 = rng.normal(size=(9, 5)), rng.normal(0.3, 1.2, size=(7, 5))
     ref = kid_reference(f1, f2, subsets=6, m=4)
-    assert fid.kernel_inception_distance(f1, f2, subsets=6, subset_size=4) == pytest.approx(ref, rel=1e-10)
+    assert metrics.kernel_inception_distance(f1, f2, subsets=6, subset_size=4) == pytest.approx(ref, rel=1e-10)
     # sets smaller than subset_size: capped to the smaller set, with a warning
-    got = fid.kernel_inception_distance(f1, f2, subsets=3)
+    got = metrics.kernel_inception_distance(f1, f2, subsets=3)
     assert "capped to 7" in capsys.readouterr().err
     assert got == pytest.approx(kid_reference(f1, f2, subsets=3, m=7), rel=1e-10)
 
@@ -326,27 +332,27 @@ def test_inception_score_closed_form():
     k, n = 5, 20
     logits = np.zeros((n, 1008))
     logits[np.arange(n), np.arange(n) % k] = 60.0
-    mean, std = fid.inception_score(logits, splits=2, shuffle=False)
+    mean, std = metrics.inception_score(logits, splits=2, shuffle=False)
     assert mean == pytest.approx(k, rel=1e-9) and std < 1e-9
-    assert fid.inception_score(np.zeros((n, 1008)), splits=2)[0] == pytest.approx(1.0)
+    assert metrics.inception_score(np.zeros((n, 1008)), splits=2)[0] == pytest.approx(1.0)
 
 # -----------------------------------------------------------------------------
 # weights resolution
 
 
 def test_resolve_weights_explicit_missing(tmp_path):
-    with pytest.raises(fid.UserError, match="does not exist"):
-        fid.resolve_weights(tmp_path / "nope.pth")
+    with pytest.raises(utils.UserError, match="does not exist"):
+        inception.resolve_weights(tmp_path / "nope.pth")
 
 
-@pytest.mark.parametrize("name", fid.WEIGHT_FILENAMES)
+@pytest.mark.parametrize("name", inception.WEIGHT_FILENAMES)
 def test_resolve_weights_from_hub_cache(tmp_path, monkeypatch, name):
     ckpt = tmp_path / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
     (ckpt / name).write_bytes(b"x")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
-    assert fid.resolve_weights() == ckpt / name
+    assert inception.resolve_weights() == ckpt / name
 
 
 def test_resolve_weights_offline_warns_once(tmp_path, monkeypatch, capsys):
@@ -359,33 +365,33 @@ def test_resolve_weights_offline_warns_once(tmp_path, monkeypatch, capsys):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    assert fid.resolve_weights() is None
-    assert fid.resolve_weights() is None
-    assert calls == [fid.FID_WEIGHTS_URL]  # tried once per process (and cache folder)
+    assert inception.resolve_weights() is None
+    assert inception.resolve_weights() is None
+    assert calls == [inception.FID_WEIGHTS_URL]  # tried once per process (and cache folder)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1  # one warning, one line
     msg = err[0]
-    assert fid.FID_WEIGHTS_URL in msg and str(tmp_path / "hub" / "checkpoints" / fid.WEIGHT_FILENAMES[0]) in msg
+    assert inception.FID_WEIGHTS_URL in msg and str(tmp_path / "hub" / "checkpoints" / inception.WEIGHT_FILENAMES[0]) in msg
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())
 
 
 def test_resolve_weights_download_success(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, *a, **k: Path(dst).write_bytes(b"w"))
-    assert fid.resolve_weights() == tmp_path / "hub" / "checkpoints" / fid.WEIGHT_FILENAMES[0]
+    assert inception.resolve_weights() == tmp_path / "hub" / "checkpoints" / inception.WEIGHT_FILENAMES[0]
 
 
 @pytest.mark.slow
 def test_load_inception_rejects_other_weights(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(3)}, bad)
-    with pytest.raises(fid.UserError, match="not an FID Inception"):
-        fid.load_inception(bad)
-    with pytest.raises(fid.UserError, match="download"):
-        fid.load_inception(None)
+    with pytest.raises(utils.UserError, match="not an FID Inception"):
+        inception.load_inception(bad)
+    with pytest.raises(utils.UserError, match="download"):
+        inception.load_inception(None)
     (tmp_path / "garbage.pth").write_bytes(b"half a download")  # not even a pickle
-    with pytest.raises(fid.UserError, match="not an FID Inception"):
-        fid.load_inception(tmp_path / "garbage.pth")
+    with pytest.raises(utils.UserError, match="not an FID Inception"):
+        inception.load_inception(tmp_path / "garbage.pth")
 
 
 def test_fid_precision_context_sets_and_restores_flags():
@@ -393,11 +399,11 @@ def test_fid_precision_context_sets_and_restores_flags():
     before = (m.fp32_precision, c.fp32_precision)
     try:
         m.fp32_precision, c.fp32_precision = "tf32", "tf32"
-        with fid.matmul_precision("cuda", "fp32"):
+        with device.matmul_precision("cuda", "fp32"):
             assert (m.fp32_precision, c.fp32_precision) == ("ieee", "ieee")
         assert (m.fp32_precision, c.fp32_precision) == ("tf32", "tf32")
         m.fp32_precision, c.fp32_precision = "ieee", "ieee"
-        with fid.matmul_precision("cuda", "tf32"):
+        with device.matmul_precision("cuda", "tf32"):
             assert (m.fp32_precision, c.fp32_precision) == ("tf32", "tf32")
         assert (m.fp32_precision, c.fp32_precision) == ("ieee", "ieee")
     finally:
@@ -413,25 +419,25 @@ def test_load_images_formats_and_errors(tmp_path, capsys):
     np.savez(tmp_path / "b.npz", images=imgs.transpose(0, 3, 1, 2), other=np.zeros(2))
     np.savez(tmp_path / "c.npz", imgs)
     for f in ("a.npy", "b.npz", "c.npz"):
-        assert np.array_equal(fid.load_images(tmp_path / f), imgs)
+        assert np.array_equal(features.load_images(tmp_path / f), imgs)
     d = tmp_path / "imgs"
     (d / "sub").mkdir(parents=True)
     Image.fromarray(imgs[0]).save(d / "x.png")
     Image.fromarray(imgs[1]).save(d / "sub" / "y.jpg", quality=95)
     (d / "broken.png").write_bytes(b"not a png")
     (d / "broken2.jpg").write_bytes(b"")
-    got = fid.load_images(d)
+    got = features.load_images(d)
     assert "skipped 2 unreadable" in capsys.readouterr().err
     assert got.shape == (2, 48, 48, 3) and got.dtype == np.uint8 and np.array_equal(got[1], imgs[0])
     Image.fromarray(imgs[0][:40]).save(d / "z.png")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(fid.UserError, match="differ in size"):
-            fid.load_images(d)
+        with pytest.raises(utils.UserError, match="differ in size"):
+            features.load_images(d)
     np.save(tmp_path / "f.npy", imgs.astype(np.float32))
-    with pytest.raises(fid.UserError, match="uint8"):  # the data loader's layout check
-        fid.load_images(tmp_path / "f.npy")
-    batches = fid.batches_from_array(imgs, 2)
+    with pytest.raises(utils.UserError, match="uint8"):  # the data loader's layout check
+        features.load_images(tmp_path / "f.npy")
+    batches = features.batches_from_array(imgs, 2)
     assert len(batches) == 2
     batches = list(batches)
     assert [b.shape for b in batches] == [(2, 3, 48, 48), (1, 3, 48, 48)] and batches[0].dtype == torch.uint8
@@ -442,11 +448,11 @@ def test_stats_roundtrip_and_pytorch_fid_format(tmp_path):
     rng = np.random.default_rng(0)
     mu, a = rng.normal(size=4), rng.normal(size=(4, 4))
     sigma = a @ a.T  # a covariance: load_stats refuses what is not one
-    fid.save_stats(tmp_path / "s", mu, sigma, key={"resize": "tf1"}, n=7)  # no ".npz" appended
-    m2, s2, meta = fid.load_stats(tmp_path / "s")
+    metrics.save_stats(tmp_path / "s", mu, sigma, key={"resize": "tf1"}, n=7)  # no ".npz" appended
+    m2, s2, meta = metrics.load_stats(tmp_path / "s")
     assert np.array_equal(m2, mu) and np.array_equal(s2, sigma) and meta == {"n": 7, "key": {"resize": "tf1"}}
     np.savez_compressed(tmp_path / "pf.npz", mu=mu, sigma=sigma)  # what pytorch-fid --save-stats writes
-    m3, s3, meta = fid.load_stats(tmp_path / "pf.npz")
+    m3, s3, meta = metrics.load_stats(tmp_path / "pf.npz")
     assert np.array_equal(m3, mu) and np.array_equal(s3, sigma) and meta == {"n": None, "key": {}}
 
 # -----------------------------------------------------------------------------
@@ -473,7 +479,7 @@ def test_cli_fid_is_kid_and_saved_stats(env, capsys, fidelity_metrics, tmp_path)
     assert rel_err(_value(out, "KID"), fidelity_metrics["kernel_inception_distance_mean"]) < 1e-4
     stats = tmp_path / "a_stats.npz"
     assert "saved" in _cli(capsys, "--save-stats", env["A"], stats)
-    mu, sigma, meta = fid.load_stats(stats)
+    mu, sigma, meta = metrics.load_stats(stats)
     assert meta["n"] == N_IMAGES and meta["key"]["resize"] == "tf1" and mu.shape == (2048,)
     assert rel_err(_value(_cli(capsys, stats, env["B"]), "FID"), ref_fid) < 1e-4
     # stats of the other pipeline are refused rather than silently compared
@@ -501,15 +507,15 @@ def test_cli_user_errors_are_one_line(env, capsys, tmp_path, monkeypatch):
             fid.main([str(env["A"]), str(env["B"]), "--no_progress"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert fid.FID_WEIGHTS_URL in err and str(tmp_path / "hub" / "checkpoints" / fid.WEIGHT_FILENAMES[0]) in err
+    assert inception.FID_WEIGHTS_URL in err and str(tmp_path / "hub" / "checkpoints" / inception.WEIGHT_FILENAMES[0]) in err
     # stats-only inputs need no weights at all
-    fid.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
+    metrics.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
     assert _value(_cli(capsys, tmp_path / "s.npz", tmp_path / "s.npz"), "FID") == 0
 
 
 def test_cli_subcommand_dispatch(monkeypatch):
     seen = []
-    monkeypatch.setattr(fid, "compare", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(compare, "compare", lambda argv: seen.append(argv) or 0)
     assert fid.main(["compare", "x", "--y"]) == 0 and seen == [["x", "--y"]]
 
 
@@ -533,10 +539,10 @@ def test_generated_images_do_not_depend_on_the_inception_batch():
         f = b.float().flatten(1)
         return f[:, :2048], f[:, :1008]
 
-    def features(inception_batch, gen_batch):
-        return fid.generated_features(G, per_image, z, inception_batch, "cpu", progress=False, gen_batch=gen_batch)[0]
+    def pool3(inception_batch, gen_batch):
+        return features.generated_features(G, per_image, z, inception_batch, "cpu", progress=False, gen_batch=gen_batch)[0]
 
-    ref = features(20, 8)
+    ref = pool3(20, 8)
     for inception_batch in (3, 8, 7):
-        np.testing.assert_array_equal(features(inception_batch, 8), ref)
-    assert not np.array_equal(features(8, 4), ref)  # the generation batch itself does matter
+        np.testing.assert_array_equal(pool3(inception_batch, 8), ref)
+    assert not np.array_equal(pool3(8, 4), ref)  # the generation batch itself does matter

@@ -8,6 +8,10 @@ import os
 import numpy as np
 import pytest
 
+import features
+import inception
+import metrics
+import utils
 import fid
 
 UNSAFE_ADVICE = ("allow_pickle", "weights_only", "pickle.load")
@@ -39,14 +43,14 @@ def pixel_inception(weights, resize="tf1", device="cpu", precision="fp32"):
 def inputs(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "imgs.npy", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
-    fid.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
+    metrics.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
     (tmp_path / "w.pth").write_bytes(rng.bytes(256))  # never the published weights
     return tmp_path
 
 
 def published(monkeypatch, weights):
     """Make `weights` count as the published file (its own sha256 prefix expected)."""
-    monkeypatch.setattr(fid, "PUBLISHED_SHA256_PREFIX", fid.weights_id(weights)[:8], raising=False)
+    monkeypatch.setattr(inception, "PUBLISHED_SHA256_PREFIX", inception.weights_id(weights)[:8], raising=False)
 
 
 # -----------------------------------------------------------------------------
@@ -94,9 +98,9 @@ def test_junk_inputs_are_one_line_without_unpickling_advice(inputs, capsys):
 
 def test_object_arrays_are_refused_before_numpy_reads_them(inputs, monkeypatch):
     np.save(inputs / "obj.npy", np.array([None, 1], dtype=object))
-    monkeypatch.setattr(fid, "load_array", lambda *a: pytest.fail("the file must not be loaded"))
-    with pytest.raises(fid.UserError, match="holds Python objects") as e:
-        fid.load_images(inputs / "obj.npy")
+    monkeypatch.setattr(features, "load_array", lambda *a: pytest.fail("the file must not be loaded"))
+    with pytest.raises(utils.UserError, match="holds Python objects") as e:
+        features.load_images(inputs / "obj.npy")
     assert "allow_pickle" not in str(e.value)
 
 
@@ -106,28 +110,28 @@ def test_object_arrays_are_refused_before_numpy_reads_them(inputs, monkeypatch):
 
 def test_published_prefix_follows_the_hub_file_name():
     import torch.hub
-    assert fid.PUBLISHED_SHA256_PREFIX == torch.hub.HASH_REGEX.search(fid.WEIGHT_FILENAMES[0]).group(1) == "6726825d"
+    assert inception.PUBLISHED_SHA256_PREFIX == torch.hub.HASH_REGEX.search(inception.WEIGHT_FILENAMES[0]).group(1) == "6726825d"
 
 
 def test_other_weights_warn_once_naming_file_and_fingerprint(inputs, capsys, monkeypatch):
-    monkeypatch.setattr(fid, "load_inception", pixel_inception)
+    monkeypatch.setattr(inception, "load_inception", pixel_inception)
     w = inputs / "w.pth"
     code, out, err = run(capsys, [inputs / "imgs.npy", inputs / "imgs.npy", "--fid_weights", w, "--metrics",
                                   "fid,is,kid", "--isc_splits", 2, "--kid_subset_size", 3, "--no_progress"])
     assert code == 0 and "FID: " in out, err
     warnings = [l for l in err.splitlines() if "not comparable with published" in l]
     assert len(warnings) == 1, err  # one for the file, though both inputs needed the network
-    assert str(w) in warnings[0] and fid.weights_id(w) in warnings[0]
-    assert fid.check_published_weights(w) == fid.weights_id(w)  # the fingerprint is still what is recorded
+    assert str(w) in warnings[0] and inception.weights_id(w) in warnings[0]
+    assert inception.check_published_weights(w) == inception.weights_id(w)  # the fingerprint is still what is recorded
     assert "not comparable" not in capsys.readouterr().err  # once per process
 
 
 def test_published_weights_do_not_warn(inputs, capsys, monkeypatch):
     w = inputs / "w.pth"
     published(monkeypatch, w)
-    assert fid.check_published_weights(w) == fid.weights_id(w)
+    assert inception.check_published_weights(w) == inception.weights_id(w)
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(fid, "load_inception", pixel_inception)
+    monkeypatch.setattr(inception, "load_inception", pixel_inception)
     code, out, err = run(capsys, [inputs / "imgs.npy", inputs / "imgs.npy", "--fid_weights", w, "--no_progress"])
     assert code == 0 and "FID: " in out and err == "", err
 
@@ -151,11 +155,11 @@ def _fail_in_replace(monkeypatch):
 
 @pytest.mark.parametrize("fail, message", [(_fail_in_savez, "the disk is full; free some space"), (_fail_in_replace, "the file system is read-only")])
 def test_save_stats_write_error_is_one_line_and_keeps_the_earlier_file(inputs, capsys, monkeypatch, fail, message):
-    monkeypatch.setattr(fid, "load_inception", pixel_inception)
+    monkeypatch.setattr(inception, "load_inception", pixel_inception)
     published(monkeypatch, inputs / "w.pth")
     out = inputs / "out" / "stats.npz"
     out.parent.mkdir()
-    fid.save_stats(out, np.ones(2), np.eye(2), n=5)
+    metrics.save_stats(out, np.ones(2), np.eye(2), n=5)
     earlier = out.read_bytes()
     fail(monkeypatch)
     code, stdout, err = run(capsys, ["--save-stats", inputs / "imgs.npy", out, "--fid_weights", inputs / "w.pth",
@@ -168,6 +172,6 @@ def test_save_stats_write_error_is_one_line_and_keeps_the_earlier_file(inputs, c
 def test_save_stats_write_error_is_a_user_error(tmp_path, monkeypatch):
     (tmp_path / "s.npz").write_bytes(b"earlier")
     _fail_in_savez(monkeypatch)
-    with pytest.raises(fid.UserError, match="cannot write statistics .*s.npz: the disk is full; free some space"):
-        fid.save_stats(tmp_path / "s.npz", np.zeros(2), np.eye(2))
+    with pytest.raises(utils.UserError, match="cannot write statistics .*s.npz: the disk is full; free some space"):
+        metrics.save_stats(tmp_path / "s.npz", np.zeros(2), np.eye(2))
     assert (tmp_path / "s.npz").read_bytes() == b"earlier" and os.listdir(tmp_path) == ["s.npz"]

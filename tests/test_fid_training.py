@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import features
+import inception
 import fid
 from conftest import TINY, out_dirs, random_fid_state_dict, run_cli, run_main
 from data_loader import build_dataset
-from parameter import get_parameters
+from run import configure
 
 pytestmark = pytest.mark.slow  # training runs and multi-process launches
 
@@ -101,32 +103,32 @@ def test_offline_without_weights_warns_once_and_trains_on(tmp_path):
                 env=env)
     assert r.returncode == 0, r.stderr
     warnings = [l for l in r.stderr.splitlines() if "FID Inception weights" in l]
-    assert len(warnings) == 1 and fid.FID_WEIGHTS_URL in warnings[0]
-    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / fid.WEIGHT_FILENAMES[0]) in warnings[0]
+    assert len(warnings) == 1 and inception.FID_WEIGHTS_URL in warnings[0]
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / inception.WEIGHT_FILENAMES[0]) in warnings[0]
     assert (tmp_path / "models/off/10.pt").exists() and not (tmp_path / "logs/off/fid.csv").exists()
 
 
 def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path, image_folder, weights,
                                                                           monkeypatch):
-    ds = build_dataset(get_parameters(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
-    model = fid.load_inception(weights)
+    ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
+    model = inception.load_inception(weights)
     calls = []
-    real_extract = fid.extract_features
-    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    real_extract = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     args = dict(model=model, weights=weights, resize="tf1", cap=100, batch_size=8, device="cpu",
                 cache_dir=tmp_path / "stats", progress=False)
-    first = fid.reference_stats(ds, **args)
-    again = fid.reference_stats(ds, **args)
+    first = features.reference_stats(ds, **args)
+    again = features.reference_stats(ds, **args)
     assert len(calls) == 1 and again.path == first.path and np.array_equal(again.mu, first.mu)
     # what was measured: the dataset's images after the training crop/resize
     images = torch.stack([ds[i] for i in range(len(ds))])
     direct, _ = real_extract(model, [images[:8], images[8:]], progress=False)
     np.testing.assert_allclose(first.mu, direct.mean(0), rtol=1e-6, atol=1e-9)
     ds.crop = 24  # a different crop: different images, so new statistics
-    cropped = fid.reference_stats(ds, **args)
+    cropped = features.reference_stats(ds, **args)
     assert len(calls) == 2 and cropped.path != first.path
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 2
-    pytorch_mode = fid.reference_stats(ds, **{**args, "resize": "pytorch"})
+    pytorch_mode = features.reference_stats(ds, **{**args, "resize": "pytorch"})
     assert len(calls) == 3 and pytorch_mode.path != cropped.path
 
 
@@ -142,12 +144,12 @@ def test_reference_from_decoded_images_equals_reference_from_the_dataset(tmp_pat
 
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"stand-in")  # only hashed into the cache key
-    ds = build_dataset(get_parameters(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
+    ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
     images = torch.stack([ds[i] for i in range(len(ds))])
     for cap in (100, 9):
         args = dict(model=PerImage(), weights=weights, resize="tf1", cap=cap, batch_size=4, device="cpu",
                     progress=False)
-        loaded = fid.reference_stats(ds, cache_dir=tmp_path / f"a{cap}", **args)
-        given = fid.reference_stats(ds, cache_dir=tmp_path / f"b{cap}", images=images, **args)
+        loaded = features.reference_stats(ds, cache_dir=tmp_path / f"a{cap}", **args)
+        given = features.reference_stats(ds, cache_dir=tmp_path / f"b{cap}", images=images, **args)
         np.testing.assert_array_equal(given.mu, loaded.mu)
         np.testing.assert_array_equal(given.sigma, loaded.sigma)

@@ -325,10 +325,18 @@ def test_fully_masked_query_counts_of_the_discriminator_maps():
     # when s reaches every border from it.
     def dead(h, w, s):
         return sum(s >= max(i, h - 1 - i) and s >= max(j, w - 1 - j) for i in range(h) for j in range(w))
-    from sagan_models import span_mask
+    energy = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0))
     for h, counts in ((4, [0, 0, 4, 16, 16, 16]), (8, [0, 0, 0, 0, 4, 16])):
         assert [dead(h, h, s) for s in range(6)] == counts
-        assert [int((~span_mask(h, h, s).any(1)).sum()) if s else 0 for s in range(6)] == counts
+        # what the layer itself does, span 0 included: under "skip" a query with no key left
+        # gets all-zero weights, every other query weights summing to 1
+        rows = []
+        for s in range(6):
+            w = Self_Attn(16, s, fully_masked="skip").attention_weights(energy[:, :h * h, :h * h], h, h)
+            sums = w.sum(-1)
+            assert torch.all((sums == 0) | torch.isclose(sums, torch.ones(())))
+            rows.append(int((sums == 0).sum()))
+        assert rows == counts
 
 
 def test_attention_distance_matches_a_double_loop():

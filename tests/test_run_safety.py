@@ -18,7 +18,8 @@ import torch
 import main
 import trainer
 from conftest import REPO, TINY, out_dirs, random_fid_state_dict, run_main
-from parameter import get_parameters, resume_command
+from parameter import resume_command
+from run import configure
 
 
 def args_for(tmp, *extra):
@@ -95,20 +96,20 @@ def test_a_metrics_csv_of_another_network_is_refused_before_anything_is_touched(
 @pytest.mark.parametrize("start", [["--resume", "false"], ["--pretrained_model=2"], ["--resume", "true"]],
                          ids=["resume_false", "pretrained_model_eq", "resume_true"])
 def test_the_resume_hint_is_built_from_the_config(tmp_path, start):
-    from utils import unlock_run
+    from run import unlock_run
     first = start == ["--resume", "false"]  # a new run; the others continue one
     if first:
-        cfg = get_parameters(args_for(tmp_path, "--version", "h", "--total_step", "6", "--g_lr", "3e-4", *start))
+        cfg = configure(args_for(tmp_path, "--version", "h", "--total_step", "6", "--g_lr", "3e-4", *start))
         unlock_run()
     assert run_main(args_for(tmp_path, "--version", "h", "--total_step", "2"), cwd=tmp_path).returncode == 0
     if not first:
-        cfg = get_parameters(args_for(tmp_path, "--version", "h", "--total_step", "6", "--g_lr", "3e-4", *start))
+        cfg = configure(args_for(tmp_path, "--version", "h", "--total_step", "6", "--g_lr", "3e-4", *start))
         unlock_run()
     for world, launcher in ((1, ["python"]), (2, ["torchrun", "--nproc_per_node", "2"])):
         words = shlex.split(resume_command(cfg, world))
         assert words[:len(launcher)] == launcher
         assert os.path.samefile(words[len(launcher)], REPO / "main.py")
-        again = get_parameters(words[len(launcher) + 1:])
+        again = configure(words[len(launcher) + 1:])
         unlock_run()
         for key in ("version", "total_step", "g_lr", "seed", "log_path", "model_save_path", "imsize", "batch_size"):
             assert getattr(again, key) == getattr(cfg, key), key
@@ -141,7 +142,7 @@ def test_the_printed_resume_hint_runs_when_pasted(tmp_path, monkeypatch):
 def test_runs_sharing_the_checkpoint_folder_are_refused_whatever_their_log_path(tmp_path):
     first = args_for(tmp_path, "--version", "same")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from parameter import get_parameters; get_parameters(sys.argv[2:]); "
+                               "from run import configure; configure(sys.argv[2:]); "
                                "print('locked', flush=True); time.sleep(120)", str(REPO), *first],
                               cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:

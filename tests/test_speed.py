@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import TINY, out_dirs, run_cli
-from data_loader import build_dataset, make_batches
-from parameter import get_parameters
+from batches import make_batches
+from data_loader import build_dataset
+from run import configure
 from sagan_models import Self_Attn
 from trainer import Trainer
 
@@ -36,7 +37,7 @@ def test_fused_attention_matches_dense_in_values_and_gradients(mode):
 
 
 def _first_steps(tmp_path, image_folder, flags, n=2):
-    cfg = get_parameters([*TINY, *out_dirs(tmp_path), "--dataset", "folder", "--image_path", str(image_folder),
+    cfg = configure([*TINY, *out_dirs(tmp_path), "--dataset", "folder", "--image_path", str(image_folder),
                           "--span", "2", "--version", "v" + str(abs(hash(tuple(flags)))), *flags])
     t = Trainer(cfg)
     batches = iter(make_batches(build_dataset(cfg), cfg, 0, t.device))
@@ -74,21 +75,23 @@ def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
 
 
 def test_speed_flags_resolve_to_the_plain_path_on_cpu():
-    cfg = get_parameters(["--device", "cpu"])
+    cfg = configure(["--device", "cpu"])
     assert (cfg.amp, cfg.compile, cfg.channels_last, cfg.cache, cfg.cuda_graph) == ("none", "none", False, False, False)
-    cfg = get_parameters(["--device", "cpu", "--amp", "bf16", "--channels_last", "--cache", "true"])
+    cfg = configure(["--device", "cpu", "--amp", "bf16", "--channels_last", "--cache", "true"])
     assert (cfg.amp, cfg.channels_last, cfg.cache) == ("bf16", True, True)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--device", "cpu", "--cuda_graph"], "--cuda_graph needs a CUDA device"),
     (["--device", "cpu", "--compile", "default", "--adv_loss", "wgan-gp"], "no double backward"),
-    (["--device", "cpu", "--compile", "reduce-overhead"], "already one CUDA graph"),
-    (["--device", "cpu", "--compile", "max-autotune"], "use --compile default"),
+    # modes --help does not offer (the step is already one CUDA graph) are refused like any bad choice
+    (["--device", "cpu", "--compile", "reduce-overhead"], "invalid choice: 'reduce-overhead'"),
+    (["--device", "cpu", "--compile", "max-autotune"], "invalid choice: 'max-autotune'"),
     (["--device", "cpu", "--channels_last", "maybe"], "expected true or false"),
 ])
 def test_speed_flag_combinations_that_cannot_run_are_refused_in_one_line(capsys, args, message):
+    import main
     with pytest.raises(SystemExit) as e:
-        get_parameters(args)
+        main.main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -13,20 +13,20 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, out_dirs, random_fid_state_dict, run_main
-from experiment import cell_argv
-from parameter import get_parameters
+from sweep import cell_argv
+from run import configure
 
 SWEEP = [a for a in TINY if a not in ("--seed", "3")]
 
 
 def test_cells_are_named_by_span_and_seed_and_keep_every_other_flag():
-    cfg = get_parameters([*SWEEP, "--span", "0,3", "--seed", "1,2"])
+    cfg = configure([*SWEEP, "--span", "0,3", "--seed", "1,2"])
     assert cfg.sweep == [(0, 1, "sagan_emoji_span0_32px_seed1"), (0, 2, "sagan_emoji_span0_32px_seed2"),
                          (3, 1, "sagan_emoji_span3_32px_seed1"), (3, 2, "sagan_emoji_span3_32px_seed2")]
-    assert get_parameters([*SWEEP, "--span", "2,4", "--version", "x"]).sweep == [(2, None, "x_span2"),
+    assert configure([*SWEEP, "--span", "2,4", "--version", "x"]).sweep == [(2, None, "x_span2"),
                                                                                  (4, None, "x_span4")]
-    assert get_parameters([*SWEEP, "--span", "1", "--seed", "0,1"]).sweep[1] == (1, 1, "sagan_emoji_span1_32px_seed1")
-    assert get_parameters([*SWEEP, "--span", "3"]).sweep is None
+    assert configure([*SWEEP, "--span", "1", "--seed", "0,1"]).sweep[1] == (1, 1, "sagan_emoji_span1_32px_seed1")
+    assert configure([*SWEEP, "--span", "3"]).sweep is None
     argv = ["--span=0,3", "--d_lr", "1e-4", "--seed", "1,2", "--jobs", "2", "--version", "v"]
     assert cell_argv(argv, 3, 2, "v_span3_seed2", resume=True) == [
         "--d_lr", "1e-4", "--span", "3", "--version", "v_span3_seed2", "--seed", "2", "--resume"]
@@ -75,7 +75,7 @@ def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path)
 
 
 def test_cell_results_and_the_summary_agree_with_the_cells():
-    from experiment import cell_result, sweep_summary
+    from sweep import cell_result, sweep_summary
     # a cell that stopped cleanly on a SIGTERM of its own (checkpoint saved, exit 0) before --total_step
     assert cell_result(done=False, returncode=0) == "interrupted"
     assert cell_result(False, 130) == cell_result(False, -signal.SIGTERM) == "interrupted"  # stopped while starting

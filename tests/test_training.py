@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY, out_dirs, run_cli, run_main
-from parameter import get_parameters
+from run import configure
 from sagan_models import attention_layers
 
 
@@ -145,7 +145,7 @@ def test_celeb_layout_crops_160_then_resizes(tmp_path):
     arrays = [rng.integers(0, 256, (218, 178, 3), dtype=np.uint8) for _ in range(3)]
     for i, arr in enumerate(arrays):
         Image.fromarray(arr).save(folder / f"{i:06d}.png")
-    cfg = get_parameters(["--dataset", "celeb", "--image_path", str(tmp_path), "--imsize", "32"])
+    cfg = configure(["--dataset", "celeb", "--image_path", str(tmp_path), "--imsize", "32"])
     ds = build_dataset(cfg)
     assert len(ds) == 3
     for i, arr in enumerate(arrays):
@@ -160,21 +160,22 @@ def test_lsun_array_is_center_cropped_not_stretched(tmp_path):
     arr = rng.integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
     (tmp_path / "LSUN").mkdir()
     np.save(tmp_path / "LSUN" / "church_outdoor_train_lmdb_color_64.npy", arr)
-    ds = build_dataset(get_parameters(["--dataset", "lsun", "--image_path", str(tmp_path), "--imsize", "32"]))
+    ds = build_dataset(configure(["--dataset", "lsun", "--image_path", str(tmp_path), "--imsize", "32"]))
     assert len(ds) == 5
     ref = np.asarray(Image.fromarray(arr[4][:, 8:56]).resize((32, 32), Image.BILINEAR))
     assert np.array_equal(ds[4].permute(1, 2, 0).numpy(), ref)
 
 
 def test_batches_resume_exactly_and_cache_matches_per_step_decoding(tmp_path, image_folder):
-    from data_loader import LoaderBatches, TensorBatches, batch_indices, build_dataset, cached_images
+    from batches import LoaderBatches, TensorBatches, batch_indices, cached_images
+    from data_loader import build_dataset
     stream = batch_indices(10, 3, seed=5)
     first = [next(stream) for _ in range(8)]  # crosses epochs (3 batches per epoch)
     resumed = batch_indices(10, 3, seed=5, start=5)
     assert all(torch.equal(first[5 + i], next(resumed)) for i in range(3))
     assert all(len(set(torch.cat(first[e * 3:e * 3 + 3]).tolist())) == 9 for e in range(2))
 
-    cfg = get_parameters(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32", "--cache"])
+    cfg = configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32", "--cache"])
     ds = build_dataset(cfg)
     cached = cached_images(ds)
     assert len(list(image_folder.glob(".sagan_cache_*.npy"))) == 1
@@ -184,15 +185,15 @@ def test_batches_resume_exactly_and_cache_matches_per_step_decoding(tmp_path, im
     for _ in range(6):
         assert torch.equal(next(per_step), next(from_cache))
     # a different transform (image size) makes a new cache file instead of reusing
-    cfg16 = get_parameters(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32", "--cache"])
-    cfg16.imsize = 16
+    cfg16 = configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32", "--cache"])
+    cfg16 = cfg16.replace(imsize=16)
     cached_images(build_dataset(cfg16))
     assert len(list(image_folder.glob(".sagan_cache_*.npy"))) == 2
 
 
 def make_trainer(tmp_path, *extra):
     from trainer import Trainer
-    cfg = get_parameters([*TINY, *out_dirs(tmp_path), *extra])
+    cfg = configure([*TINY, *out_dirs(tmp_path), *extra])
     return Trainer(cfg)
 
 
@@ -208,7 +209,7 @@ def test_sampling_changes_no_model_state(tmp_path):
     with torch.no_grad():
         eval_imgs = t.G(t.fixed_z)
     t.G.train()
-    from utils import sampling_mode
+    from sampling import sampling_mode
     with sampling_mode(t.G, "batch"):
         batch_imgs = t.G(t.fixed_z)
     with sampling_mode(t.G, "eval"):
@@ -225,7 +226,7 @@ def test_discriminator_loss_matches_separate_forwards(tmp_path, adv_loss):
     G0, D0 = copy.deepcopy(t.G), copy.deepcopy(t.D)
     real = torch.rand(4, 3, 32, 32) * 2 - 1
     torch.manual_seed(11)
-    loss, d_real_mean, d_fake_mean, rt = t.d_step(real)
+    loss, d_real_mean, d_fake_mean, rt = t.gan.d_step(real)
     # Replay the same random draws with separate forwards.
     torch.manual_seed(11)
     with torch.no_grad():
@@ -278,12 +279,12 @@ def test_eval_uses_the_checkpoint_architecture(tmp_path):
 
 
 def test_seed_readme_commands_parse_and_every_flag_is_documented():
-    cfg = get_parameters("--batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb "
+    cfg = configure("--batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb "
                          "--total_step 100000 --span 3".split())
     assert (cfg.g_span, cfg.d_span, cfg.version, cfg.dataset) == (3, 3, "sagan_celeb", "celeb")
-    cfg = get_parameters("--batch_size 64 --imsize 64 --dataset lsun --adv_loss hinge --version sagan_lsun".split())
+    cfg = configure("--batch_size 64 --imsize 64 --dataset lsun --adv_loss hinge --version sagan_lsun".split())
     assert cfg.dataset == "lsun" and cfg.span == 0
-    assert get_parameters(["--span", "2", "--d_span", "0"]).version == "sagan_emoji_g2_d0"
+    assert configure(["--span", "2", "--d_span", "0"]).version == "sagan_emoji_g2_d0"
     from parameter import build_parser
     readme = (REPO / "README.md").read_text()
     flags = sorted(set(re.findall(r"(--[a-z0-9_]+)", build_parser().format_help())) - {"--help"})
@@ -317,10 +318,10 @@ def test_resume_with_channels_last_keeps_adam_state_in_the_parameter_layout(tmp_
 
 def test_wgan_gp_keeps_the_discriminator_on_the_double_differentiable_path():
     from sagan_models import build_discriminator, build_generator
-    cfg = get_parameters(["--adv_loss", "wgan-gp", "--span", "2"])
+    cfg = configure(["--adv_loss", "wgan-gp", "--span", "2"])
     assert not any(m.fused for _, m in attention_layers(build_discriminator(cfg)))
     assert all(m.fused for _, m in attention_layers(build_generator(cfg)))
-    cfg = get_parameters(["--span", "2"])
+    cfg = configure(["--span", "2"])
     assert all(m.fused for _, m in attention_layers(build_discriminator(cfg)))
 
 
@@ -376,7 +377,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     good = torch.load(tmp_path / "models/t/10.pt", weights_only=False)
     (tmp_path / "models/t/10.pt").write_bytes(b"cut short")
     # an older step may be continued from when everything after it is unreadable ...
-    assert get_parameters([*args, "--pretrained_model", "5"]).start_checkpoint.endswith("5.pt")
+    assert configure([*args, "--pretrained_model", "5"]).start_checkpoint.endswith("5.pt")
     # ... and --resume takes the newest that loads, saying which one it skipped and why
     r = run_main([*args, "--total_step", "10", "--resume"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr

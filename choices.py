@@ -1,0 +1,28 @@
+"""The named choices of flags, shared by the command line and the code that implements
+them. No torch here: `python main.py --help` lists them without importing it."""
+
+IMAGE_SIZES = (32, 64, 128)  # sagan_models builds these
+MASK_MODES = ("pre", "post")  # see sagan_models.Self_Attn
+FULLY_MASKED = ("mean", "skip")
+TRANSFORMS = ("color", "translation", "cutout")  # DiffAugment (diffaug.py), in the paper's order of application
+RESIZE_MODES = ("tf1", "pytorch")  # the FID input pipelines (inception.FIDInception)
+PRECISIONS = ("fp32", "tf32")  # the FID network's arithmetic on CUDA
+METRICS = ("fid", "is", "kid")  # metrics.METRICS implements each, in this order (the fid.csv columns)
+
+
+def parse_policy(text) -> str:
+    """'cutout,color' -> 'color,cutout' (canonical order); '' / 'none' -> ''. ValueError otherwise."""
+    names = {t.strip().lower() for t in str(text).split(",") if t.strip()} - {"none"}
+    unknown = names - set(TRANSFORMS)
+    if unknown:
+        raise ValueError(f"unknown transform(s) {', '.join(sorted(unknown))}; choose from {','.join(TRANSFORMS)}")
+    return ",".join(t for t in TRANSFORMS if t in names)
+
+
+def parse_metrics(text) -> list:
+    """'is,fid' -> ["fid", "is"] (the registry's order: fid.csv columns do not move);
+    ValueError for an empty list or an unknown name."""
+    names = {m.strip().lower() for m in str(text).split(",") if m.strip()}
+    if not names or names - set(METRICS):
+        raise ValueError(f"--metrics {text!r}: choose a comma list of {','.join(METRICS)}")
+    return [m for m in METRICS if m in names]

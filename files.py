@@ -1,0 +1,132 @@
+"""Files that survive kills, full disks and parallel writers: atomic writes, file locks,
+checks that an output can be written, and log CSVs read back without their broken lines."""
+import csv
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+from utils import UserError, warn
+
+
+@contextmanager
+def atomic_open(path, mode="wb", **kwargs):
+    """Write through a hidden temp file beside `path`, renamed over it when the block ends
+    without error: readers, crashes and parallel writers never see half a file. On error
+    the temp file is removed and `path` keeps what it had."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # durable before it takes the name, not only atomic
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # and the rename itself survives a power cut (POSIX; best effort where folders cannot be opened)
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+@contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (created if missing) for the block, waiting for
+    other processes that hold it. The OS drops the lock when its process dies, so a lock
+    file left by a killed process never blocks anyone."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases it
+
+
+def check_writable(folder, flag: str) -> None:
+    """UserError (one line naming the flag) unless `folder` exists as a writable folder or
+    can be created as one; creates nothing."""
+    path = Path(folder).absolute()
+    probe = path
+    while not os.path.exists(probe):  # os.path: no PermissionError from an unreadable parent
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag}: {probe} is a file, so {path} cannot be a folder; pick another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot write to {probe} (permission denied or read-only); pick another {flag}")
+
+
+def check_output_file(path, flag) -> Path:
+    """Before the work: UserError (one line) if `path` cannot become a file, because it is
+    a folder or its folder cannot be created or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    check_writable(path.parent, flag)
+    return path
+
+
+def remove_stale_temp_files(folder) -> int:
+    """Remove the temp files atomic_open leaves behind when its process is killed mid-write
+    (kill -9): those whose writing process is gone. Returns how many."""
+    removed = 0
+    for p in Path(folder).glob(".*.tmp*"):
+        m = re.fullmatch(r"\..+\.tmp(\d+)", p.name)
+        if m and not _process_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def csv_rows_until(path: Path, step: int) -> list:
+    """The rows (dicts) of a log CSV up to `step`: a resumed run drops what was logged
+    after its checkpoint. Lines a kill or a full disk left broken (NUL bytes, cut short, a
+    step that is not a number) are dropped with one warning, never kept as rows."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", errors="replace") as f:
+        lines = f.read().splitlines(keepends=True)
+    good = [line for line in lines if "\x00" not in line]
+    reader = csv.DictReader(good)
+    rows, broken = [], len(lines) - len(good)
+    for r in reader:
+        try:
+            ok = None not in r and None not in r.values() and int(r["step"]) >= 0
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            broken += 1
+        elif int(r["step"]) <= step:
+            rows.append(r)
+    if broken:
+        warn(f"{path}: dropped {broken} broken line(s) (a write cut short by a kill or a full disk)")
+    return rows
+
+
+def csv_header(path: Path):
+    """The column names of a CSV file, or None if it is missing or empty."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path, newline="", errors="replace") as f:
+        return next(csv.reader(line for line in f if "\x00" not in line), None)

@@ -1,0 +1,190 @@
+"""A run on disk and where it starts: its output folders, the lock that makes one process
+its only writer, and the resolution of the command line into the run's one frozen Config
+(device defaults, the start checkpoint and the settings it brings, the seed)."""
+import os
+import random
+import sys
+from pathlib import Path
+
+import checkpoint
+from checkpoint import checkpoints
+from device import pick_device
+from files import check_writable
+from parameter import OPTIMIZER_KEYS, Config, default_diffaug, parse_flags, resolve_device_defaults
+from utils import UserError, warn
+
+
+OUTPUT_FOLDERS = ("log", "model_save", "sample", "attn")  # each under its --<name>_path root
+
+
+def run_dirs(cfg) -> dict:
+    """A run's output folders: {"log", "model_save", "sample", "attn"} → <root>/<version>."""
+    return {k: Path(getattr(cfg, f"{k}_path")) / cfg.version for k in OUTPUT_FOLDERS}
+
+
+def run_started(cfg) -> bool:
+    """Whether run cfg.version has begun: checkpoints, or a config or logs it wrote (a run
+    stopped before its first checkpoint). Such a run is continued, never started over."""
+    dirs = run_dirs(cfg)
+    return bool(checkpoints(dirs["model_save"])) or any((dirs["log"] / f).exists()
+                                                         for f in ("config.json", "metrics.csv"))
+
+
+_run_locks = {}  # path -> open file: the run locks this process holds
+
+
+def lock_run(path, what: str) -> None:
+    """Make this process the only writer of a run: an exclusive lock on `path`, kept until
+    unlock_run or the process ends (the OS releases it then, also after kill -9, so a
+    lock of a dead process is never in the way). UserError naming the holder if another
+    live process has it. Taking it again in the same process is a no-op."""
+    path = Path(path)
+    if path in _run_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{what} is being written by {holder}; wait for it to end or stop it "
+                        f"(it saves a checkpoint), or pick another --version") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])})")
+    f.flush()
+    _run_locks[path] = f
+
+
+def unlock_run() -> None:
+    """Release the run locks this process holds."""
+    while _run_locks:
+        _run_locks.popitem()[1].close()
+
+
+# Settings that define a run: on resume they come from the checkpoint.
+RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
+            "fully_masked", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
+
+
+def configure(argv=None, flags=None) -> Config:
+    """The run's one config, resolved once and frozen: the flags (parsed from argv unless
+    given), the device's defaults, and for one run its start: the checkpoint it continues
+    (its settings replace the flags'), the lock that makes this process the run's only
+    writer, and the seed (drawn when none is given; the same on every torchrun rank).
+    UserError (one line) for anything a user can fix."""
+    cfg = parse_flags(argv) if flags is None else flags
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_device_defaults(cfg, pick_device(cfg.device).type, world)
+    if cfg.sweep:  # the cells resolve their own start, each in its own process
+        for key in OUTPUT_FOLDERS:
+            check_writable(getattr(cfg, f"{key}_path"), f"--{key}_path")
+        return Config(**vars(cfg))
+    for key, folder in run_dirs(cfg).items():  # at start, not at the first sample step hours later
+        if cfg.train or key == "sample":
+            check_writable(folder, f"--{key}_path")
+    if cfg.train and int(os.environ.get("RANK", "0")) == 0:  # one writer per run, before anything is read or written
+        # a lock in every output root: two runs that share any one of the run's folders
+        # (same --version and --model_save_path, other --log_path) cannot both write
+        for root in dict.fromkeys(Path(getattr(cfg, f"{k}_path")).resolve() for k in OUTPUT_FOLDERS):
+            lock_run(root / f".{cfg.version}.lock", f"run '{cfg.version}'")
+    resolve_start(cfg)
+    if cfg.diffaug is None:  # not given and not from a checkpoint
+        cfg.diffaug = default_diffaug(cfg)
+    if cfg.seed is None:
+        cfg.seed = _drawn_seed()
+    return Config(**vars(cfg))
+
+
+def _drawn_seed() -> int:
+    """A fresh seed (saved in config.json and the checkpoints); under torchrun rank 0's, so
+    that every rank draws the same z and data order."""
+    import torch.distributed as dist
+    box = [random.SystemRandom().randrange(2**31)]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resolve_start(cfg):
+    """The checkpoint the run starts from (cfg.start_checkpoint: its path, or None for a new
+    run), refusing what would overwrite a run; a checkpoint's architecture, data and seed
+    (RUN_KEYS) replace the flags', and so do its optimizer settings (OPTIMIZER_KEYS) unless
+    the command line gave them. Raises UserError."""
+    folder = run_dirs(cfg)["model_save"]
+    found = checkpoints(folder)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    cfg.start_checkpoint = None
+    if not cfg.train:
+        if not found:
+            raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
+                            f"(and --model_save_path) of a trained run")
+        step, ck = (cfg.pretrained_model, None) if cfg.pretrained_model is not None else \
+            _newest_loadable(found, cfg, "sampling")
+    elif cfg.resume:
+        if not found:
+            if run_started(cfg):  # it stopped before its first checkpoint
+                return
+            raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
+                            f"'{cfg.version}' from scratch")
+        step, ck = _newest_loadable(found, cfg, "--resume")
+    elif cfg.pretrained_model is not None:
+        step, ck = cfg.pretrained_model, None
+        newer = sorted(s for s in found if s > step and _read_checkpoint(found[s], cfg)[0] is not None)
+        if step in found and newer:
+            raise UserError(f"{folder} has checkpoints after step {step} ({newer}); continuing from "
+                            f"{step} would overwrite them. Move them away first, or use --resume")
+    else:
+        if run_started(cfg):
+            where = f"checkpoints up to step {max(found)} in {folder}" if found else \
+                f"a config or logs in {run_dirs(cfg)['log']}, no checkpoint yet"
+            raise UserError(f"run '{cfg.version}' already exists ({where}); add --resume to continue it "
+                            f"(from step 0 when it has no checkpoint), pick another --version, or delete "
+                            f"its folders to start over")
+        return
+    if step not in found:
+        raise UserError(f"no checkpoint for step {step} in {folder}; available: {sorted(found) or 'none'}")
+    if ck is None:  # a step the command line named: read it here
+        ck, why = _read_checkpoint(found[step], cfg)
+        if ck is None:
+            raise UserError(why)
+    saved = ck.config
+    given = set(cfg.given) | ({"g_span", "d_span"} if "span" in cfg.given else set())
+    differ = [f"{k}={saved[k]}" for k in RUN_KEYS if k in given and getattr(cfg, k) != saved[k]]
+    for k in RUN_KEYS:
+        setattr(cfg, k, saved[k])
+    for k in set(OPTIMIZER_KEYS) - given:
+        setattr(cfg, k, saved.get(k, getattr(cfg, k)))
+    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
+    if differ and rank0:
+        print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
+    cfg.start_checkpoint = str(found[step])
+
+
+def _newest_loadable(found, cfg, what):
+    """(step, checkpoint) of the newest checkpoint that loads: one cut short (a full disk, a
+    bad copy) is skipped, with one warning saying which and why. UserError if none loads."""
+    skipped = []
+    for step in sorted(found, reverse=True):
+        ck, why = _read_checkpoint(found[step], cfg)
+        if ck is not None:
+            if skipped and int(os.environ.get("RANK", "0")) == 0:
+                warn(f"{what}: using step {step}, skipping {'; '.join(skipped)}"
+                     + (" (training writes the later steps again)" if what == "--resume" else ""))
+            return step, ck
+        skipped.append(why)
+    raise UserError(f"{what}: {skipped[0]}; nor can any older checkpoint be used")
+
+
+def _read_checkpoint(path, cfg):
+    """(checkpoint loaded lazily, None), or (None, why it cannot be used)."""
+    try:
+        return checkpoint.load(path, mmap=True, trust=cfg.trust_checkpoint, training=cfg.train), None
+    except UserError as e:
+        return None, str(e)

@@ -1,0 +1,186 @@
+"""The record of training: metrics.csv rows per --log_step interval (losses summed on the
+device, read once per interval), TensorBoard scalars, progress lines, and the signals that
+stop a run at a checkpoint."""
+import csv
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+from files import atomic_open, csv_header, csv_rows_until
+from sagan_models import attention_layers
+from utils import UserError, is_tty, warn
+
+class StopSignals:
+    """SIGINT / SIGTERM while training are remembered (not raised), so the loop can save a
+    checkpoint and stop cleanly; the previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.received, self.doing = False, None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.doing and not self.received:  # a long FID: say why the stop is not immediate
+            print(f"\nstopping: finishing {self.doing} first, then saving a checkpoint", file=sys.stderr, flush=True)
+        self.received = True
+
+    @contextmanager
+    def busy(self, what):
+        """A stretch of work a signal waits for (it is named if one comes)."""
+        self.doing = what
+        try:
+            yield
+        finally:
+            self.doing = None
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interval:
+    """The steps since the last metrics row: losses summed on the device (the host reads
+    them once, at the log step) and the time, with outputs (samples, checkpoints, FID) left
+    out of the it/s. A checkpoint between log steps carries it (state()), so the resumed
+    run's next row averages the same steps as an uninterrupted run's."""
+
+    def __init__(self, device, step, saved=None):
+        self.sum = torch.zeros(5, device=device)  # d_loss, g_loss, D(real), D(fake), r_t
+        self.start_time, self.start_step, self.excluded = time.perf_counter(), step, 0.0
+        self.carried = (0.0, 0.0)  # (training, wall) seconds of this interval before a resume
+        if saved is not None and saved["start_step"] < step:
+            self.sum += saved["sum"].to(device)
+            self.start_step, self.carried = saved["start_step"], saved["seconds"]
+
+    def state(self) -> dict:
+        wall = time.perf_counter() - self.start_time
+        return {"sum": self.sum.cpu(), "start_step": self.start_step,
+                "seconds": (self.carried[0] + wall - self.excluded, self.carried[1] + wall)}
+
+    def add(self, losses):
+        self.sum += losses
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+    def close(self, step):
+        """(mean losses, steps, training seconds, wall seconds) since the last close; starts
+        the next interval."""
+        now = time.perf_counter()
+        steps, wall = step - self.start_step, now - self.start_time
+        means = self.sum / steps
+        self.sum.zero_()
+        train, wall = wall - self.excluded + self.carried[0], wall + self.carried[1]
+        self.start_time, self.start_step, self.excluded, self.carried = now, step, 0.0, (0.0, 0.0)
+        return means, steps, train, wall
+
+
+class RunLog:
+    """Rank 0's record of training: metrics.csv (one row per --log_step interval; a resumed
+    run drops the rows after its checkpoint), optional TensorBoard scalars, and progress:
+    a tqdm bar on a terminal, else a plain line at most every 5 s. Other ranks write nothing."""
+
+    COLUMNS = ["step", "seconds", "it_per_s", "images_per_s", "d_loss", "g_loss", "d_real", "d_fake", "rt"]
+
+    def __init__(self, trainer):
+        t, cfg = trainer, trainer.cfg
+        self.total = cfg.total_step
+        self.images_per_step = cfg.batch_size * cfg.d_iters
+        self.bar = tqdm(total=cfg.total_step, initial=t.step, disable=not (t.is_main and is_tty()),
+                        dynamic_ncols=True, desc=cfg.version)
+        self.file = self.tb = None
+        self.last_print = 0.0
+        if not t.is_main:
+            return
+        folder = t.dirs["log"]
+        path = folder / "metrics.csv"
+        self.names = self.columns(t)
+        # The rows up to the checkpoint are rewritten through a temp file and a rename: a kill
+        # or a write error in between leaves the old file whole, never a truncated one.
+        rows = csv_rows_until(path, t.step)
+        with atomic_open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.names)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.file = open(path, "a", newline="")
+        self.csv = csv.writer(self.file)
+        if cfg.use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+                self.tb = SummaryWriter(str(folder))
+            except ImportError:
+                warn("--use_tensorboard: tensorboard is not installed (pip install tensorboard); "
+                     "metrics.csv is still written")
+
+    @classmethod
+    def columns(cls, t):
+        return cls.COLUMNS + [f"{net}_{n}_gamma" for net, m in (("g", t.G), ("d", t.D)) for n, _ in attention_layers(m)]
+
+    @classmethod
+    def check_columns(cls, t):
+        """UserError, before the run touches anything, if the metrics.csv it would keep rows of
+        has other columns (another network's attention layers: not this run's log)."""
+        path = t.dirs["log"] / "metrics.csv"
+        header = csv_header(path)
+        if t.step > 0 and header is not None and header != cls.columns(t):
+            raise UserError(f"{path} has the columns of another network ({len(header)} columns, this run "
+                            f"logs {len(cls.columns(t))}): it is not this run's log; move it away or pick "
+                            f"another --log_path")
+
+    def __enter__(self):
+        return self
+
+    def write(self, step, seconds, it_s, values, gammas):
+        self.bar.update(step - self.bar.n)
+        img_s = it_s * self.images_per_step
+        self.csv.writerow([step, f"{seconds:.2f}", f"{it_s:.3f}", f"{img_s:.1f}"] +
+                          [f"{v:.6g}" for v in values + gammas])
+        self.file.flush()
+        if self.tb is not None:
+            for name, v in zip(self.names[2:], [it_s, img_s] + values + gammas):
+                self.tb.add_scalar(name, v, step)
+        self.bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}", refresh=False)
+        now = time.perf_counter()
+        if not is_tty() and (now - self.last_print > 5 or step == self.total or self.last_print == 0):
+            print(f"step {step}/{self.total}  {it_s:.1f} it/s  d_loss {values[0]:.4f}  g_loss {values[1]:.4f}  "
+                  f"D(real) {values[2]:.3f}  D(fake) {values[3]:.3f}", flush=True)
+            self.last_print = now
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class AttentionLog:
+    """attention.csv: at every --sample_step, per attention layer of G (on the fixed z) and of
+    D (on a fixed batch of real images), the mean attention distance
+    (sagan_models.attention_distance) and what uniform weights over the keys the span leaves
+    would give, for reference. A resumed run drops the rows after its checkpoint."""
+
+    COLUMNS = ["step", "network", "layer", "map", "distance", "uniform"]
+
+    def __init__(self, path, start_step):
+        self.path = path
+        self.rows = csv_rows_until(path, start_step)
+
+    def write(self, step, layers: dict):
+        """layers: {"G": [(name, map, distance, uniform), ...], "D": [...]}."""
+        for net, rows in layers.items():
+            self.rows += [{"step": step, "network": net, "layer": name, "map": size, "distance": f"{d:.5g}",
+                           "uniform": f"{u:.5g}"} for name, size, d, u in rows]
+        with atomic_open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)

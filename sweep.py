@@ -1,0 +1,240 @@
+"""The span experiment as one command: `python main.py --span 0,3 --seed 0,1` runs every
+(span, seed) cell as an ordinary run in its own process, skips finished cells, resumes
+started ones, and ends with the compare report."""
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint import checkpoints
+from compare import group_runs, load_run, show
+from run import run_started
+
+SWEEP_FLAGS = ("--span", "--seed", "--version", "--jobs")  # what each cell sets for itself
+
+
+def cell_argv(argv, span, seed, version, resume):
+    """The sweep's command line for one cell: its own span, seed and name, the rest as given."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in SWEEP_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in SWEEP_FLAGS)):
+            out.append(a)
+    out += ["--span", str(span), "--version", version] + (["--seed", str(seed)] if seed is not None else [])
+    return out + (["--resume"] if resume else [])
+
+
+def cell_state(cfg, version):
+    """'done' (a checkpoint at --total_step or later), 'started' (checkpoints or logs) or 'new'."""
+    found = checkpoints(Path(cfg.model_save_path) / version)
+    if found and max(found) >= cfg.total_step:
+        return "done"
+    return "started" if run_started(argparse.Namespace(**{**vars(cfg), "version": version})) else "new"
+
+
+class _Cell:
+    def __init__(self, span, seed, version):
+        self.span, self.seed, self.version = span, seed, version
+        self.proc, self.slot, self.result, self.reader = None, None, None, None
+
+
+# Exit codes of a cell that stopped because it was told to, not because something broke: 0
+# (a signal while training: it saved a checkpoint first), 130 or death by SIGINT/SIGTERM (a
+# signal while starting up, before there was anything to save).
+STOPPED_CODES = (0, 130, -signal.SIGINT, -signal.SIGTERM)
+
+
+def cell_result(done, returncode) -> str:
+    """What became of a cell whose process ended: "ok" (a checkpoint at --total_step),
+    "interrupted" (stopped by a signal, the sweep's or its own, before that: the same
+    command continues it) or "failed (...)"."""
+    if returncode < 0:
+        how = f"killed by {signal.Signals(-returncode).name}" if -returncode in signal.valid_signals() \
+            else f"killed by signal {-returncode}"
+    else:
+        how = f"exit {returncode}"
+    if done:  # stopped by a signal after its last checkpoint is as good as finished; a crash is not
+        return "ok" if returncode in STOPPED_CODES else f"failed ({how}, after its last checkpoint)"
+    return "interrupted" if returncode in STOPPED_CODES else f"failed ({how})"
+
+
+def sweep_summary(results):
+    """(the sweep's closing line, its exit code) from [(version, result)], result as
+    run_sweep sets it: "done before", "ok", "interrupted", "failed (...)" or None (never
+    started). Counts and names come from the one list, so they always agree; exit code 1
+    if a cell failed."""
+    kinds = {"finished": [], "interrupted": [], "failed": [], "not started": []}
+    for version, result in results:
+        kind = "finished" if result in ("done before", "ok") else "not started" if result is None else \
+            "interrupted" if result == "interrupted" else "failed"
+        kinds[kind].append(version)
+    parts = [f"{len(kinds['finished'])}/{len(results)} cells finished"]
+    for kind in ("interrupted", "failed", "not started"):
+        if kinds[kind]:
+            parts.append(f"{kind}: {len(kinds[kind])} ({', '.join(kinds[kind])})" +
+                         (", their output above says why" if kind == "failed" else ""))
+    if len(kinds["finished"]) < len(results):
+        parts.append("run the same command again to continue the rest")
+    return "sweep: " + "; ".join(parts), 1 if kinds["failed"] else 0
+
+
+def run_sweep(cfg, argv, main_py) -> int:
+    """Run the cells of cfg.sweep (spans × seeds, otherwise the same flags), cfg.jobs at a
+    time, each as its own `python main.py` process: finished cells are skipped, started ones
+    continue (--resume). Every cell is an ordinary run folder, and every cell measures FID
+    against the same cached reference statistics (<log_path>/fid_stats). Ctrl-C / SIGTERM
+    stop every running cell at a checkpoint (forwarded, then waited for); the same command
+    continues the sweep. If this process dies without that chance (SIGKILL, OOM killer), its
+    cells get SIGTERM from the kernel (Linux, see _die_with) and stop the same way, so none
+    trains on unwatched holding its run's lock. At the end it prints the comparison of
+    `fid.py compare`. Returns the exit code."""
+    cells = [_Cell(*c) for c in cfg.sweep]
+    todo = []
+    for c in cells:
+        state = cell_state(cfg, c.version)
+        if state == "done":
+            c.result = "done before"
+        else:
+            todo.append((c, state == "started"))
+    print(f"sweep: {len(cells)} cells (span {sorted({c.span for c in cells})} × seed "
+          f"{sorted({str(c.seed) for c in cells})}), {len(cells) - len(todo)} already finished, "
+          f"{len(todo)} to run, {cfg.jobs} at a time", flush=True)
+    gpus = _visible_gpus() if cfg.device == "cuda" else []
+    stop = {"signal": None}
+    running = []
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        for c in running:  # each cell saves a checkpoint and exits
+            if c.proc is not None:
+                c.proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while todo or running:
+            while todo and len(running) < cfg.jobs and stop["signal"] is None:
+                cell, resume = todo.pop(0)
+                cell.slot = min(set(range(cfg.jobs)) - {c.slot for c in running})
+                running.append(cell)  # before it starts: a signal from now on reaches it (on_signal)
+                _launch(cell, cell_argv(argv, cell.span, cell.seed, cell.version, resume), main_py, cfg, gpus,
+                        prefix=cfg.jobs > 1)
+                if stop["signal"] is not None:  # the signal came while it was starting
+                    cell.proc.send_signal(stop["signal"])
+                print(f"sweep: {'continuing' if resume else 'starting'} {cell.version}", flush=True)
+            time.sleep(0.2)
+            for c in [c for c in running if c.proc.poll() is not None]:
+                running.remove(c)
+                if c.reader is not None:  # its last lines first
+                    c.reader.join(timeout=10)
+                c.result = cell_result(cell_state(cfg, c.version) == "done", c.proc.returncode)
+                print(f"sweep: {c.version} {c.result}", flush=True)
+            if stop["signal"] is not None and not running:
+                break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    line, code = sweep_summary([(c.version, c.result) for c in cells])
+    print(line, flush=True)
+    dirs = [Path(cfg.log_path) / c.version for c in cells]
+    have_fid = [d for d in dirs if (d / "fid.csv").is_file()]
+    if have_fid:
+        show(group_runs([load_run(d) for d in have_fid]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
+             flag="--log_path")
+    else:
+        print("sweep: no FID logged (on a CPU FID is off unless --fid_step N is given)")
+    print("compare again with: python fid.py compare " + " ".join(str(d) for d in dirs), flush=True)
+    return code
+
+
+def _visible_gpus():
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g for g in listed.split(",") if g.strip()] if listed else [str(i) for i in range(torch.cuda.device_count())]
+    return ids if len(ids) > 1 else []
+
+
+def _launch(cell, args, main_py, cfg, gpus, prefix):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpus:  # cells spread over the GPUs, one process per GPU slot
+        env["CUDA_VISIBLE_DEVICES"] = gpus[cell.slot % len(gpus)]
+    elif cfg.device == "cpu" and cfg.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))  # share the cores
+    if not prefix:  # one cell at a time: it writes to this process's own stdout and stderr
+        cell.proc = subprocess.Popen([sys.executable, str(main_py), *args], env=env, preexec_fn=_die_with(os.getpid()))
+        return
+    # Several cells at once: their lines, each marked with its cell. They go through an
+    # unlinked temp file, not a pipe: if this process dies, a cell writing to a pipe nobody
+    # reads would fail on its next print (BrokenPipeError) before it saved its checkpoint; a
+    # file takes its lines until it stops, and the space goes with the cell.
+    fd, name = tempfile.mkstemp(prefix=f"sagan_sweep_{cell.version}_")
+    try:
+        read_fd = os.open(name, os.O_RDONLY)
+    finally:
+        os.unlink(name)
+    try:
+        cell.proc = subprocess.Popen([sys.executable, str(main_py), *args], env=env, stdout=fd,
+                                     stderr=subprocess.STDOUT, preexec_fn=_die_with(os.getpid()))
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(fd)  # the cell has its copy
+    cell.reader = threading.Thread(target=_forward, args=(read_fd, cell.proc, f"[{cell.version}] "), daemon=True)
+    cell.reader.start()
+
+
+def _forward(fd, proc, prefix):
+    """Print the lines a cell writes to the file behind `fd`, each behind `prefix`, until
+    the cell has ended and all it wrote is printed; closes fd."""
+    pending = b""
+    try:
+        while True:
+            ended = proc.poll() is not None  # asked before reading: what it wrote before ending is read below
+            chunk = os.read(fd, 1 << 16)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                print(prefix + line.decode(errors="replace").rstrip("\r"), flush=True)
+            if not chunk and ended:
+                if pending:
+                    print(prefix + pending.decode(errors="replace"), flush=True)
+                return
+            if not chunk:
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
+_prctl = None
+
+
+def _die_with(parent_pid):
+    """preexec_fn for a cell: on Linux, ask the kernel to send it SIGTERM when this process
+    dies, however it dies (a sweep killed with SIGKILL cannot forward anything itself), so
+    the cell saves a checkpoint, exits and frees its run lock instead of training on
+    unwatched. The kernel ties this to the thread that started the cell, which is the main
+    thread (run_sweep). Elsewhere: None (no such request exists)."""
+    global _prctl
+    if not sys.platform.startswith("linux"):
+        return None
+    if _prctl is None:  # looked up here, not in the forked child, where as little as possible should run
+        try:
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
+    prctl, sigterm = _prctl, int(signal.SIGTERM)
+
+    def preexec():
+        prctl(1, sigterm)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent_pid:  # the sweep died before the request was made: stop now
+            os._exit(1)
+    return preexec
