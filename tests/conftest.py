@@ -53,6 +53,30 @@ def out_dirs(tmp):
             "--attn_path", f"{tmp}/attn"]
 
 
+def one_line_exit_2(capsys, entry, argv):
+    """entry(argv) (an entry point's main) ends in exit code 2 and one stderr line, no
+    traceback: how every entry point answers a user mistake. Returns the line."""
+    with pytest.raises(SystemExit) as e:
+        entry([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def full_disk_at(monkeypatch, path):
+    """Writes that end in a rename onto `path` (utils' atomic_open) fail as on a full disk."""
+    import errno
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst) == os.fspath(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cwd(tmp_path, monkeypatch):
     """Each test runs in its own empty folder: the default output roots (./logs, ./models)

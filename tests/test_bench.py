@@ -1,21 +1,17 @@
 """bench.py's command line: counts it cannot run with, and a --out it cannot write, are one
 line and exit code 2 before any timing; a table that cannot be written at the end never
 costs the one an earlier run left there."""
-import errno
 import os
 import tempfile
 
 import pytest
 
 import bench
+from conftest import full_disk_at, one_line_exit_2
 
 
-def one_line_exit_2(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        bench.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+def bench_error(capsys, argv):
+    err = one_line_exit_2(capsys, bench.main, argv)
     assert err.startswith("bench.py: error:"), err
     return err
 
@@ -48,7 +44,7 @@ def no_timing(monkeypatch):
 ])
 def test_counts_it_cannot_run_with_are_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(bench, "make_jpegs", lambda *a: pytest.fail("refused only after starting the work"))
-    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(tmp_path / "b.json"), *args])
+    err = bench_error(capsys, ["--device", "cpu", "--out", str(tmp_path / "b.json"), *args])
     assert message in err
 
 
@@ -56,9 +52,9 @@ def test_an_out_it_cannot_write_is_refused_before_any_timing(tmp_path, capsys, m
     monkeypatch.setattr(bench, "make_jpegs", lambda *a: pytest.fail("refused only after starting the work"))
     (tmp_path / "a_file").write_text("mine")
     (tmp_path / "a_folder").mkdir()
-    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(tmp_path / "a_file" / "bench.json")])
+    err = bench_error(capsys, ["--device", "cpu", "--out", str(tmp_path / "a_file" / "bench.json")])
     assert f"{tmp_path / 'a_file'} is a file" in err and "pick another --out" in err
-    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(tmp_path / "a_folder")])
+    err = bench_error(capsys, ["--device", "cpu", "--out", str(tmp_path / "a_folder")])
     assert "is a folder; give a file name" in err
     assert (tmp_path / "a_file").read_text() == "mine"
 
@@ -68,16 +64,10 @@ def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_earlier_table(tmp_path
     out.parent.mkdir()
     out.write_text('{"an": "earlier run"}')
     real_replace = os.replace
-
-    def full_disk(src, dst):
-        if os.fspath(dst) == os.fspath(out):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", full_disk)
+    full_disk_at(monkeypatch, out)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    err = one_line_exit_2(capsys, ["--device", "cpu", "--out", str(out), "--spans", "0"])
+    err = bench_error(capsys, ["--device", "cpu", "--out", str(out), "--spans", "0"])
     assert f"cannot write --out {out}: the disk is full; free some space or pick another --out" in err
     assert out.read_text() == '{"an": "earlier run"}'
     assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]  # no temp file left behind

@@ -15,7 +15,6 @@ import time
 import pytest
 import torch
 
-import main
 import trainer
 from conftest import REPO, TINY, out_dirs, random_fid_state_dict, run_main
 from parameter import resume_command

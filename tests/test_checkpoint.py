@@ -10,17 +10,8 @@ import torch
 import checkpoint
 import fid
 import main
-from conftest import TINY, out_dirs
+from conftest import TINY, one_line_exit_2, out_dirs
 from checkpoint import rng_state, set_rng_state
-
-
-def one_line_exit_2(capsys, entry, argv):
-    with pytest.raises(SystemExit) as e:
-        entry([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def train(tmp_path, *extra):

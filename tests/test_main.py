@@ -8,16 +8,7 @@ import torch
 import metrics
 import fid
 import main
-from conftest import TINY, out_dirs
-
-
-def one_line_exit_2(capsys, entry, argv):
-    with pytest.raises(SystemExit) as e:
-        entry(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
+from conftest import TINY, one_line_exit_2, out_dirs
 
 
 def train(tmp_path, *extra):

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 import fid
-from conftest import run_main
+from conftest import full_disk_at, run_main
 
 BASE = {"model": "sagan", "imsize": 32, "g_span": 0, "d_span": 0, "d_lr": 4e-4, "adv_loss": "hinge",
         "dataset": "emoji", "batch_size": 32, "diffaug": ""}
@@ -168,20 +168,11 @@ def test_compare_outputs_it_cannot_write_are_one_line_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("which", ["--csv", "--out"])
 def test_compare_on_a_full_disk_is_one_line_and_keeps_the_earlier_file(tmp_path, monkeypatch, which):
-    import errno
-    import os
     run = make_run(tmp_path, "r", {10: 1.0, 20: 2.0})
     out = tmp_path / "results" / ("table.csv" if which == "--csv" else "plot.png")
     out.parent.mkdir()
     out.write_bytes(b"an earlier file")
-    real_replace = os.replace
-
-    def full_disk(src, dst):
-        if os.fspath(dst) == os.fspath(out):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", full_disk)
+    full_disk_at(monkeypatch, out)
     other = ["--out", tmp_path / "p.png"] if which == "--csv" else []
     r = run_main(["compare", run, which, out, *other], entry=fid.main)
     assert r.returncode == 2, r.stderr
