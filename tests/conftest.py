@@ -53,6 +53,57 @@ def out_dirs(tmp):
             "--attn_path", f"{tmp}/attn"]
 
 
+def read_csv(path):
+    """The rows of a log CSV as dicts."""
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main_args(tmp, *extra):
+    """A tiny run with rows every 5 steps, checkpoints every 10 and no samples before its end."""
+    return [*TINY, *out_dirs(tmp), "--log_step", "5", "--sample_step", "100", "--model_save_step", "10", *extra]
+
+
+def train_args(tmp, *extra):
+    """A tiny run with rows every 5 steps, samples and checkpoints every 10."""
+    return [*TINY, *out_dirs(tmp), "--log_step", "5", "--sample_step", "10", "--model_save_step", "10", *extra]
+
+
+def step_args(tmp, *extra):
+    """A tiny run with a row every step and a checkpoint every 2."""
+    return [*TINY, *out_dirs(tmp), "--log_step", "1", "--sample_step", "100", "--model_save_step", "2", *extra]
+
+
+def make_trainer(tmp_path, *extra):
+    from run import configure
+    from trainer import Trainer
+    return Trainer(configure([*TINY, *out_dirs(tmp_path), *extra]))
+
+
+def one_line(r):
+    """A CompletedProcess of run_main/run_cli that is one error line and exit code 2."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr
+
+
+def stop_at(monkeypatch, at):
+    """Send this process SIGTERM during step `at` (the run saves and prints the hint);
+    returns the real train_step, to put back."""
+    import signal
+    import trainer
+    step = trainer.Trainer.train_step
+
+    def signalled(self, batches):
+        if self.step == at - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batches)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", signalled)
+    return step
+
+
 def one_line_exit_2(capsys, entry, argv):
     """entry(argv) (an entry point's main) ends in exit code 2 and one stderr line, no
     traceback: how every entry point answers a user mistake. Returns the line."""
@@ -154,3 +205,115 @@ def pytest_collection_modifyitems(config, items):
     if cuda:
         config.hook.pytest_deselected(items=cuda)
         items[:] = [item for item in items if "cuda" not in item.keywords]
+
+
+N_IMAGES = 16
+KID_SUBSETS, KID_SUBSET_SIZE, IS_SPLITS = 20, 10, 4
+
+# ---------------------------------------------------------------------------- the FID peers
+
+
+@pytest.fixture(scope="session")
+def peer_files(tmp_path_factory):
+    """Random FID weights under pytorch-fid's cached file name + two folders of images,
+    made once for every test that compares with the peers."""
+    root = tmp_path_factory.mktemp("fid")
+    ckpt_dir = root / "torch_home" / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    from inception import WEIGHT_FILENAMES
+    weights = ckpt_dir / WEIGHT_FILENAMES[0]
+    torch.save(random_fid_state_dict(), weights)
+    dirs = {}
+    for name, seed, shift in (("A", 1, 0), ("B", 2, 90)):
+        d = root / name
+        d.mkdir()
+        for i, img in enumerate(structured_images(N_IMAGES, seed, shift)):
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+        dirs[name] = d
+    return dict(root=root, weights=weights, A=dirs["A"], B=dirs["B"])
+
+
+@pytest.fixture
+def env(peer_files, monkeypatch):
+    """peer_files, with TORCH_HOME pointing at their weights for the test (where pytorch-fid
+    looks for its file)."""
+    monkeypatch.setenv("TORCH_HOME", str(peer_files["root"] / "torch_home"))
+    assert Path(torch.hub.get_dir()) == peer_files["root"] / "torch_home" / "hub", "torch.hub.set_dir() overrides TORCH_HOME"
+    return peer_files
+
+
+def _ours(env, resize):
+    import features
+    import inception
+    model = inception.load_inception(env["weights"], resize=resize)
+    out = {}
+    for name in ("A", "B"):
+        imgs = features.load_images(env[name])
+        out[name] = features.extract_features(model, features.batches_from_array(imgs, 8), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ours_tf1(peer_files):
+    return _ours(peer_files, "tf1")
+
+
+@pytest.fixture(scope="session")
+def ours_pytorch(peer_files):
+    return _ours(peer_files, "pytorch")
+
+
+@pytest.fixture(scope="session")
+def fidelity_metrics(peer_files):
+    from torch_fidelity import calculate_metrics  # a test dependency: imported by the tests that use it
+    env = peer_files
+    return calculate_metrics(input1=str(env["A"]), input2=str(env["B"]), cuda=False, fid=True, isc=True, kid=True,
+                             isc_splits=IS_SPLITS, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE,
+                             feature_extractor_weights_path=str(env["weights"]), batch_size=8, cache=False,
+                             verbose=False, save_cpu_ram=True)
+
+
+def rel_err(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def reference_files(root, unreadable=()):
+    """Independent listing: every file under root (os.walk) with an image suffix in any
+    case, minus the known-bad ones, sorted as Paths (component by component)."""
+    found = []
+    for folder, _, names in os.walk(root):
+        found += [Path(folder) / n for n in names if os.path.splitext(n)[1].lower() in EXTS]
+    bad = {Path(root) / u for u in unreadable}
+    return sorted(p for p in found if p not in bad)
+
+
+def save(path, size=(8, 8), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), 77, np.uint8)).save(path, format=fmt)
+
+
+# ---------------------------------------------------------------------------- --cache (issue 20, item 9)
+def direct(path, size, box=None):
+    """Independent decode: PIL RGB, a centred square crop computed here (the shorter side,
+    or `box`), PIL bilinear resize; CHW uint8. The test images have even size differences,
+    so the centre needs no rounding."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    if box is None:
+        w, h = im.size
+        s = min(w, h)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return np.asarray(im.crop(box).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+def folder_cfg(root, size, dataset="folder"):
+    from types import SimpleNamespace
+    return SimpleNamespace(dataset=dataset, image_path=str(root), imsize=size, cache=True, batch_size=4, seed=0,
+                           num_workers=0)
+
+
+GOOD = ["a/broken.jpg"]  # image_folder's one unreadable file
+
+
+# Written out here rather than imported, so a change to IMAGE_EXTS shows up as a failure.
+EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}

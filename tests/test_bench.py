@@ -8,6 +8,9 @@ import pytest
 
 import bench
 from conftest import full_disk_at, one_line_exit_2
+from conftest import run_cli
+import json
+import torch
 
 
 def bench_error(capsys, argv):
@@ -75,3 +78,26 @@ def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_earlier_table(tmp_path
     assert bench.main(["--device", "cpu", "--out", str(out), "--spans", "0"]) is None
     assert '"training"' in out.read_text()
     assert not any((tmp_path / "tmp").iterdir())  # the synthetic data and run folders went with the runs
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli(["--device", "cpu", "--steps", "2", "--warmup", "1", "--fid_samples", "2", "--fid_batch_size", "2",
+                 "--out", out], cwd=tmp_path, script="bench.py")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert {(row["path"], row["span"]) for row in data["training"]} == {
+        ("reference", 0), ("fast", 0), ("reference", 3), ("fast", 3)}
+    assert all(row["it_per_s"] > 0 and "error" not in row for row in data["training"])
+    assert set(data["fid"]["precisions"]) == {"fp32", "tf32"} and data["env"]["torch"] == torch.__version__
+    for row in data["fid"]["precisions"].values():
+        assert row["fid_seconds"] > 0 and abs(row["fid"] - row["fid_cpu"]) <= 1e-9 * max(1.0, abs(row["fid"]))
+    assert "× ref" in r.stdout
+
+
+def test_bench_bad_input_is_one_line(tmp_path, capsys):
+    import bench
+    cases = [["--spans", "x"]] + ([["--device", "cuda"]] if not torch.cuda.is_available() else [])
+    for args in cases:
+        assert one_line_exit_2(capsys, bench.main, args).startswith("bench.py: error:")

@@ -80,6 +80,7 @@ def test_files_that_are_not_checkpoints_are_one_line(tmp_path, capsys, content):
     assert str(path) in err
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, capsys):
     main.main(train(tmp_path, "--version", "w", "--total_step", "2"))
     path = tmp_path / "models" / "w" / "2.pt"
@@ -103,6 +104,7 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_0_2_loads_only_when_trusted_and_resumes_exactly(tmp_path, capsys):
     main.main(train(tmp_path, "--version", "new", "--total_step", "2"))
     ck = torch.load(tmp_path / "models/new/2.pt", weights_only=True)
@@ -122,6 +124,7 @@ def test_a_checkpoint_from_before_0_2_loads_only_when_trusted_and_resumes_exactl
             assert torch.equal(old[net][k], v), (net, k)
 
 
+@pytest.mark.slow
 def test_fid_reads_a_pre_0_2_checkpoint_only_when_trusted(tmp_path, capsys):
     main.main(train(tmp_path, "--version", "n", "--total_step", "2"))
     path = tmp_path / "models/n/2.pt"
@@ -137,6 +140,7 @@ def test_fid_reads_a_pre_0_2_checkpoint_only_when_trusted(tmp_path, capsys):
     assert all(torch.equal(v, ck["G"][k]) for k, v in G.state_dict().items())
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_the_redesign_resumes_bit_exactly(tmp_path):
     """tests/data/ckpt_0.2.pt is step 2 of a run written by the code of commit cb8fc5b
     (before the modules were split), with these flags; resumed there to step 4 its G, D

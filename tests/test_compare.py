@@ -179,3 +179,5 @@ def test_compare_on_a_full_disk_is_one_line_and_keeps_the_earlier_file(tmp_path,
     assert r.stderr.strip() == (f"fid.py: error: cannot write {which} {out}: the disk is full; free some space or "
                                 f"pick another {which} (any earlier file there is unchanged)")
     assert out.read_bytes() == b"an earlier file" and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+

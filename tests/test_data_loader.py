@@ -7,31 +7,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import batches
-from batches import cache_path, cached_images, make_batches
 from data_loader import ArrayDataset, FileDataset, as_nhwc_uint8, build_dataset, image_files
 from utils import UserError
-
-# Written out here rather than imported, so a change to IMAGE_EXTS shows up as a failure.
-EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-def reference_files(root, unreadable=()):
-    """Independent listing: every file under root (os.walk) with an image suffix in any
-    case, minus the known-bad ones, sorted as Paths (component by component)."""
-    found = []
-    for folder, _, names in os.walk(root):
-        found += [Path(folder) / n for n in names if os.path.splitext(n)[1].lower() in EXTS]
-    bad = {Path(root) / u for u in unreadable}
-    return sorted(p for p in found if p not in bad)
-
-
-def save(path, size=(8, 8), fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((*size, 3), 77, np.uint8)).save(path, format=fmt)
+from run import configure
+from conftest import direct, folder_cfg, reference_files, save
 
 
 @pytest.fixture
@@ -221,98 +203,6 @@ def test_decompression_bomb_warning_is_one_line_of_ours(tmp_path, monkeypatch, c
     assert err.count("very large images") == 1 and "DecompressionBombWarning" not in err, err
 
 
-# ---------------------------------------------------------------------------- --cache (issue 20, item 9)
-def direct(path, size, box=None):
-    """Independent decode: PIL RGB, a centred square crop computed here (the shorter side,
-    or `box`), PIL bilinear resize; CHW uint8. The test images have even size differences,
-    so the centre needs no rounding."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-    if box is None:
-        w, h = im.size
-        s = min(w, h)
-        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    return np.asarray(im.crop(box).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
-
-
-def folder_cfg(root, size, dataset="folder"):
-    return SimpleNamespace(dataset=dataset, image_path=str(root), imsize=size, cache=True, batch_size=4, seed=0,
-                           num_workers=0)
-
-
-GOOD = ["a/broken.jpg"]  # image_folder's one unreadable file
-
-
-def test_a_cache_does_not_stand_in_for_the_folder_at_another_size(image_folder):
-    cfg16 = folder_cfg(image_folder, 16)
-    make_batches(build_dataset(cfg16), cfg16, 0, torch.device("cpu"))  # a --cache run at 16
-    assert len(list(image_folder.glob(".sagan_cache_*.npy"))) == 1
-    ds = build_dataset(folder_cfg(image_folder, 32))
-    files = reference_files(image_folder, GOOD)
-    want = np.stack([direct(f, 32) for f in files])  # not the 16-pixel cache scaled up
-    assert len(ds) == len(files) == 15
-    assert np.array_equal(np.stack([ds[i].numpy() for i in range(len(ds))]), want)
-    assert np.array_equal(cached_images(ds).numpy(), want)
-
-
-def test_an_image_added_or_changed_after_caching_is_trained_on(image_folder, capsys):
-    cfg = folder_cfg(image_folder, 16)
-    cached_images(build_dataset(cfg))
-    rng = np.random.default_rng(5)
-    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(image_folder / "new.png")
-    changed = image_folder / "a" / "rgb1.jpg"  # same name and pixel size, new pixels
-    Image.fromarray(rng.integers(0, 256, (48, 36, 3), dtype=np.uint8)).save(changed)
-    capsys.readouterr()
-    ds = build_dataset(cfg)
-    assert len(ds) == 16
-    images = cached_images(ds)
-    assert capsys.readouterr().out.splitlines() == [f"--cache: decoding 16 images once into {cache_path(ds)}"]
-    files = reference_files(image_folder, GOOD)
-    assert np.array_equal(images.numpy(), np.stack([direct(f, 16) for f in files]))
-    assert len(list(image_folder.glob(".sagan_cache_*.npy"))) == 2
-
-
-def test_cache_use_is_said_in_one_line(image_folder, capsys):
-    cfg = folder_cfg(image_folder, 16)
-    ds = build_dataset(cfg)
-    capsys.readouterr()
-    written = cached_images(ds)
-    path = cache_path(ds)
-    assert capsys.readouterr().out.splitlines() == [f"--cache: decoding 15 images once into {path}"]
-    ds = build_dataset(cfg)  # a later run
-    capsys.readouterr()
-    assert torch.equal(cached_images(ds), written)
-    assert cache_path(ds) == path
-    assert capsys.readouterr().out.splitlines() == [f"--cache: using 15 decoded images from {path}"]
-
-
-def test_a_cache_beside_an_array_does_not_hide_it(tmp_path, capsys):
-    arr = np.random.default_rng(2).integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
-    (tmp_path / "LSUN").mkdir()
-    np.save(tmp_path / "LSUN" / "church.npy", arr)
-    cfg = folder_cfg(tmp_path, 32, dataset="lsun")
-    first = cached_images(build_dataset(cfg))
-    assert len(list((tmp_path / "LSUN").glob(".sagan_cache_*.npy"))) == 1
-    ds = build_dataset(cfg)  # two .npy files in the folder now; one of them is ours
-    assert ds.description["path"] == str((tmp_path / "LSUN" / "church.npy").resolve())
-    capsys.readouterr()
-    assert torch.equal(cached_images(ds), first)
-    assert capsys.readouterr().out.startswith("--cache: using 5 decoded images")
-    want = np.stack([np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1) for a in arr])
-    assert np.array_equal(first.numpy(), want)
-
-
-def test_an_unreadable_cache_is_decoded_again(image_folder, capsys):
-    ds = build_dataset(folder_cfg(image_folder, 16))
-    cache_path(ds).write_bytes(b"not an array")
-    capsys.readouterr()
-    images = cached_images(ds)
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"warning: --cache: cannot read {cache_path(ds)}")
-    assert np.array_equal(images.numpy(), np.stack([direct(f, 16) for f in reference_files(image_folder, GOOD)]))
-    assert np.load(cache_path(ds)).shape == (15, 3, 16, 16)  # rewritten
-
-
 # ---------------------------------------------------------------------------- folder links (item 12)
 def test_links_back_into_the_folder_end_and_count_each_image_once(tmp_path):
     root = tmp_path / "loop"
@@ -387,3 +277,32 @@ def test_an_array_file_that_is_not_numbers_is_one_line_without_pickle_advice(tmp
         build_dataset(folder_cfg(path, 8))
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "allow_pickle" not in msg
+
+
+def test_celeb_layout_crops_160_then_resizes(tmp_path):
+    from data_loader import build_dataset
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "CelebA" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    arrays = [rng.integers(0, 256, (218, 178, 3), dtype=np.uint8) for _ in range(3)]
+    for i, arr in enumerate(arrays):
+        Image.fromarray(arr).save(folder / f"{i:06d}.png")
+    cfg = configure(["--dataset", "celeb", "--image_path", str(tmp_path), "--imsize", "32"])
+    ds = build_dataset(cfg)
+    assert len(ds) == 3
+    for i, arr in enumerate(arrays):
+        # 178x218 → center 160x160 box starts at (9, 29), then PIL bilinear to 32
+        ref = np.asarray(Image.fromarray(arr).crop((9, 29, 169, 189)).resize((32, 32), Image.BILINEAR))
+        assert np.array_equal(ds[i].permute(1, 2, 0).numpy(), ref)
+
+
+def test_lsun_array_is_center_cropped_not_stretched(tmp_path):
+    from data_loader import build_dataset
+    rng = np.random.default_rng(2)
+    arr = rng.integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
+    (tmp_path / "LSUN").mkdir()
+    np.save(tmp_path / "LSUN" / "church_outdoor_train_lmdb_color_64.npy", arr)
+    ds = build_dataset(configure(["--dataset", "lsun", "--image_path", str(tmp_path), "--imsize", "32"]))
+    assert len(ds) == 5
+    ref = np.asarray(Image.fromarray(arr[4][:, 8:56]).resize((32, 32), Image.BILINEAR))
+    assert np.array_equal(ds[4].permute(1, 2, 0).numpy(), ref)

@@ -3,12 +3,11 @@ paper's definitions, gradients, and where the trainer applies it."""
 import math
 
 import numpy as np
-import pytest
 import torch
 
 import choices
 import diffaug
-from conftest import TINY, out_dirs, run_main
+from conftest import TINY, run_main
 from run import configure
 
 
@@ -105,46 +104,3 @@ def test_policy_is_parsed_in_canonical_order_and_bad_names_are_one_line(tmp_path
     assert configure(["--diffaug", "none"]).version == "sagan_emoji_span0_nodiffaug"
 
 
-def test_trainer_augments_what_d_sees_in_both_steps_and_never_when_sampling(tmp_path):
-    from trainer import Trainer
-    t = Trainer(configure([*TINY, *out_dirs(tmp_path), "--diffaug", "cutout"]))
-    seen = []
-    t.D.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
-    real = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    t.gan.step(real)
-    d_input, g_input = seen  # one D forward in D's step (real + fake), one in G's step
-    holes = lambda imgs: (imgs == 0).all(dim=1).flatten(1).sum(1)  # zero pixels per image
-    # uint8 → [-1, 1] never gives exactly 0: every zero pixel is a cutout
-    assert (holes(d_input[:8]) >= 64).all() and (holes(d_input[8:]) >= 64).all()
-    assert (holes(g_input) >= 64).all()
-    seen.clear()
-    t.write_samples()  # sampling and FID use G alone
-    assert seen == []
-
-
-@pytest.mark.slow
-def test_rt_is_logged_per_interval(tmp_path, monkeypatch):
-    """metrics.csv's rt is the mean over the interval's steps of the mean sign of D's logits
-    on the real images, recomputed here from the logits D gave in each D step."""
-    import csv
-    import gan_step
-    signs = []
-    real_forward = gan_step.GANStep.d_step
-
-    def recording(self, real):
-        logits = []
-        hook = self.D.register_forward_hook(lambda m, inp, out: logits.append(out.detach()[:len(real)]))
-        try:
-            return real_forward(self, real)
-        finally:
-            hook.remove()
-            signs.append(logits[0].sign().mean().item())
-
-    monkeypatch.setattr(gan_step.GANStep, "d_step", recording)
-    r = run_main([*TINY, *out_dirs(tmp_path), "--total_step", "6", "--log_step", "3", "--version", "v",
-                  "--sample_step", "100"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    rows = list(csv.DictReader(open(tmp_path / "logs/v/metrics.csv")))
-    assert [r["step"] for r in rows] == ["3", "6"] and len(signs) == 6
-    for row, interval in zip(rows, (signs[:3], signs[3:])):
-        assert float(row["rt"]) == pytest.approx(sum(interval) / 3, abs=1e-5)

@@ -55,10 +55,10 @@ def random_layer(C, span, mode, seed=0, fully_masked="mean"):
     return layer
 
 
-MAPS = [(2, 2), (3, 5), (4, 4), (5, 3), (8, 8), (7, 10), (16, 16)]
+MAPS = [(2, 2), (3, 5), (4, 4), (5, 3), (8, 8), (7, 10), pytest.param((16, 16), marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("hw", MAPS, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("hw", MAPS, ids=lambda hw: "x".join(map(str, hw)) if isinstance(hw, tuple) else None)
 @pytest.mark.parametrize("mode,fully_masked", [("pre", "mean"), ("pre", "skip"), ("post", "mean")])
 def test_attention_matches_brute_force(hw, mode, fully_masked):
     H, W = hw
@@ -184,7 +184,7 @@ def test_channels_last_networks_compute_the_same_function():
         torch.testing.assert_close(D(img), ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.parametrize("size", [32, 64, pytest.param(128, marks=pytest.mark.slow)])
 def test_network_shapes(size):
     G, D = Generator(size, span=2), Discriminator(size, span=2)
     for B in (1, 5):
@@ -226,6 +226,7 @@ def test_g_and_d_take_their_own_span():
     assert {(m.span, m.mask_mode) for _, m in attention_layers(D)} == {(4, "post")}
 
 
+@pytest.mark.slow
 def test_spectral_norm_largest_singular_value_is_one():
     torch.manual_seed(0)
     G, D = Generator(32), Discriminator(32)
@@ -360,3 +361,27 @@ def test_attention_distance_matches_a_double_loop():
     right = torch.zeros(1, 2, 2)
     right[0, 0, 1] = right[0, 1, 0] = 1
     assert attention_distance(right, 1, 2).item() == 1
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_fused_attention_matches_dense_in_values_and_gradients(mode):
+    for span in range(5):
+        for hw in [(4, 4), (8, 8), (6, 10)]:
+            torch.manual_seed(span)
+            layer = Self_Attn(32, span=span, mask_mode=mode)
+            torch.nn.init.constant_(layer.gamma, 0.8)
+            x = torch.randn(3, 32, *hw)
+            upstream = torch.randn(3, 32, *hw)
+            results = []
+            for fused in (False, True):
+                layer.fused = fused
+                layer.zero_grad()
+                xi = x.clone().requires_grad_(True)
+                out = layer(xi)
+                (out * upstream).sum().backward()
+                results.append((out.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
+            (o0, gx0, gp0), (o1, gx1, gp1) = results
+            torch.testing.assert_close(o1, o0, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
+            for a, b in zip(gp1, gp0):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)

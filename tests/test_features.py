@@ -1,5 +1,6 @@
-"""FID during training, the reference-statistics cache, checkpoint inputs and `compare` (issue 4).
-The metric itself is checked against pytorch-fid / torch-fidelity in test_fid.py."""
+"""Features of every input: image folders and arrays, generators (whatever the Inception
+batch), checkpoints; FID during training (the monitor), and the reference-statistics cache.
+The metrics themselves are checked against pytorch-fid / torch-fidelity in test_metrics.py."""
 import csv
 import re
 
@@ -13,8 +14,10 @@ import fid
 from conftest import TINY, out_dirs, random_fid_state_dict, run_cli, run_main
 from data_loader import build_dataset
 from run import configure
-
-pytestmark = pytest.mark.slow  # training runs and multi-process launches
+from PIL import Image
+from conftest import structured_images
+import utils
+import warnings
 
 FID_FLAGS = ["--fid_step", "5", "--fid_samples", "12", "--fid_batch_size", "6", "--fid_ref_samples", "16"]
 
@@ -45,6 +48,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_training_writes_fid_rows_and_plot(two_runs):
     root, results = two_runs
     for span, r in results.items():
@@ -64,6 +68,7 @@ def test_training_writes_fid_rows_and_plot(two_runs):
     assert "FID reference statistics" not in results[1].stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_input_reproduces_the_logged_fid(two_runs, weights):
     root, _ = two_runs
     logged = float(read_csv(root / "logs/sagan_emoji_span1_32px/fid.csv")[-1]["fid"])
@@ -79,23 +84,7 @@ def test_checkpoint_input_reproduces_the_logged_fid(two_runs, weights):
         assert value == pytest.approx(expected, rel=1e-5)
 
 
-def test_compare_prints_a_table_and_writes_one_plot(two_runs):
-    root, _ = two_runs
-    out = root / "cmp.png"
-    r = run_main(["compare", root / "logs/sagan_emoji_span0_32px", root / "logs/sagan_emoji_span1_32px", "--out", out],
-                 cwd=root, entry=fid.main)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert "sagan_emoji_span0_32px (span 0)" in lines[0] and "sagan_emoji_span1_32px (span 1)" in lines[0]
-    assert [l.split()[0] for l in lines[1:3]] == ["5", "10"]
-    best = [l for l in lines if l.strip().startswith("best fid")][0].split()[2:]
-    fids = {s: [float(r["fid"]) for r in read_csv(root / f"logs/sagan_emoji_span{s}_32px/fid.csv")] for s in (0, 1)}
-    assert [float(b) for b in best] == pytest.approx([min(fids[0]), min(fids[1])], abs=0.006)
-    assert [l for l in lines if l.strip().startswith("at step")] and out.stat().st_size > 1000
-    bad = run_main(["compare", root / "nope"], cwd=root, entry=fid.main)
-    assert bad.returncode == 2 and "no fid.csv" in bad.stderr and "Traceback" not in bad.stderr
-
-
+@pytest.mark.slow
 def test_offline_without_weights_warns_once_and_trains_on(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
@@ -108,6 +97,7 @@ def test_offline_without_weights_warns_once_and_trains_on(tmp_path):
     assert (tmp_path / "models/off/10.pt").exists() and not (tmp_path / "logs/off/fid.csv").exists()
 
 
+@pytest.mark.slow
 def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path, image_folder, weights,
                                                                           monkeypatch):
     ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
@@ -132,6 +122,7 @@ def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path
     assert len(calls) == 3 and pytorch_mode.path != cropped.path
 
 
+@pytest.mark.slow
 def test_reference_from_decoded_images_equals_reference_from_the_dataset(tmp_path, image_folder):
     # --cache and in-memory arrays hand the decoded images to the reference statistics
     # (no loader workers); they must be the statistics of the same images, also when capped.
@@ -153,3 +144,74 @@ def test_reference_from_decoded_images_equals_reference_from_the_dataset(tmp_pat
         given = features.reference_stats(ds, cache_dir=tmp_path / f"b{cap}", images=images, **args)
         np.testing.assert_array_equal(given.mu, loaded.mu)
         np.testing.assert_array_equal(given.sigma, loaded.sigma)
+
+
+def test_load_images_formats_and_errors(tmp_path, capsys):
+    imgs = structured_images(3, 0, 0)
+    np.save(tmp_path / "a.npy", imgs)
+    np.savez(tmp_path / "b.npz", images=imgs.transpose(0, 3, 1, 2), other=np.zeros(2))
+    np.savez(tmp_path / "c.npz", imgs)
+    for f in ("a.npy", "b.npz", "c.npz"):
+        assert np.array_equal(features.load_images(tmp_path / f), imgs)
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    Image.fromarray(imgs[0]).save(d / "x.png")
+    Image.fromarray(imgs[1]).save(d / "sub" / "y.jpg", quality=95)
+    (d / "broken.png").write_bytes(b"not a png")
+    (d / "broken2.jpg").write_bytes(b"")
+    got = features.load_images(d)
+    assert "skipped 2 unreadable" in capsys.readouterr().err
+    assert got.shape == (2, 48, 48, 3) and got.dtype == np.uint8 and np.array_equal(got[1], imgs[0])
+    Image.fromarray(imgs[0][:40]).save(d / "z.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(utils.UserError, match="differ in size"):
+            features.load_images(d)
+    np.save(tmp_path / "f.npy", imgs.astype(np.float32))
+    with pytest.raises(utils.UserError, match="uint8"):  # the data loader's layout check
+        features.load_images(tmp_path / "f.npy")
+    batches = features.batches_from_array(imgs, 2)
+    assert len(batches) == 2
+    batches = list(batches)
+    assert [b.shape for b in batches] == [(2, 3, 48, 48), (1, 3, 48, 48)] and batches[0].dtype == torch.uint8
+    assert torch.equal(batches[1][0], torch.from_numpy(imgs[2]).permute(2, 0, 1))
+
+
+def test_generated_images_do_not_depend_on_the_inception_batch():
+    # G samples with batch statistics, so an image depends on the images drawn beside it:
+    # they are drawn in batches of the run's --batch_size (gen_batch), whatever the
+    # Inception batch is.
+    from sagan_models import Generator
+    torch.manual_seed(0)
+    G = Generator(32, z_dim=16, conv_dim=16)
+    z = torch.randn(20, 16)
+
+    def per_image(b):  # stands in for Inception: features of each image alone
+        f = b.float().flatten(1)
+        return f[:, :2048], f[:, :1008]
+
+    def pool3(inception_batch, gen_batch):
+        return features.generated_features(G, per_image, z, inception_batch, "cpu", progress=False, gen_batch=gen_batch)[0]
+
+    ref = pool3(20, 8)
+    for inception_batch in (3, 8, 7):
+        np.testing.assert_array_equal(pool3(inception_batch, 8), ref)
+    assert not np.array_equal(pool3(8, 4), ref)  # the generation batch itself does matter
+
+
+@pytest.mark.slow
+def test_compare_prints_a_table_and_writes_one_plot(two_runs):
+    root, _ = two_runs
+    out = root / "cmp.png"
+    r = run_main(["compare", root / "logs/sagan_emoji_span0_32px", root / "logs/sagan_emoji_span1_32px", "--out", out],
+                 cwd=root, entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "sagan_emoji_span0_32px (span 0)" in lines[0] and "sagan_emoji_span1_32px (span 1)" in lines[0]
+    assert [l.split()[0] for l in lines[1:3]] == ["5", "10"]
+    best = [l for l in lines if l.strip().startswith("best fid")][0].split()[2:]
+    fids = {s: [float(r["fid"]) for r in read_csv(root / f"logs/sagan_emoji_span{s}_32px/fid.csv")] for s in (0, 1)}
+    assert [float(b) for b in best] == pytest.approx([min(fids[0]), min(fids[1])], abs=0.006)
+    assert [l for l in lines if l.strip().startswith("at step")] and out.stat().st_size > 1000
+    bad = run_main(["compare", root / "nope"], cwd=root, entry=fid.main)
+    assert bad.returncode == 2 and "no fid.csv" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,81 @@
+"""Flags: the original repository's command lines parse, every flag is documented, speed flags
+resolve per device, bad combinations and values are one line, and the resume command is
+built from the parsed config."""
+import os
+import re
+import shlex
+
+import pytest
+
+from conftest import one_line, REPO, run_main, step_args
+from parameter import resume_command
+from run import configure
+
+
+def test_seed_readme_commands_parse_and_every_flag_is_documented():
+    cfg = configure("--batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb "
+                         "--total_step 100000 --span 3".split())
+    assert (cfg.g_span, cfg.d_span, cfg.version, cfg.dataset) == (3, 3, "sagan_celeb", "celeb")
+    cfg = configure("--batch_size 64 --imsize 64 --dataset lsun --adv_loss hinge --version sagan_lsun".split())
+    assert cfg.dataset == "lsun" and cfg.span == 0
+    assert configure(["--span", "2", "--d_span", "0"]).version == "sagan_emoji_g2_d0"
+    from parameter import build_parser
+    readme = (REPO / "README.md").read_text()
+    flags = sorted(set(re.findall(r"(--[a-z0-9_]+)", build_parser().format_help())) - {"--help"})
+    assert [f for f in flags if f"`{f}`" not in readme] == []
+
+
+# ---------------------------------------------------------------------------- resume hint
+@pytest.mark.parametrize("start", [["--resume", "false"], ["--pretrained_model=2"], ["--resume", "true"]],
+                         ids=["resume_false", "pretrained_model_eq", "resume_true"])
+@pytest.mark.slow
+def test_the_resume_hint_is_built_from_the_config(tmp_path, start):
+    from run import unlock_run
+    first = start == ["--resume", "false"]  # a new run; the others continue one
+    if first:
+        cfg = configure(step_args(tmp_path, "--version", "h", "--total_step", "6", "--g_lr", "3e-4", *start))
+        unlock_run()
+    assert run_main(step_args(tmp_path, "--version", "h", "--total_step", "2"), cwd=tmp_path).returncode == 0
+    if not first:
+        cfg = configure(step_args(tmp_path, "--version", "h", "--total_step", "6", "--g_lr", "3e-4", *start))
+        unlock_run()
+    for world, launcher in ((1, ["python"]), (2, ["torchrun", "--nproc_per_node", "2"])):
+        words = shlex.split(resume_command(cfg, world))
+        assert words[:len(launcher)] == launcher
+        assert os.path.samefile(words[len(launcher)], REPO / "main.py")
+        again = configure(words[len(launcher) + 1:])
+        unlock_run()
+        for key in ("version", "total_step", "g_lr", "seed", "log_path", "model_save_path", "imsize", "batch_size"):
+            assert getattr(again, key) == getattr(cfg, key), key
+        assert again.resume and again.pretrained_model is None
+        assert words.count("--resume") == 1 and not any(w.startswith("--pretrained_model") for w in words)
+
+
+# ---------------------------------------------------------------------------- input checks
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-1"])
+def test_a_seed_out_of_range_is_one_line(tmp_path, seed):
+    err = one_line(run_main(step_args(tmp_path, "--version", "x", "--total_step", "2", "--seed", seed), cwd=tmp_path))
+    assert "--seed" in err and "out of range" in err
+
+
+def test_speed_flags_resolve_to_the_plain_path_on_cpu():
+    cfg = configure(["--device", "cpu"])
+    assert (cfg.amp, cfg.compile, cfg.channels_last, cfg.cache, cfg.cuda_graph) == ("none", "none", False, False, False)
+    cfg = configure(["--device", "cpu", "--amp", "bf16", "--channels_last", "--cache", "true"])
+    assert (cfg.amp, cfg.channels_last, cfg.cache) == ("bf16", True, True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu", "--cuda_graph"], "--cuda_graph needs a CUDA device"),
+    (["--device", "cpu", "--compile", "default", "--adv_loss", "wgan-gp"], "no double backward"),
+    # modes --help does not offer (the step is already one CUDA graph) are refused like any bad choice
+    (["--device", "cpu", "--compile", "reduce-overhead"], "invalid choice: 'reduce-overhead'"),
+    (["--device", "cpu", "--compile", "max-autotune"], "invalid choice: 'max-autotune'"),
+    (["--device", "cpu", "--channels_last", "maybe"], "expected true or false"),
+])
+def test_speed_flag_combinations_that_cannot_run_are_refused_in_one_line(capsys, args, message):
+    import main
+    with pytest.raises(SystemExit) as e:
+        main.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

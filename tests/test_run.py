@@ -1,0 +1,147 @@
+"""A run on disk: never overwritten, one writer per run whatever its folders, where a run starts
+(the newest checkpoint that loads, a named step, step 0 after an interrupted start) and
+which settings the start checkpoint brings."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+from conftest import main_args, one_line, one_line_exit_2, read_csv, REPO, run_main, step_args, train_args
+from run import configure
+
+
+@pytest.mark.slow
+def test_refuses_to_overwrite_an_existing_run(tmp_path):
+    assert run_main(train_args(tmp_path, "--total_step", "10", "--version", "x"), cwd=tmp_path).returncode == 0
+    ckpt = tmp_path / "models/x/10.pt"
+    before = ckpt.stat().st_mtime_ns
+    r = run_main(train_args(tmp_path, "--total_step", "10", "--version", "x"), cwd=tmp_path)
+    assert r.returncode == 2 and "already exists" in r.stderr and "--resume" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert ckpt.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_and_a_dead_writer_does_not_block(tmp_path):
+    args = train_args(tmp_path, "--version", "busy", "--model_save_step", "2", "--log_step", "2")
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *args, "--total_step", "100000"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "models/busy/2.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        for extra in ([], ["--resume"]):  # a second start, and a resume of the run still training
+            r = run_main([*args, "--total_step", "4", *extra], cwd=tmp_path)
+            assert r.returncode == 2 and f"run 'busy' is being written by process {proc.pid}" in r.stderr, r.stderr
+    finally:
+        proc.kill()  # kill -9: its lock dies with it
+        proc.wait()
+    r = run_main([*args, "--total_step", "6", "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "models/busy/6.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    args = train_args(tmp_path, "--version", "t", "--model_save_step", "5", "--sample_step", "100")
+    assert run_main([*args, "--total_step", "10"], cwd=tmp_path).returncode == 0
+    good = torch.load(tmp_path / "models/t/10.pt", weights_only=False)
+    (tmp_path / "models/t/10.pt").write_bytes(b"cut short")
+    # an older step may be continued from when everything after it is unreadable ...
+    assert configure([*args, "--pretrained_model", "5"]).start_checkpoint.endswith("5.pt")
+    # ... and --resume takes the newest that loads, saying which one it skipped and why
+    r = run_main([*args, "--total_step", "10", "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--resume: using step 5, skipping cannot read checkpoint" in r.stderr and "10.pt" in r.stderr
+    again = torch.load(tmp_path / "models/t/10.pt", weights_only=False)
+    assert all(torch.equal(good["G"][k], again["G"][k]) for k in good["G"])  # resume is exact
+    rows = read_csv(tmp_path / "logs/t/metrics.csv")
+    assert [r["step"] for r in rows] == ["5", "10"]
+
+
+# ---------------------------------------------------------------------------- one writer
+@pytest.mark.slow
+def test_runs_sharing_the_checkpoint_folder_are_refused_whatever_their_log_path(tmp_path):
+    first = step_args(tmp_path, "--version", "same")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from run import configure; configure(sys.argv[2:]); "
+                               "print('locked', flush=True); time.sleep(120)", str(REPO), *first],
+                              cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        other = [*first, "--log_path", tmp_path / "other_logs"]  # the later --log_path wins
+        err = one_line(run_main(other, cwd=tmp_path))
+        assert f"run 'same' is being written by process {holder.pid}" in err
+        assert not (tmp_path / "models/same").exists() and not (tmp_path / "other_logs/same").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------------------- config.json
+@pytest.mark.slow
+def test_a_folder_holding_only_a_config_is_a_run_and_a_fresh_start_writes_its_own(tmp_path):
+    log = tmp_path / "logs/cfg"
+    log.mkdir(parents=True)
+    (log / "config.json").write_text(json.dumps({"seed": 99, "g_span": 5, "d_span": 5}))  # an interrupted start
+    err = one_line(run_main(step_args(tmp_path, "--version", "cfg", "--total_step", "2", "--span", "2"), cwd=tmp_path))
+    assert "already exists" in err and "--resume" in err
+    r = run_main(step_args(tmp_path, "--version", "cfg", "--total_step", "2", "--span", "2", "--resume"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((log / "config.json").read_text())
+    assert (saved["seed"], saved["g_span"], saved["d_span"]) == (3, 2, 2)
+    assert not list(log.glob("config_resumed_at_*"))
+
+
+@pytest.mark.slow
+def test_pretrained_model_refuses_to_overwrite_later_checkpoints(tmp_path, capsys):
+    main.main(main_args(tmp_path, "--version", "p", "--total_step", "20"))
+    saved = tmp_path / "models" / "p" / "20.pt"
+    before = saved.stat().st_mtime_ns
+    err = one_line_exit_2(capsys, main.main, main_args(tmp_path, "--version", "p", "--total_step", "30",
+                                                   "--pretrained_model", "10"))
+    assert "has checkpoints after step 10 ([20])" in err and "would overwrite them" in err
+    assert saved.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_checkpoints_from_before_fully_masked_resume_as_they_trained(tmp_path, capsys):
+    from run import configure
+    main.main(main_args(tmp_path, "--version", "old", "--total_step", "10", "--span", "3"))
+    path = tmp_path / "models" / "old" / "10.pt"
+    ck = torch.load(path, weights_only=False)
+    assert ck["config"]["fully_masked"] == "mean"
+    del ck["config"]["fully_masked"]  # as saved before the flag existed
+    torch.save(ck, path)
+    cfg = configure(main_args(tmp_path, "--version", "old", "--total_step", "12", "--resume"))
+    assert cfg.fully_masked == "skip" and cfg.d_span == 3
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path):
+    import json
+    from trainer import Trainer
+    from run import configure
+    main.main(main_args(tmp_path, "--version", "lr", "--total_step", "10", "--g_lr", "2e-4", "--beta2", "0.95"))
+    t = Trainer(configure(main_args(tmp_path, "--version", "lr", "--total_step", "12", "--resume", "--d_lr", "1e-4")))
+    assert [g["lr"] for g in t.g_opt.param_groups] == [2e-4] and [g["lr"] for g in t.d_opt.param_groups] == [1e-4]
+    assert all(g["betas"] == (0.0, 0.95) for opt in (t.g_opt, t.d_opt) for g in opt.param_groups)
+    t.train()
+    used = json.loads((tmp_path / "logs" / "lr" / "config_resumed_at_10.json").read_text())
+    assert (used["g_lr"], used["d_lr"], used["beta2"]) == (2e-4, 1e-4, 0.95)
+    assert [g["lr"] for g in t.d_opt.param_groups] == [1e-4]  # the Adam steps ran with it
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path, capsys):
+    main.main(main_args(tmp_path, "--version", "early", "--total_step", "5", "--model_save_step", "100"))
+    (tmp_path / "models" / "early" / "5.pt").unlink()  # as if it died before saving
+    err = one_line_exit_2(capsys, main.main, main_args(tmp_path, "--version", "early", "--total_step", "5"))
+    assert f"a config or logs in {tmp_path / 'logs' / 'early'}, no checkpoint yet" in err and "--resume" in err
+    main.main(main_args(tmp_path, "--version", "early", "--total_step", "5", "--resume"))  # the one way forward works
+    assert (tmp_path / "models" / "early" / "5.pt").exists()

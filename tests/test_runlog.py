@@ -1,0 +1,120 @@
+"""metrics.csv and the stop signals: rows of an uninterrupted run after a stop between log
+steps, r_t per interval, a rewrite that never loses rows, broken lines dropped, another
+network's log refused, a signal during FID."""
+import csv
+import errno
+import os
+import signal
+import time
+
+import pytest
+
+import trainer
+from conftest import one_line, out_dirs, read_csv, run_main, step_args, TINY, train_args
+
+
+@pytest.mark.slow
+def test_a_stop_between_log_steps_leaves_the_metrics_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    import trainer
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    args = train_args(tmp_path, "--total_step", "12", "--log_step", "4", "--sample_step", "100", "--model_save_step",
+                      "100", "--version", "v")
+    assert run_main([*args, *out_dirs(a)], cwd=a).returncode == 0
+    step = trainer.Trainer.train_step
+
+    def signalled_at_6(self, batches):
+        if self.step == 5:  # the step that makes it 6: between the rows of steps 4 and 8
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batches)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", signalled_at_6)
+    stopped = run_main([*args, *out_dirs(b)], cwd=b)
+    assert stopped.returncode == 0 and "stopped by signal at step 6" in stopped.stdout
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    assert run_main([*args, *out_dirs(b), "--resume"], cwd=b).returncode == 0
+    keys = ["step", "d_loss", "g_loss", "d_real", "d_fake", "rt", "g_attn8_gamma", "d_attn4_gamma"]
+    ra, rb = ([[r[k] for k in keys] for r in read_csv(d / "logs/v/metrics.csv")] for d in (a, b))
+    assert [r[0] for r in ra] == ["4", "8", "12"] and ra == rb
+
+
+# ---------------------------------------------------------------------------- metrics.csv
+@pytest.mark.slow
+def test_a_write_error_while_resuming_keeps_every_row(tmp_path, monkeypatch):
+    assert run_main(step_args(tmp_path, "--version", "m", "--total_step", "6"), cwd=tmp_path).returncode == 0
+    metrics = tmp_path / "logs/m/metrics.csv"
+    before = metrics.read_bytes()
+    for step in (4, 6):
+        (tmp_path / f"models/m/{step}.pt").unlink()  # resume from step 2: rows 3-6 are to go
+
+    def disk_full(self, rowdicts):
+        raise OSError(errno.ENOSPC, "No space left on device", str(metrics))
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full)
+    err = one_line(run_main(step_args(tmp_path, "--version", "m", "--total_step", "6", "--resume"), cwd=tmp_path))
+    assert "No space left on device" in err and str(metrics) in err
+    assert metrics.read_bytes() == before  # today's truncate-then-write lost every row here
+
+
+@pytest.mark.slow
+def test_broken_last_lines_are_dropped_with_a_warning(tmp_path):
+    assert run_main(step_args(tmp_path, "--version", "b", "--total_step", "4"), cwd=tmp_path).returncode == 0
+    metrics = tmp_path / "logs/b/metrics.csv"
+    good = read_csv(metrics)
+    with open(metrics, "ab") as f:  # a kill mid-line, then a crash's NUL-filled tail
+        f.write(b"5,0.1,2\n" + b"\x00" * 64)
+    r = run_main(step_args(tmp_path, "--version", "b", "--total_step", "6", "--resume"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "dropped 2 broken line(s)" in r.stderr
+    after = read_csv(metrics)
+    assert [int(x["step"]) for x in after] == [1, 2, 3, 4, 5, 6]
+    assert after[:4] == good and "\x00" not in metrics.read_text()
+
+
+@pytest.mark.slow
+def test_a_metrics_csv_of_another_network_is_refused_before_anything_is_touched(tmp_path):
+    assert run_main(step_args(tmp_path, "--version", "c", "--total_step", "2"), cwd=tmp_path).returncode == 0
+    metrics = tmp_path / "logs/c/metrics.csv"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0] + ",d_attn2_gamma"] + [x + ",0.5" for x in lines[1:]]) + "\n")
+    before = {p: p.read_bytes() for p in (tmp_path / "logs/c").iterdir()}
+    err = one_line(run_main(step_args(tmp_path, "--version", "c", "--total_step", "4", "--resume"), cwd=tmp_path))
+    assert "columns of another network" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "logs/c").iterdir()} == before
+
+
+def test_a_signal_during_fid_says_the_fid_is_finished_first(capsys):
+    with trainer.StopSignals() as stop:
+        with stop.busy("the FID of step 10"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert stop.received
+    assert "finishing the FID of step 10 first, then saving a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rt_is_logged_per_interval(tmp_path, monkeypatch):
+    """metrics.csv's rt is the mean over the interval's steps of the mean sign of D's logits
+    on the real images, recomputed here from the logits D gave in each D step."""
+    import csv
+    import gan_step
+    signs = []
+    real_forward = gan_step.GANStep.d_step
+
+    def recording(self, real):
+        logits = []
+        hook = self.D.register_forward_hook(lambda m, inp, out: logits.append(out.detach()[:len(real)]))
+        try:
+            return real_forward(self, real)
+        finally:
+            hook.remove()
+            signs.append(logits[0].sign().mean().item())
+
+    monkeypatch.setattr(gan_step.GANStep, "d_step", recording)
+    r = run_main([*TINY, *out_dirs(tmp_path), "--total_step", "6", "--log_step", "3", "--version", "v",
+                  "--sample_step", "100"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "logs/v/metrics.csv")))
+    assert [r["step"] for r in rows] == ["3", "6"] and len(signs) == 6
+    for row, interval in zip(rows, (signs[:3], signs[3:])):
+        assert float(row["rt"]) == pytest.approx(sum(interval) / 3, abs=1e-5)

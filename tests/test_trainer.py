@@ -1,0 +1,291 @@
+"""Training from the command line, end to end (issue 3)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, main_args, make_trainer, out_dirs, read_csv, run_cli, run_main, train_args
+from sagan_models import attention_layers
+from conftest import one_line_exit_2
+import main
+from conftest import TINY
+from conftest import one_line
+from conftest import random_fid_state_dict
+from conftest import step_args
+from conftest import stop_at
+import errno
+import shlex
+import trainer
+
+
+@pytest.mark.slow
+def test_tiny_run_on_bundled_data_writes_every_output(tmp_path):
+    r = run_main(train_args(tmp_path, "--total_step", "20", "--span", "2", "--ema_decay", "0.9"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    v = "sagan_emoji_span2_32px"
+    for path in [f"samples/{v}/10_fake.png", f"samples/{v}/20_fake.png", f"samples/{v}/20_fake_ema.png",
+                 f"attn/{v}/10_attn.png", f"attn/{v}/20_attn.png"]:
+        with Image.open(tmp_path / path) as im:
+            im.load()
+            assert im.size[0] > 32
+    grid = np.asarray(Image.open(tmp_path / f"samples/{v}/20_fake.png"))
+    assert grid.shape == (8 * 34 + 2, 8 * 34 + 2, 3)  # 8x8 images of 32 px, 2 px frame
+    rows = read_csv(tmp_path / f"logs/{v}/metrics.csv")
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    assert {"d_loss", "g_loss", "d_real", "d_fake", "images_per_s", "g_attn8_gamma", "d_attn4_gamma"} <= set(rows[0])
+    assert all(np.isfinite(float(r["d_loss"])) for r in rows)
+    attn = read_csv(tmp_path / f"logs/{v}/attention.csv")  # every sample step, every attention layer
+    assert [(r["step"], r["network"], r["layer"], r["map"]) for r in attn[:4]] == [
+        ("10", "G", "attn8", "8x8"), ("10", "G", "attn16", "16x16"), ("10", "D", "attn8", "8x8"), ("10", "D", "attn4", "4x4")]
+    assert len(attn) == 8 and all(0 < float(r["distance"]) < 16 * 2 ** 0.5 for r in attn)
+    cfg = json.loads((tmp_path / f"logs/{v}/config.json").read_text())
+    assert cfg["dataset_size"] == 1432 and cfg["g_span"] == 2 and cfg["seed"] == 3
+    assert {"package_version", "git_commit", "g_lr", "batch_size", "mask_mode", "fid_step"} <= set(cfg)
+    ck = torch.load(tmp_path / f"models/{v}/20.pt", weights_only=False)
+    assert {"G", "D", "G_ema", "g_opt", "d_opt", "step", "rng", "config", "fixed_z"} <= set(ck)
+    assert ck["step"] == 20 and ck["g_opt"]["state"] and ck["d_opt"]["state"]
+    assert sorted(p.name for p in (tmp_path / f"models/{v}").iterdir()) == ["10.pt", "20.pt"]
+
+
+@pytest.mark.slow
+def test_image_folder_with_corrupt_greyscale_and_rgba_files(tmp_path, image_folder):
+    r = run_main(train_args(tmp_path, "--dataset", "folder", "--image_path", image_folder, "--total_step", "6",
+                           "--version", "f"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("skipped 1 unreadable image") == 1
+    assert json.loads((tmp_path / "logs/f/config.json").read_text())["dataset_size"] == 15
+    assert (tmp_path / "samples/f/6_fake.png").exists()
+
+
+@pytest.mark.slow
+def test_resumed_run_gives_the_same_losses(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+    full = run_main(train_args(a, "--total_step", "20", "--span", "1"), cwd=a)
+    half = run_main(train_args(b, "--total_step", "10", "--span", "1"), cwd=b)
+    rest = run_main(train_args(b, "--total_step", "20", "--span", "1", "--resume"), cwd=b)
+    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr
+    keys = ["step", "d_loss", "g_loss", "d_real", "d_fake", "g_attn8_gamma", "d_attn8_gamma"]
+    ra = [[r[k] for k in keys] for r in read_csv(a / "logs/sagan_emoji_span1_32px/metrics.csv")]
+    rb = [[r[k] for k in keys] for r in read_csv(b / "logs/sagan_emoji_span1_32px/metrics.csv")]
+    assert len(ra) == 4 and ra == rb
+    ca = torch.load(a / "models/sagan_emoji_span1_32px/20.pt", weights_only=False)
+    cb = torch.load(b / "models/sagan_emoji_span1_32px/20.pt", weights_only=False)
+    for k in ca["G"]:
+        torch.testing.assert_close(ca["G"][k], cb["G"][k], rtol=0, atol=0)
+    # the sample grids of the same step come from the same fixed z
+    ga = np.asarray(Image.open(a / "samples/sagan_emoji_span1_32px/20_fake.png"))
+    gb = np.asarray(Image.open(b / "samples/sagan_emoji_span1_32px/20_fake.png"))
+    assert np.array_equal(ga, gb)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, sig):
+    args = train_args(tmp_path, "--total_step", "100000", "--version", "s", "--log_step", "1",
+                      "--sample_step", "100000", "--model_save_step", "100000")
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *map(str, args)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "logs/s/metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = list((tmp_path / "models/s").glob("*.pt"))
+    assert len(saved) == 1
+    ck = torch.load(saved[0], weights_only=False)
+    assert ck["step"] >= 3 and f"{ck['step']}.pt" == saved[0].name
+    assert "--resume" in out and "Traceback" not in err
+    r = run_cli(train_args(tmp_path, "--total_step", str(ck["step"] + 2), "--version", "s", "--resume"),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / f"models/s/{ck['step'] + 2}.pt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "celeb", "--image_path", "nowhere"], "kaggle.com/datasets/jessicali9530/celeba-dataset"),
+    (["--spna", "3"], "unknown argument --spna; did you mean --span?"),
+])
+@pytest.mark.slow
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    r = run_cli([*out_dirs(tmp_path), "--total_step", "2", "--device", "cpu", *args], cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_eval_uses_the_checkpoint_architecture(tmp_path):
+    r = run_main(train_args(tmp_path, "--total_step", "10", "--span", "3", "--version", "e"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # sampling with default flags (span 0, imsize 64): the checkpoint's settings win
+    r = run_main([*out_dirs(tmp_path), "--version", "e", "--train", "false", "--pretrained_model", "10",
+                 "--n_samples", "10", "--device", "cpu"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "samples/e/eval_10").glob("*.png"))
+    assert len(files) == 10 and Image.open(files[0]).size == (32, 32)
+    t = make_trainer(tmp_path, "--version", "e", "--train", "false", "--pretrained_model", "10", "--span", "0",
+                     "--imsize", "64")
+    assert {m.span for _, m in attention_layers(t.G)} == {3} and t.cfg.imsize == 32
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_and_finished_run_are_reported_in_one_line(tmp_path):
+    assert run_main(train_args(tmp_path, "--total_step", "10", "--version", "c"), cwd=tmp_path).returncode == 0
+    r = run_main(train_args(tmp_path, "--total_step", "10", "--version", "c", "--resume"), cwd=tmp_path)
+    assert r.returncode == 0 and "already at step 10 >= --total_step 10" in r.stdout
+    (tmp_path / "models/c/10.pt").write_bytes(b"truncated")
+    r = run_main(train_args(tmp_path, "--total_step", "20", "--version", "c", "--resume"), cwd=tmp_path)
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_output_folders_are_checked_at_start_and_a_failed_picture_costs_no_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    r = run_main(train_args(tmp_path, "--total_step", "2", "--sample_path", tmp_path / "afile"), cwd=tmp_path)
+    assert r.returncode == 2 and "--sample_path" in r.stderr and "is a file" in r.stderr
+    assert not (tmp_path / "models").exists()  # nothing trained, nothing written
+    import trainer
+
+    def no_space(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.Trainer, "write_samples", no_space)
+    r = run_main(train_args(tmp_path, "--total_step", "10", "--version", "p"), cwd=tmp_path)
+    assert r.returncode == 0 and "could not write the samples of step 10" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "models/p").iterdir()) == ["10.pt"]
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_naming_the_last_good_checkpoint(tmp_path, capsys):
+    from run import configure
+    from trainer import Trainer
+    from utils import UserError
+    t = Trainer(configure(main_args(tmp_path, "--version", "n", "--total_step", "2", "--model_save_step", "1",
+                                     "--log_step", "1")))
+    t.train()
+    t.cfg = t.cfg.replace(total_step=4)  # the config is frozen: a changed copy
+    with torch.no_grad():  # what a diverging step leaves behind
+        next(t.D.parameters()).fill_(float("nan"))
+    with pytest.raises(UserError) as e:
+        t.train()
+    assert str(e.value).startswith("a loss became NaN/inf by step 3; the last good checkpoint is 2.pt")
+    assert sorted(p.name for p in (tmp_path / "models" / "n").glob("*.pt")) == ["1.pt", "2.pt"]
+
+
+def test_a_diverged_step_writes_no_checkpoint(tmp_path, capsys):
+    # A learning rate this large sends the weights to inf at the first step, whose losses
+    # (computed before the update) are still finite: the checkpoint of that step must not
+    # be written, and the one-line error must not call anything good.
+    err = one_line_exit_2(capsys, main.main, main_args(tmp_path, "--version", "d", "--total_step", "10",
+                                                   "--model_save_step", "1", "--log_step", "1", "--g_lr", "1e8",
+                                                   "--d_lr", "1e8"))
+    assert "a weight became NaN/inf by step 1; no checkpoint was saved yet" in err
+    assert not list((tmp_path / "models").glob("*/*.pt"))
+
+
+@pytest.mark.slow
+def test_stale_half_written_files_of_a_killed_process_are_removed(tmp_path, capsys):
+    import os
+    folder = tmp_path / "models" / "k"
+    main.main(main_args(tmp_path, "--version", "k", "--total_step", "5"))
+    dead, alive = folder / ".10.pt.tmp999999999", folder / f".10.pt.tmp{os.getpid()}"
+    dead.write_bytes(b"half"), alive.write_bytes(b"being written")
+    capsys.readouterr()
+    main.main(main_args(tmp_path, "--version", "k", "--total_step", "6", "--resume"))
+    assert not dead.exists() and alive.exists()
+    assert "removed 1 half-written file(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_printed_resume_hint_runs_when_pasted(tmp_path, monkeypatch):
+    """Started as `python path/to/main.py` from another folder with --pretrained_model=N, stopped by
+    a signal: the printed command, pasted into a shell in the same folder, finishes the run."""
+    run = tmp_path / "elsewhere"
+    run.mkdir()
+    assert run_main(step_args(run, "--version", "p", "--total_step", "2"), cwd=run).returncode == 0
+    step = stop_at(monkeypatch, 3)
+    r = run_main(step_args(run, "--version", "p", "--total_step", "6", "--pretrained_model=2"), cwd=run)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
+    assert r.returncode == 0 and "stopped by signal at step 3" in r.stdout, r.stderr
+    hint = r.stdout.strip().splitlines()[-1].strip()
+    assert hint.startswith("python ")
+    pasted = subprocess.run(["bash", "-c", hint.replace("python", shlex.quote(sys.executable), 1)], cwd=run,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert pasted.returncode == 0, pasted.stderr
+    assert (run / "models/p/6.pt").exists()
+    assert [int(x["step"]) for x in read_csv(run / "logs/p/metrics.csv")] == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------- write errors
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_last_one_stays(tmp_path, monkeypatch):
+    assert run_main(step_args(tmp_path, "--version", "w", "--total_step", "2"), cwd=tmp_path).returncode == 0
+    last = tmp_path / "models/w/2.pt"
+    before = last.read_bytes()
+
+    def full(obj, f, *a, **k):  # what torch.save raises on ENOSPC: a RuntimeError, not an OSError
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1102")
+
+    monkeypatch.setattr(torch, "save", full)
+    err = one_line(run_main(step_args(tmp_path, "--version", "w", "--total_step", "4", "--resume"), cwd=tmp_path))
+    assert "cannot write checkpoint" in err and "4.pt" in err and "2.pt is the last one saved" in err
+    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir()) == ["2.pt"]
+
+
+def test_a_config_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    real = trainer.atomic_open
+
+    def no_config(path, *a, **k):
+        if path.name.startswith("config"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(trainer, "atomic_open", no_config)
+    err = one_line(run_main(step_args(tmp_path, "--version", "ro", "--total_step", "2"), cwd=tmp_path))
+    assert "Read-only file system" in err and "config.json" in err and "--resume" in err
+
+
+# ---------------------------------------------------------------------------- FID rows
+@pytest.mark.slow
+def test_a_fid_step_killed_before_its_row_gets_it_on_resume(tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(random_fid_state_dict(), weights)
+    fid_flags = ["--fid_step", "2", "--fid_samples", "8", "--fid_batch_size", "8", "--fid_ref_samples", "8",
+                 "--fid_weights", weights]
+    assert run_main(step_args(tmp_path, "--version", "f", "--total_step", "2", *fid_flags), cwd=tmp_path).returncode == 0
+    fid_csv = tmp_path / "logs/f/fid.csv"
+    logged = read_csv(fid_csv)
+    assert [r["step"] for r in logged] == ["2"]
+    fid_csv.write_text(fid_csv.read_text().splitlines()[0] + "\n")  # as if killed between checkpoint and FID
+    r = run_main(step_args(tmp_path, "--version", "f", "--total_step", "2", "--resume", *fid_flags), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # a finished run too: its last step gets its row
+    assert [(x["step"], x["fid"]) for x in read_csv(fid_csv)] == [("2", logged[0]["fid"])]
+    fid_csv.write_text(fid_csv.read_text().splitlines()[0] + "\n")
+    r = run_main(step_args(tmp_path, "--version", "f", "--total_step", "4", "--resume", *fid_flags), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    again = read_csv(fid_csv)
+    assert [x["step"] for x in again] == ["2", "4"] and again[0]["fid"] == logged[0]["fid"]
+
+
+# ---------------------------------------------------------------------------- --train false
+@pytest.mark.slow
+def test_sampling_again_replaces_the_earlier_samples(tmp_path):
+    assert run_main(step_args(tmp_path, "--version", "s", "--total_step", "2"), cwd=tmp_path).returncode == 0
+    sample = [*TINY, *out_dirs(tmp_path), "--version", "s", "--train", "false"]
+    assert run_main([*sample, "--n_samples", "10"], cwd=tmp_path).returncode == 0
+    r = run_main([*sample, "--n_samples", "4"], cwd=tmp_path)
+    assert r.returncode == 0 and "replacing the earlier samples" in r.stdout
+    folder = tmp_path / "samples/s/eval_2"
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
