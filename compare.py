@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from checkpoint import migrate_config
 from files import atomic_open, check_output_file
@@ -98,6 +97,7 @@ def summarize(values) -> Summary:
     if n < 2:
         return Summary(n, mean, math.nan, (math.nan, math.nan))
     std = float(x.std(ddof=1))
+    from scipy import stats  # here, not at the top: ~1 s of imports that only the report needs
     half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
     return Summary(n, mean, std, (mean - half, mean + half))
 
@@ -106,6 +106,7 @@ def welch_p(a, b) -> float:
     """Two-sided p-value of Welch's t-test (unequal variances); nan with fewer than 2 per side."""
     if len(a) < 2 or len(b) < 2:
         return math.nan
+    from scipy import stats
     return float(stats.ttest_ind(np.asarray(a, float), np.asarray(b, float), equal_var=False).pvalue)
 
 

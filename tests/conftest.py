@@ -1,8 +1,12 @@
+import atexit
 import contextlib
+import functools
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,33 @@ torch.set_num_threads(1)
 
 TINY = ["--imsize", "32", "--batch_size", "8", "--num_workers", "0", "--g_conv_dim", "16", "--d_conv_dim", "16",
         "--z_dim", "32", "--device", "cpu", "--seed", "3"]
+
+
+@functools.lru_cache(maxsize=None)
+def small_emoji():
+    """A folder holding an emoji64.npz of the first 64 bundled emoji, for `--image_path`:
+    --dataset emoji as ever (64 px images resized to --imsize, DiffAugment on), without
+    resizing all 1,432 bundled images in every run. For runs whose data is incidental;
+    tests of the bundled data itself leave --image_path at its default."""
+    folder = Path(tempfile.mkdtemp(prefix="sagan_test_emoji_"))
+    atexit.register(shutil.rmtree, folder, True)
+    with np.load(REPO / "data" / "emoji64.npz") as z:
+        np.savez(folder / "emoji64.npz", images=z["images"][:64])
+    return str(folder)
+
+
+def small_data():
+    """["--image_path", small_emoji()]: the flags that make a run train on the small emoji set."""
+    return ["--image_path", small_emoji()]
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory):
+    """Random FID Inception weights in the real key layout (random_fid_state_dict; the real
+    file cannot be downloaded here), written once for the whole session."""
+    path = tmp_path_factory.mktemp("fid_weights") / "random_fid_inception.pth"
+    torch.save(random_fid_state_dict(), path)
+    return path
 
 
 def run_cli(args, cwd, script="main.py", timeout=300, env=None):
@@ -61,24 +92,29 @@ def read_csv(path):
 
 
 def main_args(tmp, *extra):
-    """A tiny run with rows every 5 steps, checkpoints every 10 and no samples before its end."""
-    return [*TINY, *out_dirs(tmp), "--log_step", "5", "--sample_step", "100", "--model_save_step", "10", *extra]
+    """A tiny run on the small emoji set: rows every 5 steps, checkpoints every 10, no samples
+    before its end."""
+    return [*TINY, *out_dirs(tmp), *small_data(), "--log_step", "5", "--sample_step", "100", "--model_save_step",
+            "10", *extra]
 
 
-def train_args(tmp, *extra):
-    """A tiny run with rows every 5 steps, samples and checkpoints every 10."""
-    return [*TINY, *out_dirs(tmp), "--log_step", "5", "--sample_step", "10", "--model_save_step", "10", *extra]
+def train_args(tmp, *extra, bundled=False):
+    """A tiny run with rows every 5 steps, samples and checkpoints every 10; on the small emoji
+    set, or on the 1,432 bundled emoji with bundled=True."""
+    data = [] if bundled else small_data()
+    return [*TINY, *out_dirs(tmp), *data, "--log_step", "5", "--sample_step", "10", "--model_save_step", "10", *extra]
 
 
 def step_args(tmp, *extra):
-    """A tiny run with a row every step and a checkpoint every 2."""
-    return [*TINY, *out_dirs(tmp), "--log_step", "1", "--sample_step", "100", "--model_save_step", "2", *extra]
+    """A tiny run on the small emoji set with a row every step and a checkpoint every 2."""
+    return [*TINY, *out_dirs(tmp), *small_data(), "--log_step", "1", "--sample_step", "100", "--model_save_step", "2",
+            *extra]
 
 
 def make_trainer(tmp_path, *extra):
     from run import configure
     from trainer import Trainer
-    return Trainer(configure([*TINY, *out_dirs(tmp_path), *extra]))
+    return Trainer(configure([*TINY, *out_dirs(tmp_path), *small_data(), *extra]))
 
 
 def one_line(r):
@@ -214,7 +250,7 @@ KID_SUBSETS, KID_SUBSET_SIZE, IS_SPLITS = 20, 10, 4
 
 
 @pytest.fixture(scope="session")
-def peer_files(tmp_path_factory):
+def peer_files(tmp_path_factory, fid_weights):
     """Random FID weights under pytorch-fid's cached file name + two folders of images,
     made once for every test that compares with the peers."""
     root = tmp_path_factory.mktemp("fid")
@@ -222,7 +258,7 @@ def peer_files(tmp_path_factory):
     ckpt_dir.mkdir(parents=True)
     from inception import WEIGHT_FILENAMES
     weights = ckpt_dir / WEIGHT_FILENAMES[0]
-    torch.save(random_fid_state_dict(), weights)
+    shutil.copyfile(fid_weights, weights)
     dirs = {}
     for name, seed, shift in (("A", 1, 0), ("B", 2, 90)):
         d = root / name

@@ -6,18 +6,21 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, out_dirs, random_fid_state_dict
+from conftest import REPO, TINY, out_dirs, small_data
 from sagan_models import Generator
 from sampling import sampling_mode
 
 pytestmark = pytest.mark.slow  # training runs and multi-process launches
 
+FID_SAMPLES = 10  # drawn in generation batches of --batch_size 8: rank 0 draws 8, rank 1 the other 2
 STEPS = ["--log_step", "1", "--sample_step", "4", "--model_save_step", "2", "--span", "1", "--sync_bn",
-         "--ema_decay", "0.5", "--fid_samples", "12", "--fid_batch_size", "6", "--fid_ref_samples", "16"]
+         "--ema_decay", "0.5", "--fid_samples", str(FID_SAMPLES), "--fid_batch_size", "6", "--fid_ref_samples", "8",
+         *small_data()]
 V = "sagan_emoji_span1_32px"
 
 
@@ -38,21 +41,33 @@ def rows(root, name="metrics.csv"):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, fid_weights):
+    """Every launch of this module, the independent ones at the same time (one process
+    rarely keeps both cores busy): one process; two, then that checkpoint continued by one
+    and by four; and two with --fid_g_mode eval (for the last test)."""
     base = tmp_path_factory.mktemp("ddp")
-    weights = base / "w.pth"
-    torch.save(random_fid_state_dict(), weights)
-    fid = ["--fid_step", "4", "--fid_weights", weights]
-    single, k2 = base / "single", base / "k2"
-    single.mkdir(), k2.mkdir()
-    launch(single, 1, "--total_step", "6", *fid)
-    launch(k2, 2, "--total_step", "4", *fid)
-    k2_only = sorted(p.relative_to(k2) for p in k2.rglob("*") if p.is_file())
-    k4 = base / "k4"
-    shutil.copytree(k2, k4)
-    launch(k2, 1, "--total_step", "6", "--resume", *fid)  # a K=2 checkpoint continued by one process
-    launch(k4, 4, "--total_step", "5", "--resume", "--fid_step", "0")  # ... and by four
-    return dict(single=single, k2=k2, k4=k4, k2_files=k2_only)
+    fid = ["--fid_step", "4", "--fid_weights", fid_weights]
+    single, k2, k4, ev = base / "single", base / "k2", base / "k4", base / "eval"
+    single.mkdir(), k2.mkdir(), ev.mkdir()
+    k2_only = []
+
+    def k2_then_resumed():
+        launch(k2, 2, "--total_step", "4", *fid)
+        k2_only.extend(sorted(p.relative_to(k2) for p in k2.rglob("*") if p.is_file()))
+        shutil.copytree(k2, k4)
+        with ThreadPoolExecutor(2) as pool:  # a K=2 checkpoint continued by one process, and by four
+            done = [pool.submit(launch, k2, 1, "--total_step", "6", "--resume", *fid),
+                    pool.submit(launch, k4, 4, "--total_step", "5", "--resume", "--fid_step", "0")]
+            for d in done:
+                d.result()
+
+    with ThreadPoolExecutor(3) as pool:
+        done = [pool.submit(launch, single, 1, "--total_step", "6", *fid), pool.submit(k2_then_resumed),
+                pool.submit(launch, ev, 2, "--total_step", "4", "--fid_step", "4", "--fid_weights", fid_weights,
+                            "--sync_bn", "false", "--fid_g_mode", "eval", "--ema_decay", "0")]
+        for d in done:
+            d.result()
+    return dict(single=single, k2=k2, k4=k4, k2_files=k2_only, eval=ev)
 
 
 def test_two_processes_log_the_losses_of_one(runs):
@@ -119,20 +134,17 @@ def test_only_rank_zero_writes_one_set_of_outputs(runs):
     assert len([f for f in stats if f.endswith(".npz")]) == 1
 
 
-def test_fid_in_eval_mode_uses_the_checkpoints_statistics_on_every_rank(tmp_path):
+def test_fid_in_eval_mode_uses_the_checkpoints_statistics_on_every_rank(runs, fid_weights):
     # Without --sync_bn each rank's BatchNorm has running statistics of its own data; the
     # FID logged by 2 processes with --fid_g_mode eval must be the checkpoint's FID.
     import re
     import fid
     from conftest import run_main
-    weights = tmp_path / "w.pth"
-    torch.save(random_fid_state_dict(), weights)
-    launch(tmp_path, 2, "--total_step", "4", "--fid_step", "4", "--fid_weights", weights, "--sync_bn", "false",
-           "--fid_g_mode", "eval", "--ema_decay", "0")
-    logged = float(rows(tmp_path, "fid.csv")[-1]["fid"])
-    stats = next((tmp_path / "logs/fid_stats").glob("*.npz"))
-    r = run_main([tmp_path / "models" / V / "4.pt", stats, "--fid_samples", 12, "--batch_size", 6, "--fid_weights",
-                  weights, "--device", "cpu", "--no_progress"], entry=fid.main)
+    root = runs["eval"]  # 2 processes, --sync_bn false --fid_g_mode eval --ema_decay 0, FID at step 4
+    logged = float(rows(root, "fid.csv")[-1]["fid"])
+    stats = next((root / "logs/fid_stats").glob("*.npz"))
+    r = run_main([root / "models" / V / "4.pt", stats, "--fid_samples", FID_SAMPLES, "--batch_size", 6,
+                  "--fid_weights", fid_weights, "--device", "cpu", "--no_progress"], entry=fid.main)
     assert r.returncode == 0, r.stderr
     # rank 1's own statistics would move it by about 1e-5 relative here (measured without the fix)
     assert float(re.search(r"FID: (\S+)", r.stdout).group(1)) == pytest.approx(logged, rel=1e-6)

@@ -3,31 +3,30 @@ batch), checkpoints; FID during training (the monitor), and the reference-statis
 The metrics themselves are checked against pytorch-fid / torch-fidelity in test_metrics.py."""
 import csv
 import re
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import features
-import inception
 import fid
-from conftest import TINY, out_dirs, random_fid_state_dict, run_cli, run_main
+import inception
+import utils
+from conftest import out_dirs, run_cli, run_main, small_data, structured_images, TINY
 from data_loader import build_dataset
 from run import configure
-from PIL import Image
-from conftest import structured_images
-import utils
-import warnings
 
-FID_FLAGS = ["--fid_step", "5", "--fid_samples", "12", "--fid_batch_size", "6", "--fid_ref_samples", "16"]
+FID_SAMPLES, REF_SAMPLES = 10, 10  # IS takes at least 10 (its splits)
+FID_FLAGS = ["--fid_step", "5", "--fid_samples", str(FID_SAMPLES), "--fid_batch_size", "6", "--fid_ref_samples",
+             str(REF_SAMPLES)]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(fid_weights):
     """Random weights with the real key layout (the real file cannot be downloaded here)."""
-    path = tmp_path_factory.mktemp("w") / "fid_weights.pth"
-    torch.save(random_fid_state_dict(), path)
-    return path
+    return fid_weights
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +35,8 @@ def two_runs(tmp_path_factory, weights):
     root = tmp_path_factory.mktemp("runs")
     results = {}
     for span in (0, 1):
-        r = run_main([*TINY, *out_dirs(root), "--total_step", "10", "--span", span, "--ema_decay", "0.9",
-                      "--sample_step", "10", "--model_save_step", "10", *FID_FLAGS, "--fid_weights", weights,
+        r = run_main([*TINY, *out_dirs(root), *small_data(), "--total_step", "10", "--span", span, "--ema_decay",
+                      "0.9", "--sample_step", "10", "--model_save_step", "10", *FID_FLAGS, "--fid_weights", weights,
                       "--metrics", "fid,is,kid"], cwd=root)
         results[span] = r
     return root, results
@@ -59,12 +58,12 @@ def test_training_writes_fid_rows_and_plot(two_runs):
         for row in rows:
             for k in ("fid", "fid_ema", "is", "is_ema", "kid", "kid_ema"):
                 assert np.isfinite(float(row[k])), (k, row)
-            assert int(row["samples"]) == 12 and float(row["seconds"]) > 0
+            assert int(row["samples"]) == FID_SAMPLES and float(row["seconds"]) > 0
         assert (log / "fid.png").stat().st_size > 1000
     # the reference statistics were computed once, by the first run, and reused by the second
     stats = list((root / "logs/fid_stats").glob("*.npz"))
     assert len(stats) == 1
-    assert "FID reference statistics of 16 real images saved" in results[0].stdout
+    assert f"FID reference statistics of {REF_SAMPLES} real images saved" in results[0].stdout
     assert "FID reference statistics" not in results[1].stdout
 
 
@@ -77,8 +76,8 @@ def test_checkpoint_input_reproduces_the_logged_fid(two_runs, weights):
     ckpt = root / "models/sagan_emoji_span1_32px/10.pt"
     for extra, expected in (([], logged), (["--ema"], logged_ema)):
         # the training logged with an Inception batch of 6; G's images do not depend on it
-        r = run_main([ckpt, stats, "--fid_samples", 12, "--batch_size", 4, "--fid_weights", weights, "--device", "cpu",
-                      "--no_progress", *extra], cwd=root, entry=fid.main)
+        r = run_main([ckpt, stats, "--fid_samples", FID_SAMPLES, "--batch_size", 4, "--fid_weights", weights,
+                      "--device", "cpu", "--no_progress", *extra], cwd=root, entry=fid.main)
         assert r.returncode == 0, r.stderr
         value = float(re.search(r"FID: (\S+)", r.stdout).group(1))
         assert value == pytest.approx(expected, rel=1e-5)
@@ -88,8 +87,8 @@ def test_checkpoint_input_reproduces_the_logged_fid(two_runs, weights):
 def test_offline_without_weights_warns_once_and_trains_on(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    r = run_cli([*TINY, *out_dirs(tmp_path), "--total_step", "10", *FID_FLAGS, "--version", "off"], cwd=tmp_path,
-                env=env)
+    r = run_cli([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "10", *FID_FLAGS, "--version", "off"],
+                cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     warnings = [l for l in r.stderr.splitlines() if "FID Inception weights" in l]
     assert len(warnings) == 1 and inception.FID_WEIGHTS_URL in warnings[0]
@@ -98,21 +97,26 @@ def test_offline_without_weights_warns_once_and_trains_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path, image_folder, weights,
-                                                                          monkeypatch):
-    ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
+def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path, weights, monkeypatch):
+    # three non-square images (each image costs an Inception forward at 299 px, four times here)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, h in enumerate((40, 48, 44)):
+        Image.fromarray(rng.integers(0, 256, (h, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(folder), "--imsize", "32"]))
     model = inception.load_inception(weights)
     calls = []
     real_extract = features.extract_features
     monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
-    args = dict(model=model, weights=weights, resize="tf1", cap=100, batch_size=8, device="cpu",
+    args = dict(model=model, weights=weights, resize="tf1", cap=100, batch_size=2, device="cpu",
                 cache_dir=tmp_path / "stats", progress=False)
     first = features.reference_stats(ds, **args)
     again = features.reference_stats(ds, **args)
     assert len(calls) == 1 and again.path == first.path and np.array_equal(again.mu, first.mu)
     # what was measured: the dataset's images after the training crop/resize
     images = torch.stack([ds[i] for i in range(len(ds))])
-    direct, _ = real_extract(model, [images[:8], images[8:]], progress=False)
+    direct, _ = real_extract(model, [images[:2], images[2:]], progress=False)
     np.testing.assert_allclose(first.mu, direct.mean(0), rtol=1e-6, atol=1e-9)
     ds.crop = 24  # a different crop: different images, so new statistics
     cropped = features.reference_stats(ds, **args)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, out_dirs, random_fid_state_dict, run_main
-from sweep import cell_argv
+from conftest import REPO, TINY, out_dirs, run_main, small_data
 from run import configure
+from sweep import cell_argv
 
 SWEEP = [a for a in TINY if a not in ("--seed", "3")]
 
@@ -45,12 +45,10 @@ def test_sweep_mistakes_are_one_line(tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path):
-    weights = tmp_path / "w.pth"
-    torch.save(random_fid_state_dict(), weights)
-    args = [*SWEEP, *out_dirs(tmp_path), "--span", "0,2", "--seed", "5", "--total_step", "4", "--log_step", "2",
-            "--sample_step", "2", "--model_save_step", "2", "--fid_step", "4", "--fid_samples", "8",
-            "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", weights, "--jobs", "2"]
+def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path, fid_weights):
+    args = [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,2", "--seed", "5", "--total_step", "4",
+            "--log_step", "2", "--sample_step", "2", "--model_save_step", "2", "--fid_step", "4", "--fid_samples", "8",
+            "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights, "--jobs", "2"]
     first = run_main(args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     cells = ["sagan_emoji_span0_32px_seed5", "sagan_emoji_span2_32px_seed5"]
@@ -118,8 +116,8 @@ def _wait(condition, seconds, what):
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cells die with the sweep through Linux's prctl")
 def test_a_cell_stopped_alone_is_interrupted_and_cells_stop_with_a_killed_sweep(tmp_path):
-    args = [*SWEEP, *out_dirs(tmp_path), "--span", "0,2", "--seed", "5", "--jobs", "2", "--total_step", "100000",
-            "--log_step", "1", "--sample_step", "100000", "--model_save_step", "100000"]
+    args = [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,2", "--seed", "5", "--jobs", "2",
+            "--total_step", "100000", "--log_step", "1", "--sample_step", "100000", "--model_save_step", "100000"]
     cells = ["sagan_emoji_span0_32px_seed5", "sagan_emoji_span2_32px_seed5"]
     locks = [tmp_path / "logs" / f".{c}.lock" for c in cells]
     output = tmp_path / "sweep.out"

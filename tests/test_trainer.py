@@ -27,7 +27,8 @@ import trainer
 
 @pytest.mark.slow
 def test_tiny_run_on_bundled_data_writes_every_output(tmp_path):
-    r = run_main(train_args(tmp_path, "--total_step", "20", "--span", "2", "--ema_decay", "0.9"), cwd=tmp_path)
+    r = run_main(train_args(tmp_path, "--total_step", "20", "--span", "2", "--ema_decay", "0.9", bundled=True),
+                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     v = "sagan_emoji_span2_32px"
     for path in [f"samples/{v}/10_fake.png", f"samples/{v}/20_fake.png", f"samples/{v}/20_fake_ema.png",
