@@ -12,7 +12,12 @@ from tqdm import tqdm
 
 from data_loader import CACHE_PREFIX, ArrayDataset, FileDataset, ImageDataset
 from files import atomic_open
-from utils import warn
+from utils import UserError, warn
+
+# Seconds a DataLoader waits for one batch from its worker processes before the run stops
+# with a UserError (loader_batches) instead of waiting for ever on a stuck worker.
+LOADER_TIMEOUT_S = 300
+
 
 def batch_indices(n: int, batch: int, seed: int, start: int = 0, device="cpu"):
     """Global batches of indices, forever: epoch e is randperm(n) seeded by seed + e,
@@ -35,6 +40,36 @@ def _own_generator():
     return torch.Generator().manual_seed(0)
 
 
+def worker_options(num_workers, device) -> dict:
+    """DataLoader arguments for its worker processes. On CUDA they are started by spawn, not
+    fork: a process forked from one that holds a CUDA context (and the threads beside it: the
+    pin-memory thread, the driver's) can inherit a lock held at the fork and wait for ever.
+    Spawned workers start from a fresh interpreter and get the dataset pickled. Every loader
+    with workers gets a finite timeout, whose expiry loader_batches turns into a UserError."""
+    if num_workers == 0:
+        return {}
+    cuda = torch.device(device).type == "cuda" or torch.cuda.is_initialized()
+    return {"multiprocessing_context": "spawn" if cuda else None, "timeout": LOADER_TIMEOUT_S}
+
+
+def loader_batches(loader):
+    """The batches of a DataLoader; its timeout (worker_options) as one line naming the cause
+    and the fix, instead of a RuntimeError from inside torch."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader timed out"):
+                raise
+            raise UserError(f"no batch from the {loader.num_workers} image-decoding worker process(es) in "
+                            f"{loader.timeout:g} s: they are stuck or far too slow; train with --num_workers 0 "
+                            f"(decode in the main process) or --cache (decode once, then serve from memory)") from None
+        yield batch
+
+
 class _RankBatchSampler:
     """A DataLoader batch sampler: this rank's slice of each global batch."""
 
@@ -50,14 +85,15 @@ class LoaderBatches:
     """Decode per batch in DataLoader workers (persistent: no restarts between epochs)."""
 
     def __init__(self, dataset, batch, seed, start, device, num_workers, rank=0, world=1):
-        self.device = device
+        self.device = torch.device(device)
         self.loader = DataLoader(
             dataset, batch_sampler=_RankBatchSampler(len(dataset), batch, seed, start, rank, world),
-            num_workers=num_workers, pin_memory=device.type == "cuda", generator=_own_generator(),
-            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+            num_workers=num_workers, pin_memory=self.device.type == "cuda", generator=_own_generator(),
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+            **worker_options(num_workers, self.device))
 
     def __iter__(self):
-        for x in self.loader:
+        for x in loader_batches(self.loader):
             yield x.to(self.device, non_blocking=True)
 
 
@@ -76,12 +112,14 @@ class TensorBatches:
             yield self.images[idx[self.lo:self.hi]].to(self.device, non_blocking=True)
 
 
-def decode_all(dataset, num_workers=0, desc="decoding") -> torch.Tensor:
-    """Every image of a dataset as one uint8 (N, 3, H, W) tensor, decoded in parallel."""
-    loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, generator=_own_generator())
+def decode_all(dataset, num_workers=0, desc="decoding", device="cpu") -> torch.Tensor:
+    """Every image of a dataset as one uint8 (N, 3, H, W) tensor, decoded in parallel
+    (`device`: the run's, which decides how the workers start)."""
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, generator=_own_generator(),
+                        **worker_options(num_workers, device))
     out = torch.empty((len(dataset), 3, dataset.size, dataset.size), dtype=torch.uint8)
     i = 0
-    for x in tqdm(loader, desc=desc, disable=len(dataset) < 5000, leave=False):
+    for x in tqdm(loader_batches(loader), desc=desc, total=len(loader), disable=len(dataset) < 5000, leave=False):
         out[i:i + len(x)] = x
         i += len(x)
     return out
@@ -118,7 +156,7 @@ def cache_path(dataset: ImageDataset) -> Path:
     return folder / name if os.access(folder, os.W_OK) else Path("data_cache") / name
 
 
-def cached_images(dataset: ImageDataset, num_workers=0, log=print) -> torch.Tensor:
+def cached_images(dataset: ImageDataset, num_workers=0, log=print, device="cpu") -> torch.Tensor:
     """The dataset decoded, read from its --cache file, or decoded once and written there.
     Says in one line which of the two happened and where."""
     path = cache_path(dataset)
@@ -135,7 +173,7 @@ def cached_images(dataset: ImageDataset, num_workers=0, log=print) -> torch.Tens
         if images is not None:  # not what this key writes: someone else's file under our name
             warn(f"--cache: {path} holds {images.dtype} {images.shape}, not uint8 {shape}; decoding again")
     log(f"--cache: decoding {len(dataset):,} images once into {path}")
-    images = decode_all(dataset, num_workers)
+    images = decode_all(dataset, num_workers, device=device)
     with atomic_open(path) as f:  # a file object keeps np.save from renaming it
         np.save(f, images.numpy())
     return images
@@ -146,7 +184,8 @@ def make_batches(dataset, cfg, start, device, rank=0, world=1):
     if isinstance(dataset, ArrayDataset) and dataset.crop is None and dataset.array.shape[1] == dataset.size:
         images = torch.from_numpy(np.ascontiguousarray(dataset.array)).permute(0, 3, 1, 2)
     elif isinstance(dataset, ArrayDataset) or cfg.cache:
-        images = cached_images(dataset, cfg.num_workers) if cfg.cache else decode_all(dataset, cfg.num_workers)
+        images = cached_images(dataset, cfg.num_workers, device=device) if cfg.cache else \
+            decode_all(dataset, cfg.num_workers, device=device)
     else:
         return LoaderBatches(dataset, cfg.batch_size, cfg.seed, start, device, cfg.num_workers, rank, world)
     return TensorBatches(images, cfg.batch_size, cfg.seed, start, device, rank, world)

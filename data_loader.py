@@ -3,12 +3,6 @@
 Every dataset yields uint8 (3, size, size) tensors after its crop/resize; scaling to
 [-1, 1] happens on the training device. The same uint8 images feed FID's reference
 statistics, so "real images" means the same thing for training and measuring.
-
-Two ways to serve batches, with identical images and order (both are a pure function
-of the seed and the batch counter, so resumed and multi-GPU runs see the same data):
-- `TensorBatches`: the whole dataset as one uint8 tensor (on the GPU when it fits);
-  used for in-memory arrays and for `--cache`, which decodes image files once.
-- `LoaderBatches`: a DataLoader that decodes files in worker processes.
 """
 import atexit
 import hashlib
@@ -120,6 +114,7 @@ def as_nhwc_uint8(arr, where) -> np.ndarray:
 
 class ArrayDataset(ImageDataset):
     def __init__(self, array: np.ndarray, size: int, crop, description: dict):
+        self.npy_file = array.filename if isinstance(array, np.memmap) else None  # load_array's memory map
         array = as_nhwc_uint8(array, description.get("path"))
         self.array, self.size, self.description = array, size, description
         square = array.shape[1] == array.shape[2]
@@ -130,6 +125,14 @@ class ArrayDataset(ImageDataset):
 
     def raw(self, i):
         return self.array[i]
+
+    def __getstate__(self):  # for spawned loader workers: a mapped .npy travels as its name, not its (GBs of) data
+        return {**self.__dict__, "array": None} if self.npy_file else self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.npy_file:  # mapped again, as load_array and as_nhwc_uint8 gave it
+            self.array = as_nhwc_uint8(np.load(self.npy_file, mmap_mode="r"), self.npy_file)
 
 
 def _header_readable(path: Path) -> bool:
@@ -285,14 +288,20 @@ class LsunDataset(ImageDataset):
             import lmdb  # noqa: F401  (optional: torchvision's LSUN needs it)
         except ImportError:
             raise UserError(f"{root} is an LSUN LMDB folder, which needs the lmdb package: pip install lmdb")
-        self.lsun = LSUN(str(root), classes=[LSUN_CLASS])
-        self.size, self.crop, self.description = size, "square", description
+        self.root, self.size, self.crop, self.description = str(root), size, "square", description
+        self.lsun = LSUN(self.root, classes=[LSUN_CLASS])
 
     def __len__(self):
         return len(self.lsun)
 
     def raw(self, i):
         return self.lsun[i][0]
+
+    def __getstate__(self):  # an open LMDB environment does not pickle: a worker opens the folder again
+        return {k: v for k, v in self.__dict__.items() if k != "lsun"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, lsun=LSUN(state["root"], classes=[LSUN_CLASS]))
 
 
 _NPY_MAGIC = b"\x93NUMPY"

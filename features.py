@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from batches import loader_batches, worker_options
 from checkpoint import generator_from_checkpoint
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, check_array_file, image_files, load_array, quiet_pil, to_rgb
 from distributed import gather_rows
@@ -193,7 +194,10 @@ def _compute_reference(dataset, model, n, batch_size, device, num_workers, progr
         chosen = images if n == len(images) else images[torch.as_tensor(idx, device=images.device)]
         loader = _Sized((chosen[i:i + batch_size] for i in range(0, n, batch_size)), -(-n // batch_size))
     else:
-        loader = DataLoader(Subset(dataset, idx), batch_size, num_workers=num_workers, generator=g)
+        # workers started after the CUDA context exists: spawned, with a timeout (batches.worker_options)
+        loader = DataLoader(Subset(dataset, idx), batch_size, num_workers=num_workers, generator=g,
+                            **worker_options(num_workers, device))
+        loader = _Sized(loader_batches(loader), len(loader))
     pool3, _ = extract_features(model, loader, device, progress, desc="FID reference")
     mu, sigma = feature_stats(pool3)
     save_stats(path, mu, sigma, key, n)

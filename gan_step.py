@@ -155,7 +155,15 @@ class CUDAGraphStep:
     and it and every later call replays it. Everything the step changes lives in tensors
     the graph writes in place (weights, Adam state, BatchNorm statistics, spectral-norm
     vectors, the CUDA RNG offset), so checkpoints, sampling and resume see the same state
-    as in eager mode."""
+    as in eager mode. What the step reads as Python numbers (Adam's lr and betas) is fixed
+    at capture: a resumed run's new --g_lr/--d_lr/--beta1/--beta2 count because its graph
+    is captured in its own process, after the checkpoint is loaded.
+
+    The capture is thread-local: what other threads do meanwhile (the DataLoader's
+    pin-memory thread, with --cache false) is theirs; in the default global mode their
+    CUDA calls would break the capture."""
+
+    capture_error_mode = "thread_local"
 
     def __init__(self, fn, warmup=3):
         self.fn, self.warmup, self.calls = fn, warmup, 0
@@ -177,7 +185,7 @@ class CUDAGraphStep:
             self.static_in = [x.clone() for x in inputs]
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode=self.capture_error_mode):
                 self.static_out = self.fn(*self.static_in)
         self.graph.replay()
         return self.static_out
