@@ -9,7 +9,7 @@ py="$1"; mkdir -p "$2"; cd "$2"
 export OMP_NUM_THREADS=1
 tiny=(--imsize 32 --batch_size 8 --num_workers 0 --g_conv_dim 16 --d_conv_dim 16 --z_dim 32 --seed 0
       --log_step 2 --sample_step 4 --model_save_step 4)
-"$py" -c "import sys, torch; sys.path.insert(0, sys.argv[1]); import inception; torch.save(inception.FIDInception().state_dict(), "w.pth")" "$repo"
+"$py" -c "import sys, torch; sys.path.insert(0, sys.argv[1]); import inception; torch.save(inception.FIDInception().state_dict(), 'w.pth')" "$repo"
 fid=(--fid_step 2 --fid_samples 8 --fid_ref_samples 16 --fid_batch_size 8 --fid_weights w.pth)
 set -x
 "$py" "$repo/main.py" --help > /dev/null
