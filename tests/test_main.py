@@ -1,6 +1,6 @@
 """Every entry point answers a user mistake with one line and exit code 2, never a
 traceback (issue 11). In-process through main.main / fid.main; the subprocess cases in
-test_training.py and test_fid.py keep the no-traceback guarantee of the real scripts."""
+test_trainer.py and test_fid.py keep the no-traceback guarantee of the real scripts."""
 import numpy as np
 import pytest
 import torch
