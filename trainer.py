@@ -25,7 +25,7 @@ from inception import resolve_weights
 from parameter import resume_command
 from plots import save_attention_picture
 from run import run_dirs
-from runlog import AttentionLog, Interval, RunLog, StopSignals
+from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals
 from sagan_models import (attention_layers, build_discriminator, build_generator, forward_capturing_attention_inputs,
                           layer_distances)
 from sampling import fixed_latents, image_grid, sampling_mode, save_png, to_uint8, uint8_batches
@@ -133,10 +133,10 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def _diverged(self, what) -> UserError:
+    def _diverged(self, what) -> Diverged:
         where = f"the last good checkpoint is {self.last_saved}.pt in {self.dirs['model_save']}" \
             if self.last_saved is not None else "no checkpoint was saved yet"
-        return UserError(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr or "
+        return Diverged(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr or "
                          f"--adv_loss hinge")
 
     def _write_config(self, n_images):
@@ -181,7 +181,7 @@ class Trainer:
             fid_monitor.evaluate(self.step, self.G, self.G_ema)
         if self.step >= cfg.total_step:
             return
-        with StopSignals() as stop, RunLog(self) as log:
+        with RunStatus(self), StopSignals() as stop, RunLog(self) as log:
             self.interval = Interval(self.device, self.step, self.resumed_interval)
             while self.step < cfg.total_step:
                 self.interval.add(self.train_step(batches))

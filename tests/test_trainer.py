@@ -193,6 +193,9 @@ def test_a_diverged_step_writes_no_checkpoint(tmp_path, capsys):
                                                    "--d_lr", "1e8"))
     assert "a weight became NaN/inf by step 1; no checkpoint was saved yet" in err
     assert not list((tmp_path / "models").glob("*/*.pt"))
+    status = json.loads((tmp_path / "logs/d/status.json").read_text())  # what the compare report counts
+    assert (status["status"], status["step"], status["total_step"]) == ("diverged", 1, 10)
+    assert status["reason"].startswith("a weight became NaN/inf by step 1")
 
 
 @pytest.mark.slow
