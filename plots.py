@@ -74,16 +74,26 @@ def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25,
 
 
 def plot_groups(groups, path, column="fid"):
-    """Each group's mean FID against step, with a ±std band where it has several runs."""
+    """Each group's mean over the runs that reached a step, with a ±std band where there are
+    several; an × at the last value of every run that failed (NaN/inf, a crash)."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    marked = False  # the legend explains the × once
     for g in groups:
         t = g.table()
         steps = list(t)
         mean = np.array([t[s].mean for s in steps])
-        line, = ax.plot(steps, mean, "-o", ms=3, label=f"{g.label} (n={len(g.runs)})")
+        failed = g.failed()
+        label = f"{g.label} (n={len(g.runs)}" + (f", {len(failed)} failed)" if failed else ")")
+        line, = ax.plot(steps, mean, "-o", ms=3, label=label)
         std = np.array([t[s].std for s in steps])
         if np.isfinite(std).any():
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        ends = [(max(r.fid), r.fid[max(r.fid)]) for r in failed if r.fid]  # one that failed before any FID has none
+        if ends:
+            ax.plot(*zip(*ends), "x", ms=9, mew=2, color=line.get_color())
+            marked = True
+    if marked:
+        ax.plot([], [], "kx", ms=9, mew=2, label="a failed run's last value")
     ax.set_xlabel("generator step")
     ax.set_ylabel(f"{column} (lower is better; band: ±1 std over seeds)")
     ax.grid(alpha=0.3)

@@ -147,9 +147,9 @@ def run_sweep(cfg, argv, main_py) -> int:
     line, code = sweep_summary([(c.version, c.result) for c in cells])
     print(line, flush=True)
     dirs = [Path(cfg.log_path) / c.version for c in cells]
-    have_fid = [d for d in dirs if (d / "fid.csv").is_file()]
-    if have_fid:
-        show(group_runs([load_run(d) for d in have_fid]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
+    if any((d / "fid.csv").is_file() for d in dirs):  # every cell started counts, with FID or not
+        started = [d for d in dirs if (d / "config.json").is_file() or (d / "fid.csv").is_file()]
+        show(group_runs([load_run(d) for d in started]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
              flag="--log_path")
     else:
         print("sweep: no FID logged (on a CPU FID is off unless --fid_step N is given)")
