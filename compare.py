@@ -239,10 +239,6 @@ def comparisons(groups) -> dict:
 
 
 # ---------------------------------------------------------------------------- the report
-def _fmt(v, spec=".2f"):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
 def _ends(runs) -> str:
     return ", ".join(f"{r.name} {r.outcome.what} @{r.outcome.step}" for r in runs)
 
@@ -283,8 +279,8 @@ def report(groups, column="fid", reach=None, tests=None) -> str:
     untested = ["-" if baseline_of(g, groups) is None else "no test: n < 2 in an arm" for g in groups]
     rows.append(("vs span 0", [u if c is None else f"{c.kind}, {c.n} vs {c.n_base} @{s}"
                                for u, c, s in zip(untested, heads, at)]))
-    rows.append(("p", ["-" if c is None else _fmt(c.p, ".3g") for c in heads]))
-    rows.append(("p Holm", ["-" if c is None else f"{_fmt(c.p_holm, '.3g')} (m={c.m})" for c in heads]))
+    rows.append(("p", ["-" if c is None else "no spread" if math.isnan(c.p) else f"{c.p:.3g}" for c in heads]))
+    rows.append(("p Holm", ["-" if c is None or not c.m else f"{c.p_holm:.3g} (m={c.m})" for c in heads]))
     rows.append(("diff of means", ["-" if c is None else f"{c.diff:+.2f}" for c in heads]))
     rows.append(("diff 95% bootstrap", ["-" if c is None else f"[{c.boot[0]:+.2f}, {c.boot[1]:+.2f}]" for c in heads]))
     if reach is not None:
@@ -303,13 +299,17 @@ def report(groups, column="fid", reach=None, tests=None) -> str:
 
 
 def write_csv(groups, path, reach=None, tests=None):
+    """One row per group and step (a group none of whose runs logged a value: one row, step
+    empty, so its failures are in the table too)."""
     tests = comparisons(groups) if tests is None else tests
     opt = lambda v: "" if v is None or math.isnan(v) else f"{v:.6g}"
+    ends = lambda runs: ";".join(f"{r.name}:{r.outcome.what}@{r.outcome.step}" for r in runs)
     with atomic_open(path, "w", newline="") as f:  # a failed write leaves the earlier file whole
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for i, g in enumerate(groups):
-            ends = lambda runs: ";".join(f"{r.name}:{r.outcome.what}@{r.outcome.step}" for r in runs)
+            base = baseline_of(g, groups)
+            reach_cols = [""] * 6
             if reach is not None:
                 per_run = g.reach(reach)
                 r = reach_summary(per_run)
@@ -317,18 +317,16 @@ def write_csv(groups, path, reach=None, tests=None):
                               opt(r.high), r.never,
                               ";".join(f"{run.name}:{'failed' if run.outcome.failed else 'never' if s is None else s}"
                                        for run, s in zip(g.runs, per_run))]
-            else:
-                reach_cols = [""] * 6
-            for step, m in g.table().items():
+            runs = [len(g.failed()), ends(g.failed()), len(g.stopped_early()), ends(g.stopped_early())]
+            for step, m in g.table().items() or [("", None)]:
                 c = tests.get((i, step))
-                base = baseline_of(g, groups)
-                test_cols = [base.label if base else "", c.kind, c.n_base, opt(c.p), opt(c.p_holm), c.m or "",
-                             opt(c.diff), opt(c.boot[0]), opt(c.boot[1])] if c else \
+                stat = [m.n, f"{m.mean:.6g}", opt(m.std), opt(m.ci95[0]), opt(m.ci95[1]),
+                        NO_INTERVAL if m.n == 1 else ""] if m else [0, "", "", "", "", ""]
+                test = [base.label if base else "", c.kind, c.n_base, opt(c.p), opt(c.p_holm), c.m or "",
+                        opt(c.diff), opt(c.boot[0]), opt(c.boot[1])] if c else \
                     [base.label, "none: n < 2 in an arm"] + [""] * 7 if base else [""] * 9
                 w.writerow([g.label, g.settings.get("g_span", ""), g.settings.get("d_span", ""), step, len(g.runs),
-                            m.n, f"{m.mean:.6g}", opt(m.std), opt(m.ci95[0]), opt(m.ci95[1]),
-                            NO_INTERVAL if m.n == 1 else "", len(g.failed()), ends(g.failed()),
-                            len(g.stopped_early()), ends(g.stopped_early()), *test_cols, *reach_cols])
+                            *stat, *runs, *test, *reach_cols])
 
 
 def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None):

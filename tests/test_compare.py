@@ -40,7 +40,8 @@ def compare_csv(root, runs, *extra):
     """Run `fid.py compare` on the runs; (its stdout, {(group, step): CSV row})."""
     r = run_main(["compare", *runs, "--out", root / "cmp.png", "--csv", root / "t.csv", *extra], entry=fid.main)
     assert r.returncode == 0, r.stderr
-    return r.stdout, {(row["group"], int(row["step"])): row for row in csv.DictReader(open(root / "t.csv"))}
+    return r.stdout, {(row["group"], int(row["step"]) if row["step"] else None): row
+                      for row in csv.DictReader(open(root / "t.csv"))}
 
 
 def line(stdout, name):
@@ -116,12 +117,18 @@ def test_failed_and_stopped_runs_are_counted_with_their_step(tmp_path, monkeypat
                       total_step=1000),
              make_run(tmp_path, "b5", {500: 38}, {"status": "running", "step": 0}, seed=5, g_span=3, d_span=3,
                       total_step=1000)]
+    # a group whose one run failed before any FID: a column of its own, and a CSV row without a step
+    span3.append(make_run(tmp_path, "c0", None, {"status": "diverged", "step": 40}, seed=0, g_span=4, d_span=4,
+                          total_step=1000))
     drawn = []
     monkeypatch.setattr(plots, "_save_figure", lambda fig, path, dpi: drawn.append(fig))
     out, by = compare_csv(tmp_path, base + span3, "--reach", "36")
-    assert line(out, "runs started") == ["6", "6"]
-    assert line(out, "failed") == ["0", "3: seed1 diverged @700, seed2 diverged @1000, seed3 failed @200"]
-    assert line(out, "stopped early") == ["0", "2: seed4 interrupted @600, seed5 running or killed @500"]
+    assert line(out, "runs started") == ["6", "6", "1"]
+    assert line(out, "failed") == ["0", "3: seed1 diverged @700, seed2 diverged @1000, seed3 failed @200",
+                                   "1: seed0 diverged @40"]
+    assert line(out, "stopped early") == ["0", "2: seed4 interrupted @600, seed5 running or killed @500", "0"]
+    row = by[("c0 (span 4)", None)]
+    assert (row["n_started"], row["n"], row["mean"], row["failed_at"]) == ("1", "0", "", "seed0:diverged@40")
     row = by[("span 3", 1000)]
     assert (row["n_started"], row["n"], row["n_failed"], row["n_stopped_early"]) == ("6", "1", "3", "2")
     assert row["failed_at"] == "seed1:diverged@700;seed2:diverged@1000;seed3:failed@200"
