@@ -343,8 +343,8 @@ def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None):
         path = attention_out
         if plot_attention(groups, attention_out):
             print(f"attention distance: {attention_out}")
-        flag, path = "--csv", csv_out
         if csv_out is not None:
+            flag, path = "--csv", csv_out
             write_csv(groups, csv_out, reach, tests)
             print(f"csv: {csv_out}")
     except OSError as e:
