@@ -9,12 +9,14 @@ import csv
 import json
 import math
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoint import migrate_config
 from files import atomic_open, check_output_file, csv_rows_until
 from plots import figure_path, plot_attention, plot_groups
+from report_html import write_page
 from runlog import read_status
 from stats import compare_arms, holm_within, reach_summary, summarize
 from utils import OneLineParser, UserError, write_failed
@@ -251,7 +253,9 @@ def _reach_cell(reach) -> str:
     return f"{median} [{r.low:g}, {r.high:g}], never {r.never}/{r.runs}"
 
 
-def report(groups, column="fid", reach=None, tests=None) -> str:
+def report_table(groups, column="fid", reach=None, tests=None):
+    """The report as rows [(name, [a cell per group])], the first naming the groups, and
+    the lines that explain them: what the terminal prints and the HTML page shows."""
     tests = comparisons(groups) if tests is None else tests
     tables = [g.table() for g in groups]
     steps = sorted({s for t in tables for s in t})
@@ -285,17 +289,26 @@ def report(groups, column="fid", reach=None, tests=None) -> str:
     rows.append(("diff 95% bootstrap", ["-" if c is None else f"[{c.boot[0]:+.2f}, {c.boot[1]:+.2f}]" for c in heads]))
     if reach is not None:
         rows.append((f"reach {column}≤{reach:g}", [_reach_cell(g.reach(reach)) for g in groups]))
-    width = max(len(v) for _, vals in rows for v in vals)
-    first = max(len(str(name)) for name, _ in rows)
-    lines = [f"{name:>{first}}  " + "  ".join(f"{v:>{width}}" for v in vals) for name, vals in rows]
-    lines += ["per step: mean ± std over the runs that reached it (n of the runs started); 95% CI: Student t.",
+    notes = ["per step: mean ± std over the runs that reached it (n of the runs started); 95% CI: Student t.",
               "vs span 0: against the span-0 group with the same other settings, at the last step both have 2 runs",
               "  or more: a paired t-test if both hold the same seeds there, else Welch's; p Holm: Holm-Bonferroni",
               "  over the m comparisons made at that step; diff: mean - span-0 mean, 95% percentile bootstrap."]
     if reach is not None:
-        lines += [f"reach: per run the first step with {column} ≤ {reach:g} (a failed run: never); median [range] "
+        notes += [f"reach: per run the first step with {column} ≤ {reach:g} (a failed run: never); median [range] "
                   "over the runs,", "  a never counting as later than any step."]
-    return "\n".join(lines)
+    return rows, notes
+
+
+def report(groups, column="fid", reach=None, tests=None) -> str:
+    return format_report(*report_table(groups, column, reach, tests))
+
+
+def format_report(rows, notes) -> str:
+    """report_table's rows as aligned text columns, then its notes."""
+    width = max(len(v) for _, vals in rows for v in vals)
+    first = max(len(str(name)) for name, _ in rows)
+    lines = [f"{name:>{first}}  " + "  ".join(f"{v:>{width}}" for v in vals) for name, vals in rows]
+    return "\n".join(lines + notes)
 
 
 def write_csv(groups, path, reach=None, tests=None):
@@ -329,12 +342,13 @@ def write_csv(groups, path, reach=None, tests=None):
                             *stat, *runs, *test, *reach_cols])
 
 
-def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None):
-    """Print the report and write the FID plot to `out`, the attention plot beside it, and
-    the table to `csv_out` if given; an output that cannot be written is a UserError naming
-    its flag (`flag` for the plots)."""
+def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html_out=None, html_flag="--html"):
+    """Print the report and write the FID plot to `out`, the attention plot beside it, the
+    table to `csv_out` and the HTML page to `html_out` if given; an output that cannot be
+    written is a UserError naming its flag (`flag` for the plots, `html_flag` for the page)."""
     tests = comparisons(groups)
-    print(report(groups, column, reach, tests))
+    rows, notes = report_table(groups, column, reach, tests)
+    print(format_report(rows, notes))
     attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
     path = out  # the file being written, for the message
     try:
@@ -347,6 +361,14 @@ def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None):
             flag, path = "--csv", csv_out
             write_csv(groups, csv_out, reach, tests)
             print(f"csv: {csv_out}")
+        if html_out is not None:
+            flag, path = html_flag, html_out
+            with tempfile.TemporaryDirectory(prefix="sagan_page_") as tmp:  # the plots as PNG, whatever --out is
+                fid_png, attention_png = Path(tmp) / "fid.png", Path(tmp) / "attention.png"
+                plot_groups(groups, fid_png, column)
+                write_page(html_out, groups, rows, notes, fid_png,
+                           attention_png if plot_attention(groups, attention_png) else None, column)
+            print(f"report page: {html_out}")
     except OSError as e:
         raise write_failed(flag, path, e) from None
 
@@ -365,12 +387,16 @@ def compare(argv) -> int:
     p.add_argument("--csv", default=None, metavar="OUT",
                    help="write one row per group and step with every number of the report: runs started, "
                         "failed and stopped early, mean/std/CI, test, p, Holm p, bootstrap interval, reach")
+    p.add_argument("--html", default=None, metavar="OUT",
+                   help="write the report as one HTML page with its images inside: the table, the plots, and "
+                        "each run's newest sample grid and attention picture, a row per group, a column per seed")
     args = p.parse_args(argv)
     column = "fid_ema" if args.ema else "fid"
     out = check_output_file(figure_path(args.out, "--out"), "--out")  # before reading any run
-    if args.csv:
-        check_output_file(args.csv, "--csv")
+    for name in ("csv", "html"):
+        if getattr(args, name):
+            check_output_file(getattr(args, name), f"--{name}")
     folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
     groups = group_runs([load_run(d, column) for d in folders])
-    show(groups, out, column, args.reach, csv_out=args.csv)
+    show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
     return 0

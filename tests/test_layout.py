@@ -13,7 +13,7 @@ from conftest import REPO
 LAYERS = [
     {"utils", "choices", "stats"},
     {"files", "parameter"},
-    {"device", "distributed", "spectral", "diffaug", "sampling", "data_loader"},
+    {"device", "distributed", "spectral", "diffaug", "sampling", "data_loader", "report_html"},
     {"sagan_models", "batches", "inception"},
     {"checkpoint", "plots", "metrics", "gan_step", "runlog"},
     {"run", "features", "compare"},
