@@ -28,7 +28,7 @@ from run import run_dirs
 from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals
 from sagan_models import (attention_layers, build_discriminator, build_generator, forward_capturing_attention_inputs,
                           layer_distances)
-from sampling import fixed_latents, image_grid, sampling_mode, save_png, to_uint8, uint8_batches
+from sampling import fixed_latents, image_grid, sampling_mode, save_png, to_uint8, uint8_batches, whole_batches
 from utils import UserError, __version__, git_commit, warn
 
 
@@ -307,7 +307,7 @@ class Trainer:
         cfg = self.cfg
         if not self.is_main:
             return
-        z = fixed_latents(cfg.seed, "eval", cfg.n_samples, cfg.z_dim)
+        z = fixed_latents(cfg.seed, "eval", whole_batches(cfg.n_samples, cfg.batch_size), cfg.z_dim)
         written, replaced = [], []
         for suffix, G in (("", self.G), ("_ema", self.G_ema)):
             if G is None:
@@ -320,7 +320,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             starts = range(0, cfg.n_samples, cfg.batch_size)
-            for i, batch in zip(starts, uint8_batches(G, z, starts, cfg.batch_size, self.device, cfg.fid_g_mode)):
+            for i, batch in zip(starts, uint8_batches(G, z, starts, cfg.batch_size, self.device, cfg.fid_g_mode,
+                                                           cfg.n_samples)):
                 for j, im in enumerate(batch.permute(0, 2, 3, 1).cpu().numpy()):
                     save_png(im, tmp / f"{i + j:05d}.png")
             if out.exists():
