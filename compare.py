@@ -114,6 +114,9 @@ def load_run(folder, column="fid") -> Run:
     for r in attention:  # checked here, not half-way through a plot
         _number(r, "step", d / "attention.csv", int), _number(r, "distance", d / "attention.csv")
         _number(r, "uniform", d / "attention.csv")
+        for optional in ("share", "fixed"):  # files written before these columns have none
+            if r.get(optional) not in (None, ""):
+                _number(r, optional, d / "attention.csv")
         if any(r.get(k) in (None, "") for k in ("network", "layer", "map")):
             raise UserError(f"{d / 'attention.csv'}: malformed row {dict(r)!r}; is it a file this package wrote?")
     fid = {s: v for s, v in every.items() if math.isfinite(v)}

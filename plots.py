@@ -110,17 +110,21 @@ def plot_attention(groups, path):
         return False
     fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False)
     for ax, (net, layer) in zip(axes[0], layers):
+        size = ""
         for g in groups:
-            by_step, uniform, size = {}, None, ""
+            by_step, uniform, fixed = {}, None, False
             for run in g.runs:
                 for r in run.attention:
                     if (r["network"], r["layer"]) == (net, layer):
                         by_step.setdefault(int(r["step"]), []).append(float(r["distance"]))
                         uniform, size = float(r["uniform"]), r["map"]
+                        fixed = r.get("fixed") not in (None, "") and float(r["fixed"]) == 1
             if not by_step:
                 continue
             steps = sorted(by_step)
-            line, = ax.plot(steps, [np.mean(by_step[s]) for s in steps], "-o", ms=3, label=g.label)
+            # a layer whose mask fixes every weight learns nothing about where to look
+            label = g.label + (" (uniform by construction)" if fixed else "")
+            line, = ax.plot(steps, [np.mean(by_step[s]) for s in steps], "-o", ms=3, label=label)
             ax.axhline(uniform, color=line.get_color(), ls=":", lw=1)
         ax.set_title(f"{net} {layer} ({size})", fontsize=9)
         ax.set_xlabel("generator step")

@@ -221,22 +221,26 @@ class RunLog:
 
 class AttentionLog:
     """attention.csv: at every --sample_step, per attention layer of G (on the fixed z) and of
-    D (on a fixed batch of real images), the mean attention distance
-    (sagan_models.attention_distance) and what uniform weights over the keys the span leaves
-    would give, for reference. A resumed run drops the rows after its checkpoint."""
+    D (on a fixed batch of real images), a sagan_models.LayerAttention: the mean attention
+    distance, what equal weights on the keys the span leaves would give (uniform), the
+    attention's share of the layer's output (γ included) and the fraction of queries whose
+    weights the mask fixes (1: uniform by construction). A resumed run drops the rows after
+    its checkpoint."""
 
-    COLUMNS = ["step", "network", "layer", "map", "distance", "uniform"]
+    COLUMNS = ["step", "network", "layer", "map", "distance", "uniform", "share", "fixed"]
 
     def __init__(self, path, start_step):
         self.path = path
         self.rows = csv_rows_until(path, start_step)
 
     def write(self, step, layers: dict):
-        """layers: {"G": [(name, map, distance, uniform), ...], "D": [...]}."""
+        """layers: {"G": [LayerAttention, ...], "D": [...]} (empty lists for a network without
+        attention layers)."""
         for net, rows in layers.items():
-            self.rows += [{"step": step, "network": net, "layer": name, "map": size, "distance": f"{d:.5g}",
-                           "uniform": f"{u:.5g}"} for name, size, d, u in rows]
+            self.rows += [{"step": step, "network": net, "layer": r.name, "map": r.map, "distance": f"{r.distance:.5g}",
+                           "uniform": f"{r.uniform:.5g}", "share": f"{r.share:.5g}", "fixed": f"{r.fixed:.4g}"}
+                          for r in rows]
         with atomic_open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.COLUMNS)
+            w = csv.DictWriter(f, self.COLUMNS, restval="")  # rows of an older file lack the new columns
             w.writeheader()
             w.writerows(self.rows)

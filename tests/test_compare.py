@@ -210,6 +210,8 @@ def test_runs_without_seeds_to_group_compare_as_before(tmp_path):
     ("fid.csv", b"step,fid\n10,abc\n", "malformed row"),
     ("fid.csv", b"step,fid\nten,1.0\n", "malformed row"),
     ("attention.csv", b"step,network,layer,map,distance,uniform\n10,G,attn8,8x8,abc,1\n", "malformed row"),
+    ("attention.csv", b"step,network,layer,map,distance,uniform,share,fixed\n10,G,attn8,8x8,1,1,abc,0\n",
+     "malformed row"),
 ])
 def test_malformed_csv_is_one_line(tmp_path, name, content, message):
     d = make_run(tmp_path, "bad", {10: 1.0})

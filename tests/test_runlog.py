@@ -147,3 +147,24 @@ def test_status_json_records_how_the_run_ended(tmp_path):
     assert not (tmp_path / "status.json").exists() and read_status(tmp_path) == {}
     (tmp_path / "status.json").write_text("{not json")
     assert read_status(tmp_path) == {}
+
+
+def test_attention_log_continues_an_older_file_and_compare_reads_both(tmp_path):
+    # attention.csv files from before the share and fixed columns: a resumed run keeps their
+    # rows (the new columns empty) and the report reads old and new rows alike
+    import fid
+    from runlog import AttentionLog
+    from sagan_models import LayerAttention
+    from test_compare import make_run
+    d = make_run(tmp_path, "r", {10: 50.0, 20: 40.0})
+    (d / "attention.csv").write_text("step,network,layer,map,distance,uniform\n10,G,attn8,8x8,2.5,3\n"
+                                     "20,G,attn8,8x8,9,9\n")
+    log = AttentionLog(d / "attention.csv", 10)  # resumed at step 10: the step-20 row goes
+    log.write(20, {"G": [LayerAttention("attn8", "8x8", 2.75, 3.0, 0.125, 0.0)],
+                   "D": [LayerAttention("attn4", "4x4", float("nan"), float("nan"), 0.0, 1.0)]})
+    rows = read_csv(d / "attention.csv")
+    assert [(r["step"], r["layer"], r["distance"], r["share"], r["fixed"]) for r in rows] == [
+        ("10", "attn8", "2.5", "", ""), ("20", "attn8", "2.75", "0.125", "0"), ("20", "attn4", "nan", "0", "1")]
+    r = run_main(["compare", d, "--out", tmp_path / "c.png"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c_attention.png").stat().st_size > 1000
