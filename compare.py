@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoint import migrate_config
-from files import atomic_open, check_output_file, csv_rows_until
+from files import atomic_open, check_output_file, csv_header, csv_rows_until
+from metrics import METRICS, higher_is_better
 from plots import figure_path, plot_attention, plot_groups
 from report_html import write_page
 from runlog import read_status
@@ -172,10 +173,12 @@ class Group:
     def stopped_early(self) -> list:
         return [r for r in self.runs if r.outcome.kind == "stopped early"]
 
-    def reach(self, target) -> list:
-        """Per run, the first step with a value <= target; None if it never got there or
-        failed (a run that diverged later produced no usable model, whatever it passed)."""
-        return [None if r.outcome.failed else next((s for s in sorted(r.fid) if r.fid[s] <= target), None)
+    def reach(self, target, higher=False) -> list:
+        """Per run, the first step with a value <= target (>= where higher is better, e.g.
+        recall); None if it never got there or failed (a run that diverged later produced no
+        usable model, whatever it passed)."""
+        there = (lambda v: v >= target) if higher else (lambda v: v <= target)
+        return [None if r.outcome.failed else next((s for s in sorted(r.fid) if there(r.fid[s])), None)
                 for r in self.runs]
 
 
@@ -274,7 +277,8 @@ def report_table(groups, column="fid", reach=None, tests=None):
     rows.append(("failed", [f"{len(g.failed())}" + (f": {_ends(g.failed())}" if g.failed() else "") for g in groups]))
     rows.append(("stopped early", [f"{len(g.stopped_early())}" + (f": {_ends(g.stopped_early())}"
                                                                  if g.stopped_early() else "") for g in groups]))
-    best = [min(t.items(), key=lambda kv: kv[1].mean) if t else None for t in tables]
+    higher = higher_is_better(column)
+    best = [(max if higher else min)(t.items(), key=lambda kv: kv[1].mean) if t else None for t in tables]
     rows.append((f"best {column}", ["-" if b is None else f"{b[1].mean:.2f} ({b[1].n}/{len(g.runs)})"
                                     for g, b in zip(groups, best)]))
     rows.append(("at step", ["-" if b is None else str(b[0]) for b in best]))
@@ -291,13 +295,15 @@ def report_table(groups, column="fid", reach=None, tests=None):
     rows.append(("diff of means", ["-" if c is None else f"{c.diff:+.2f}" for c in heads]))
     rows.append(("diff 95% bootstrap", ["-" if c is None else f"[{c.boot[0]:+.2f}, {c.boot[1]:+.2f}]" for c in heads]))
     if reach is not None:
-        rows.append((f"reach {column}≤{reach:g}", [_reach_cell(g.reach(reach)) for g in groups]))
+        rows.append((f"reach {column}{'≥' if higher else '≤'}{reach:g}",
+                     [_reach_cell(g.reach(reach, higher)) for g in groups]))
     notes = ["per step: mean ± std over the runs that reached it (n of the runs started); 95% CI: Student t.",
               "vs span 0: against the span-0 group with the same other settings, at the last step both have 2 runs",
               "  or more: a paired t-test if both hold the same seeds there, else Welch's; p Holm: Holm-Bonferroni",
               "  over the m comparisons made at that step; diff: mean - span-0 mean, 95% percentile bootstrap."]
     if reach is not None:
-        notes += [f"reach: per run the first step with {column} ≤ {reach:g} (a failed run: never); median [range] "
+        notes += [f"reach: per run the first step with {column} {'≥' if higher else '≤'} {reach:g} (a failed run: "
+                  "never); median [range] "
                   "over the runs,", "  a never counting as later than any step."]
     return rows, notes
 
@@ -314,7 +320,7 @@ def format_report(rows, notes) -> str:
     return "\n".join(lines + notes)
 
 
-def write_csv(groups, path, reach=None, tests=None):
+def write_csv(groups, path, reach=None, tests=None, higher=False):
     """One row per group and step (a group none of whose runs logged a value: one row, step
     empty, so its failures are in the table too)."""
     tests = comparisons(groups) if tests is None else tests
@@ -327,7 +333,7 @@ def write_csv(groups, path, reach=None, tests=None):
             base = baseline_of(g, groups)
             reach_cols = [""] * 6
             if reach is not None:
-                per_run = g.reach(reach)
+                per_run = g.reach(reach, higher)
                 r = reach_summary(per_run)
                 reach_cols = [f"{reach:g}", "never" if math.isinf(r.median) else opt(r.median), opt(r.low),
                               opt(r.high), r.never,
@@ -355,20 +361,20 @@ def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html
     attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
     path = out  # the file being written, for the message
     try:
-        plot_groups(groups, out, column)
+        plot_groups(groups, out, column, higher_is_better(column))
         print(f"plot: {out}")
         path = attention_out
         if plot_attention(groups, attention_out):
             print(f"attention distance: {attention_out}")
         if csv_out is not None:
             flag, path = "--csv", csv_out
-            write_csv(groups, csv_out, reach, tests)
+            write_csv(groups, csv_out, reach, tests, higher_is_better(column))
             print(f"csv: {csv_out}")
         if html_out is not None:
             flag, path = html_flag, html_out
             with tempfile.TemporaryDirectory(prefix="sagan_page_") as tmp:  # the plots as PNG, whatever --out is
                 fid_png, attention_png = Path(tmp) / "fid.png", Path(tmp) / "attention.png"
-                plot_groups(groups, fid_png, column)
+                plot_groups(groups, fid_png, column, higher_is_better(column))
                 write_page(html_out, groups, rows, notes, fid_png,
                            attention_png if plot_attention(groups, attention_png) else None, column)
             print(f"report page: {html_out}")
@@ -383,10 +389,13 @@ def compare(argv) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN_LOG_DIR",
                    help="<log_path>/<version> folders of runs (config.json, fid.csv); every run started counts")
     p.add_argument("--out", default="fid_compare.png", help="the FID plot; the attention plot goes beside it")
-    p.add_argument("--ema", action="store_true", help="compare the EMA generators (fid_ema)")
+    p.add_argument("--column", default="fid", choices=[c for m in METRICS.values() for c in m.columns],
+                   help="the fid.csv column to compare (a metric of --metrics, e.g. recall)")
+    p.add_argument("--ema", action="store_true", help="compare the EMA generators (<column>_ema)")
     p.add_argument("--reach", type=float, default=None, metavar="F",
-                   help="also report per run the first step with FID <= F, and per group its median, "
-                        "range and how many runs never got there")
+                   help="also report per run the first step with a value <= F (>= F where higher is better: is, "
+                        "precision, recall, density, coverage), and per group its median, range and how many runs "
+                        "never got there")
     p.add_argument("--csv", default=None, metavar="OUT",
                    help="write one row per group and step with every number of the report: runs started, "
                         "failed and stopped early, mean/std/CI, test, p, Holm p, bootstrap interval, reach")
@@ -394,12 +403,16 @@ def compare(argv) -> int:
                    help="write the report as one HTML page with its images inside: the table, the plots, and "
                         "each run's newest sample grid and attention picture, a row per group, a column per seed")
     args = p.parse_args(argv)
-    column = "fid_ema" if args.ema else "fid"
+    column = args.column + ("_ema" if args.ema else "")
     out = check_output_file(figure_path(args.out, "--out"), "--out")  # before reading any run
     for name in ("csv", "html"):
         if getattr(args, name):
             check_output_file(getattr(args, name), f"--{name}")
     folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
+    headers = [h for h in (csv_header(d / "fid.csv") for d in folders) if h is not None]
+    if headers and not any(column in h for h in headers):  # a metric the runs left off: no empty table
+        metric = next(name for name, m in METRICS.items() if args.column in m.columns)
+        raise UserError(f"no run logged {column}; runs trained with --metrics fid,{metric} log it")
     groups = group_runs([load_run(d, column) for d in folders])
     show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
     return 0

@@ -152,8 +152,9 @@ def _rebatch(batches, size):
 class Reference:
     mu: np.ndarray
     sigma: np.ndarray
-    pool3: np.ndarray  # per-image features, only kept when KID needs them
+    pool3: np.ndarray  # per-image features, only kept when a metric needs them (KID, PRDC)
     path: Path
+    cache: dict = field(default_factory=dict)  # what metrics derive from it once (PRDC's k-NN radii)
 
 
 def reference_stats(dataset, model, weights, resize, cap, batch_size, device, cache_dir, with_features=False,
@@ -224,8 +225,8 @@ class FIDMonitor:
         self.model = load_inception(weights, cfg.fid_resize, device, cfg.fid_precision)
         self.ref = reference_stats(
             dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, cfg.fid_batch_size, device,
-            Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
-            progress=self.progress, rank=rank, world=world, images=images)
+            Path(cfg.log_path) / "fid_stats", with_features=any(METRICS[m].needs == "features" for m in cfg.metrics),
+            num_workers=cfg.num_workers, progress=self.progress, rank=rank, world=world, images=images)
         self.z = fixed_latents(cfg.seed, "fid", whole_batches(cfg.fid_samples, cfg.batch_size), cfg.z_dim)
         self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]  # fid's always: compare reads them
         for name in cfg.metrics:
@@ -281,6 +282,7 @@ class Resolved:
     pool3: np.ndarray = None
     logits: np.ndarray = None
     meta: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # as Reference.cache
 
 
 def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_samples=10000, ema=False,

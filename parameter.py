@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRECISIONS, RESIZE_MODES, TRANSFORMS
+from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRDC_K, PRECISIONS, RESIZE_MODES, TRANSFORMS
 from choices import parse_metrics, parse_policy
 from utils import TRUST_FLAG, OneLineParser, UserError
 
@@ -236,6 +236,9 @@ def validate(cfg, world=1):
     metrics = cfg.metrics
     if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
         err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
+    if "prdc" in metrics and (cfg.fid_samples <= PRDC_K or 0 < cfg.fid_ref_samples <= PRDC_K):
+        err(f"--metrics prdc needs more than its {PRDC_K} nearest neighbours on each side: raise --fid_samples "
+            f"({cfg.fid_samples}) and --fid_ref_samples ({cfg.fid_ref_samples}) above {PRDC_K}")
     for seed in cfg.seed or []:
         if not 0 <= seed < 2**63:
             err(f"--seed {seed} is out of range; use an integer in [0, 2^63)")

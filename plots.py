@@ -73,9 +73,10 @@ def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25,
     plt.close(fig)
 
 
-def plot_groups(groups, path, column="fid"):
-    """Each group's mean over the runs that reached a step, with a ±std band where there are
-    several; an × at the last value of every run that failed (NaN/inf, a crash)."""
+def plot_groups(groups, path, column="fid", higher=False):
+    """Each group's mean of `column` over the runs that reached a step, with a ±std band where
+    there are several; an × at the last value of every run that failed (NaN/inf, a crash).
+    higher: larger values are the better ones (recall, ...)."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     marked = False  # the legend explains the × once
     for g in groups:
@@ -95,7 +96,7 @@ def plot_groups(groups, path, column="fid"):
     if marked:
         ax.plot([], [], "kx", ms=9, mew=2, label="a failed run's last value")
     ax.set_xlabel("generator step")
-    ax.set_ylabel(f"{column} (lower is better; band: ±1 std over seeds)")
+    ax.set_ylabel(f"{column} ({'higher' if higher else 'lower'} is better; band: ±1 std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

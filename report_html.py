@@ -196,7 +196,7 @@ def page(groups, table, notes, fid_png, attention_png=None, column="fid") -> str
     """The page's HTML: `table` and `notes` are compare's report (compare.report_table),
     `fid_png` and `attention_png` its plots as PNG files (attention_png None: no run logged
     attention distances)."""
-    ema = column == "fid_ema"
+    ema = column.endswith("_ema")  # fid_ema, recall_ema, ...: the EMA generator's pictures
     runs = [r for g in groups for r in g.runs]
     samples = {id(r): pictures(output_folder(r, "sample_path"), SAMPLE_GRID[ema]) for r in runs}
     attention = {id(r): pictures(output_folder(r, "attn_path"), ATTENTION_PICTURE) for r in runs}

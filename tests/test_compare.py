@@ -10,7 +10,7 @@ from scipy import stats
 
 import fid
 import plots
-from conftest import full_disk_at, run_main
+from conftest import full_disk_at, one_line, run_main
 
 BASE = {"model": "sagan", "imsize": 32, "g_span": 0, "d_span": 0, "d_lr": 4e-4, "adv_loss": "hinge",
         "dataset": "emoji", "batch_size": 32, "diffaug": ""}
@@ -246,10 +246,35 @@ def test_edge_cases_empty_runs_repeated_folders_uneven_seeds_and_old_configs(tmp
     assert [row["n"] for row in by.values()] == ["2"]
 
 
+def test_a_metric_column_where_higher_is_better(tmp_path):
+    # --column recall (fid.csv as training writes it with --metrics fid,prdc): the best mean
+    # is the highest and --reach asks for >=
+    runs = []
+    for span, per_seed in ((0, [{500: 0.2, 1000: 0.5}, {500: 0.3, 1000: 0.6}]),
+                           (3, [{500: 0.4, 1000: 0.3}, {500: 0.5, 1000: 0.2}])):
+        for seed, recalls in enumerate(per_seed):
+            d = make_run(tmp_path, f"s{span}_seed{seed}", None, seed=seed, g_span=span, d_span=span, total_step=1000)
+            with open(d / "fid.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["step", "fid", "fid_ema", "samples", "seconds", "precision", "recall", "density", "coverage"])
+                for step, v in recalls.items():
+                    w.writerow([step, 50, "", 1000, 1.0, 0.9, v, 1.0, 0.5])
+            runs.append(d)
+    out, by = compare_csv(tmp_path, runs, "--column", "recall", "--reach", "0.35")
+    assert [c.split()[0] for c in line(out, "best recall")] == ["0.55", "0.45"]
+    assert line(out, "at step") == ["1000", "500"]
+    assert [c.split()[0] for c in line(out, "reach recall≥0.35")] == ["1000", "500"]
+    assert [by[g, 1000]["reach_median"] for g in ("span 0", "span 3")] == ["1000", "500"]
+    # a metric no run logged is one line naming the flag that logs it
+    r = run_main(["compare", *runs, "--column", "kid", "--out", tmp_path / "c.png"], entry=fid.main)
+    assert r.returncode == 2 and "--metrics fid,kid" in one_line(r)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bogus"], "fid.py: error: unrecognized arguments: --bogus (see python fid.py compare --help)"),
     ([], "the following arguments are required: RUN_LOG_DIR"),
     (["--reach", "x"], "argument --reach: invalid float value: 'x'"),
+    (["--column", "nope"], "argument --column: invalid choice: 'nope'"),
 ])
 def test_compare_bad_flags_are_one_line(tmp_path, capsys, argv, message):
     run = make_run(tmp_path, "r", {10: 1.0})

@@ -31,13 +31,13 @@ def weights(fid_weights):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, weights):
-    """Two tiny runs (span 0 and 1) on the bundled data, FID every 5 steps."""
+    """Two tiny runs (span 0 and 1) on the bundled data, FID (and IS, KID, PRDC) every 5 steps."""
     root = tmp_path_factory.mktemp("runs")
     results = {}
     for span in (0, 1):
         r = run_main([*TINY, *out_dirs(root), *small_data(), "--total_step", "10", "--span", span, "--ema_decay",
                       "0.9", "--sample_step", "10", "--model_save_step", "10", *FID_FLAGS, "--fid_weights", weights,
-                      "--metrics", "fid,is,kid"], cwd=root)
+                      "--metrics", "fid,is,kid,prdc"], cwd=root)
         results[span] = r
     return root, results
 
@@ -56,8 +56,10 @@ def test_training_writes_fid_rows_and_plot(two_runs):
         rows = read_csv(log / "fid.csv")
         assert [int(r["step"]) for r in rows] == [5, 10]
         for row in rows:
-            for k in ("fid", "fid_ema", "is", "is_ema", "kid", "kid_ema"):
+            for k in ("fid", "fid_ema", "is", "is_ema", "kid", "kid_ema", "precision", "recall", "density", "coverage",
+                      "precision_ema", "recall_ema", "density_ema", "coverage_ema"):
                 assert np.isfinite(float(row[k])), (k, row)
+            assert all(0 <= float(row[k]) <= 1 for k in ("precision", "recall", "coverage"))
             assert int(row["samples"]) == FID_SAMPLES and float(row["seconds"]) > 0
         assert (log / "fid.png").stat().st_size > 1000
     # the reference statistics were computed once, by the first run, and reused by the second

@@ -46,6 +46,9 @@ def test_tiny_run_on_bundled_data_writes_every_output(tmp_path):
     assert [(r["step"], r["network"], r["layer"], r["map"]) for r in attn[:4]] == [
         ("10", "G", "attn8", "8x8"), ("10", "G", "attn16", "16x16"), ("10", "D", "attn8", "8x8"), ("10", "D", "attn4", "4x4")]
     assert len(attn) == 8 and all(0 < float(r["distance"]) < 16 * 2 ** 0.5 for r in attn)
+    # γ has moved from 0 in 10 steps; at span 2 the mask fixes D's 4 centre queries of 4x4 (no key left)
+    assert all(0 < float(r["share"]) < 1 for r in attn)
+    assert [r["fixed"] for r in attn[:4]] == ["0", "0", "0", "0.25"]
     cfg = json.loads((tmp_path / f"logs/{v}/config.json").read_text())
     assert cfg["dataset_size"] == 1432 and cfg["g_span"] == 2 and cfg["seed"] == 3
     assert {"package_version", "git_commit", "g_lr", "batch_size", "mask_mode", "fid_step"} <= set(cfg)
