@@ -128,20 +128,27 @@ def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path
     assert len(calls) == 3 and pytorch_mode.path != cropped.path
 
 
+class PerImage(torch.nn.Module):  # stands in for Inception: features of each image alone
+    precision = "fp32"
+
+    def forward(self, b):
+        f = b.float().flatten(1)[:, :64]
+        return f, f[:, :8]
+
+
+def folder_and_stand_in_weights(tmp_path, image_folder):
+    """The image_folder fixture as a 32 px folder dataset, and a weights file that is only
+    hashed into the reference cache key (PerImage needs none)."""
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"stand-in")
+    return build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"])), weights
+
+
 @pytest.mark.slow
 def test_reference_from_decoded_images_equals_reference_from_the_dataset(tmp_path, image_folder):
     # --cache and in-memory arrays hand the decoded images to the reference statistics
     # (no loader workers); they must be the statistics of the same images, also when capped.
-    class PerImage(torch.nn.Module):  # stands in for Inception: features of each image alone
-        precision = "fp32"
-
-        def forward(self, b):
-            f = b.float().flatten(1)[:, :64]
-            return f, f[:, :8]
-
-    weights = tmp_path / "w.bin"
-    weights.write_bytes(b"stand-in")  # only hashed into the cache key
-    ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
+    ds, weights = folder_and_stand_in_weights(tmp_path, image_folder)
     images = torch.stack([ds[i] for i in range(len(ds))])
     for cap in (100, 9):
         args = dict(model=PerImage(), weights=weights, resize="tf1", cap=cap, batch_size=4, device="cpu",
@@ -252,16 +259,7 @@ def test_the_reference_of_all_images_uses_every_image(tmp_path, image_folder):
     assert configure(["--fid_ref_samples", "all"]).fid_ref_samples == 0
     assert configure(["--fid_ref_samples", "0"]).fid_ref_samples == 0
 
-    class PerImage(torch.nn.Module):  # stands in for Inception: features of each image alone
-        precision = "fp32"
-
-        def forward(self, b):
-            f = b.float().flatten(1)[:, :64]
-            return f, f[:, :8]
-
-    weights = tmp_path / "w.bin"
-    weights.write_bytes(b"stand-in")  # only hashed into the cache key
-    ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
+    ds, weights = folder_and_stand_in_weights(tmp_path, image_folder)
     assert len(ds) == 15
     args = dict(model=PerImage(), weights=weights, resize="tf1", batch_size=4, device="cpu", progress=False,
                 cache_dir=tmp_path / "stats", with_features=True)
