@@ -17,7 +17,7 @@ from sampling import sampling_mode
 
 pytestmark = pytest.mark.slow  # training runs and multi-process launches
 
-FID_SAMPLES = 10  # drawn in generation batches of --batch_size 8: rank 0 draws 8, rank 1 the other 2
+FID_SAMPLES = 10  # drawn in whole generation batches of --batch_size 8: rank 0 draws 8, rank 1 8 and keeps 2
 STEPS = ["--log_step", "1", "--sample_step", "4", "--model_save_step", "2", "--span", "1", "--sync_bn",
          "--ema_decay", "0.5", "--fid_samples", str(FID_SAMPLES), "--fid_batch_size", "6", "--fid_ref_samples", "8",
          *small_data()]
