@@ -125,7 +125,7 @@ def test_fid_split_over_ranks_equals_the_single_process_fid(runs):
 def test_only_rank_zero_writes_one_set_of_outputs(runs):
     files = {str(p) for p in runs["k2_files"]}
     expected = {f"logs/{V}/metrics.csv", f"logs/{V}/config.json", f"logs/{V}/fid.csv", f"logs/{V}/fid.png",
-                f"logs/{V}/attention.csv", f"logs/.{V}.lock", f"models/.{V}.lock", f"samples/.{V}.lock",
+                f"logs/{V}/attention.csv", f"logs/{V}/status.json", f"logs/.{V}.lock", f"models/.{V}.lock", f"samples/.{V}.lock",
                 f"attn/.{V}.lock",
                 f"models/{V}/2.pt", f"models/{V}/4.pt", f"samples/{V}/4_fake.png", f"samples/{V}/4_fake_ema.png",
                 f"attn/{V}/4_attn.png"}
