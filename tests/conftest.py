@@ -234,13 +234,36 @@ def structured_images(n, seed, hue_shift):
 
 
 def pytest_collection_modifyitems(config, items):
-    """CUDA tests are deselected (not skipped) where no GPU is visible: CI runs none."""
-    if torch.cuda.is_available():
-        return
-    cuda = [item for item in items if "cuda" in item.keywords]
-    if cuda:
-        config.hook.pytest_deselected(items=cuda)
-        items[:] = [item for item in items if "cuda" not in item.keywords]
+    """CUDA tests are deselected (not skipped) where no GPU is visible: CI runs none. Slurm
+    tests likewise where no Slurm answers, unless SAGAN_REQUIRE_SLURM=1 (CI, which starts
+    one): then that is an error, never a silent pass."""
+    gone = {"cuda"} if not torch.cuda.is_available() else set()
+    if any("slurm" in item.keywords for item in items):
+        why = slurm_missing()
+        if why and os.environ.get("SAGAN_REQUIRE_SLURM") == "1":
+            raise pytest.UsageError(f"SAGAN_REQUIRE_SLURM=1, but {why}: start one with tools/slurm_local.sh start")
+        gone |= {"slurm"} if why else set()
+    out = [item for item in items if gone & set(item.keywords)]
+    if out:
+        config.hook.pytest_deselected(items=out)
+        items[:] = [item for item in items if not gone & set(item.keywords)]
+
+
+def slurm_missing():
+    """Why the slurm tests cannot run here (no Slurm commands, no controller, no usable
+    node, no submitit), or None."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no Slurm commands on PATH"
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--format", "%t"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer in 30 s"
+    if out.returncode or not {s.strip("*~#$@^-") for s in out.stdout.split()} & {"idle", "mix", "alloc"}:
+        return f"no Slurm node is up ({(out.stderr or out.stdout).strip() or 'sinfo lists none'})"
+    import importlib.util
+    if importlib.util.find_spec("submitit") is None:
+        return "submitit is not installed (requirements-dev.txt)"
+    return None
 
 
 N_IMAGES = 16
