@@ -1,5 +1,8 @@
 """The named choices of flags, shared by the command line and the code that implements
 them. No torch here: `python main.py --help` lists them without importing it."""
+import re
+import shlex
+from argparse import ArgumentTypeError
 
 IMAGE_SIZES = (32, 64, 128)  # sagan_models builds these
 MASK_MODES = ("pre", "post")  # see sagan_models.Self_Attn
@@ -27,3 +30,64 @@ def parse_metrics(text) -> list:
     if not names or names - set(METRICS):
         raise ValueError(f"--metrics {text!r}: choose a comma list of {','.join(METRICS)}")
     return [m for m in METRICS if m in names]
+
+
+# A job gets SIGUSR2 this long before its time limit: time to finish the step, a FID in flight
+# and the checkpoint (--launcher slurm).
+SLURM_SIGNAL_DELAY_S = 180
+
+
+def slurm_time(text) -> int:
+    """argparse type: a Slurm time limit as sbatch --time takes it (minutes, MM:SS,
+    HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> whole minutes, rounded up. Refused: 0 (no limit
+    to Slurm), and limits that leave no time after the stop signal."""
+    days, dash, clock = str(text).strip().rpartition("-")
+    try:
+        d, parts = int(days) if dash else 0, [int(p) for p in clock.split(":")]
+    except ValueError:
+        d, parts = 0, []
+    if not 1 <= len(parts) <= 3 or min(parts + [d]) < 0:
+        raise ArgumentTypeError(f"{text!r} is not a Slurm time: give minutes, HH:MM:SS or D-HH:MM:SS")
+    if dash:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, s = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # HH:MM:SS
+        h, m, s = parts
+    else:  # MM, MM:SS
+        h, m, s = 0, parts[0], (parts + [0])[1]
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    if seconds <= SLURM_SIGNAL_DELAY_S:
+        raise ArgumentTypeError(f"{text!r} is too short: a job is told to stop {SLURM_SIGNAL_DELAY_S // 60} "
+                                f"minutes before its time limit")
+    return -(-seconds // 60)
+
+
+def slurm_mem(text) -> str:
+    """argparse type: memory as sbatch --mem takes it (32G, 4000M, 4000)."""
+    if not re.fullmatch(r"[0-9]+[KMGT]?", str(text)):
+        raise ArgumentTypeError(f"{text!r}: give a size as sbatch --mem takes it, e.g. 32G or 4000M")
+    return str(text)
+
+
+# sbatch options that --launcher slurm sets itself: the flag that sets it, or None (the launcher)
+SBATCH_OWNED = {"partition": "--slurm_partition", "p": "--slurm_partition", "time": "--slurm_time",
+                "t": "--slurm_time", "gpus-per-node": "--slurm_gpus", "gpus": "--slurm_gpus",
+                "cpus-per-task": "--slurm_cpus", "c": "--slurm_cpus", "mem": "--slurm_mem",
+                "account": "--slurm_account", "A": "--slurm_account", "qos": "--slurm_qos", "q": "--slurm_qos",
+                "job-name": None, "J": None, "array": None, "a": None, "output": None, "o": None, "error": None,
+                "e": None, "signal": None, "requeue": None, "no-requeue": None, "open-mode": None}
+
+
+def sbatch_options(text) -> dict:
+    """argparse type: '--constraint=a100 --exclusive' -> {"constraint": "a100", "exclusive":
+    True}, more sbatch options, each --name or --name=value; not those the launcher sets
+    itself (SBATCH_OWNED)."""
+    options = {}
+    for word in shlex.split(str(text)):
+        name, eq, value = word[2:].partition("=")
+        if not word.startswith("--") or not name:
+            raise ArgumentTypeError(f"{word!r}: write each option as --name=value or --name (one word)")
+        if name in SBATCH_OWNED:
+            owner = SBATCH_OWNED[name]
+            raise ArgumentTypeError(f"--{name} is set by " + (f"{owner}; use that" if owner else "the launcher"))
+        options[name] = value if eq else True
+    return options

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRDC_K, PRECISIONS, RESIZE_MODES, TRANSFORMS
-from choices import parse_metrics, parse_policy
-from utils import TRUST_FLAG, OneLineParser, UserError
+from choices import parse_metrics, parse_policy, sbatch_options, slurm_mem, slurm_time
+from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
 
 # Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
 OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
@@ -174,7 +174,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BatchNorm of G when sampling for FID, grids and --train false: batch statistics "
                         "(the seed) or running statistics")
     g.add_argument("--metrics", default="fid", help=f"comma-separated subset of {','.join(METRICS)}")
+
+    g = p.add_argument_group("a sweep on a Slurm cluster (README: On a Slurm cluster)")
+    g.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="a sweep's cells: local processes (--jobs at a time), or a Slurm job each (needs submitit)")
+    g.add_argument("--wait", action="store_true", help="slurm: wait for the cells' jobs, then print the report")
+    g.add_argument("--slurm_partition", default=None, help="partition (None: the cluster's default)")
+    g.add_argument("--slurm_time", type=slurm_time, default=240, metavar="TIME",
+                   help="a job's time limit, minutes or D-HH:MM:SS; a cell that needs more is requeued and resumes")
+    g.add_argument("--slurm_gpus", type=int_at_least(0), default=1, help="GPUs per job (one cell)")
+    g.add_argument("--slurm_cpus", type=int_at_least(1), default=4, help="CPUs per job")
+    g.add_argument("--slurm_mem", type=slurm_mem, default=None, help="memory per job, e.g. 32G (None: the "
+                                                                     "partition's default)")
+    g.add_argument("--slurm_account", default=None, help="account to charge")
+    g.add_argument("--slurm_qos", default=None, help="quality of service")
+    g.add_argument("--slurm_sbatch", type=sbatch_options, default={}, metavar="OPTIONS",
+                   help="more sbatch options, one string: --slurm_sbatch='--constraint=a100 --exclusive'")
+    g.add_argument("--slurm_setup", default=None, metavar="SHELL",
+                   help="shell commands each job runs first, e.g. 'module load cuda; source env/bin/activate'")
     return p
+
+
+def check_launcher(cfg):
+    """UserError (one line) for launcher flags that cannot apply."""
+    slurm_flags = [f"--{k}" for k in cfg.given if k.startswith("slurm_") or k == "wait"]
+    if cfg.launcher == "local" and slurm_flags:
+        raise UserError(f"{', '.join(slurm_flags)}: for a sweep on Slurm; add --launcher slurm or drop them")
+    if cfg.launcher == "slurm" and not cfg.sweep:
+        raise UserError("--launcher slurm runs the cells of a sweep as jobs; give --span or --seed a comma list")
+    if cfg.launcher == "slurm" and "jobs" in cfg.given:
+        raise UserError("--jobs is for --launcher local: on Slurm every cell is its own job; drop --jobs")
 
 
 def _unknown_flag_message(unknown, parser):
@@ -314,6 +343,7 @@ def parse_flags(argv=None, world=None):
         setattr(cfg, k, parser.get_default(k))
     validate(cfg, world)
     cfg.sweep = sweep_cells(cfg)
+    check_launcher(cfg)
     cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
     cfg.d_span = cfg.span if cfg.d_span is None else cfg.d_span
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None  # never disagrees with them

@@ -18,7 +18,10 @@ from checkpoint import checkpoints
 from compare import group_runs, load_run, show
 from run import run_started
 
-SWEEP_FLAGS = ("--span", "--seed", "--version", "--jobs")  # what each cell sets for itself
+SWEEP_FLAGS = ("--span", "--seed", "--version", "--jobs",  # what each cell sets for itself
+               "--launcher", "--slurm_partition", "--slurm_time", "--slurm_gpus", "--slurm_cpus",  # the sweep's
+               "--slurm_mem", "--slurm_account", "--slurm_qos", "--slurm_sbatch", "--slurm_setup")
+SWEEP_SWITCHES = ("--wait",)  # the sweep's too, without a value
 
 
 def cell_argv(argv, span, seed, version, resume):
@@ -27,6 +30,8 @@ def cell_argv(argv, span, seed, version, resume):
     for a in argv:
         if skip:
             skip = False
+        elif a in SWEEP_SWITCHES:
+            continue
         elif a in SWEEP_FLAGS:
             skip = True
         elif not a.startswith(tuple(f + "=" for f in SWEEP_FLAGS)):
@@ -41,6 +46,12 @@ def cell_state(cfg, version):
     if found and max(found) >= cfg.total_step:
         return "done"
     return "started" if run_started(argparse.Namespace(**{**vars(cfg), "version": version})) else "new"
+
+
+def grid(cells) -> str:
+    """'4 cells (span [0, 3] × seed ['1', '2'])' of cfg.sweep's [(span, seed, version)]."""
+    return (f"{len(cells)} cells (span {sorted({span for span, _, _ in cells})} × seed "
+            f"{sorted({str(seed) for _, seed, _ in cells})})")
 
 
 class _Cell:
@@ -69,11 +80,11 @@ def cell_result(done, returncode) -> str:
     return "interrupted" if returncode in STOPPED_CODES else f"failed ({how})"
 
 
-def sweep_summary(results):
+def sweep_summary(results, why="their output above says why"):
     """(the sweep's closing line, its exit code) from [(version, result)], result as
     run_sweep sets it: "done before", "ok", "interrupted", "failed (...)" or None (never
-    started). Counts and names come from the one list, so they always agree; exit code 1
-    if a cell failed."""
+    started). Counts and names come from the one list, so they always agree; `why` follows
+    the failed ones. Exit code 1 if a cell failed."""
     kinds = {"finished": [], "interrupted": [], "failed": [], "not started": []}
     for version, result in results:
         kind = "finished" if result in ("done before", "ok") else "not started" if result is None else \
@@ -83,7 +94,7 @@ def sweep_summary(results):
     for kind in ("interrupted", "failed", "not started"):
         if kinds[kind]:
             parts.append(f"{kind}: {len(kinds[kind])} ({', '.join(kinds[kind])})" +
-                         (", their output above says why" if kind == "failed" else ""))
+                         (f", {why}" if kind == "failed" else ""))
     if len(kinds["finished"]) < len(results):
         parts.append("run the same command again to continue the rest")
     return "sweep: " + "; ".join(parts), 1 if kinds["failed"] else 0
@@ -108,8 +119,7 @@ def run_sweep(cfg, argv, main_py) -> int:
             c.result = "done before"
         else:
             todo.append((c, state == "started"))
-    print(f"sweep: {len(cells)} cells (span {sorted({c.span for c in cells})} × seed "
-          f"{sorted({str(c.seed) for c in cells})}), {len(cells) - len(todo)} already finished, "
+    print(f"sweep: {grid(cfg.sweep)}, {len(cells) - len(todo)} already finished, "
           f"{len(todo)} to run, {cfg.jobs} at a time", flush=True)
     gpus = _visible_gpus() if cfg.device == "cuda" else []
     stop = {"signal": None}
@@ -145,9 +155,16 @@ def run_sweep(cfg, argv, main_py) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    line, code = sweep_summary([(c.version, c.result) for c in cells])
+    return report(cfg, [(c.version, c.result) for c in cells])
+
+
+def report(cfg, results, why="their output above says why") -> int:
+    """The end of a sweep: its summary line (sweep_summary), the comparison of its cells
+    that logged FID (as `fid.py compare` prints it) and the command that compares them
+    again. Returns the sweep's exit code."""
+    line, code = sweep_summary(results, why)
     print(line, flush=True)
-    dirs = [Path(cfg.log_path) / c.version for c in cells]
+    dirs = [Path(cfg.log_path) / version for version, _ in results]
     if any((d / "fid.csv").is_file() for d in dirs):  # every cell started counts, with FID or not
         started = [d for d in dirs if (d / "config.json").is_file() or (d / "fid.csv").is_file()]
         show(group_runs([load_run(d) for d in started]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
