@@ -58,6 +58,9 @@ def run(argv):
     flags = parse_flags(argv)
     from device import configure_backends, pick_device
     from run import configure
+    if flags.sweep and flags.launcher == "slurm":  # one Slurm job per cell
+        from slurm import submit_sweep
+        return submit_sweep(configure(flags=flags), argv, os.path.abspath(__file__))
     if flags.sweep:  # --span / --seed lists: one run per cell, each in its own process
         from sweep import run_sweep
         return run_sweep(configure(flags=flags), argv, os.path.abspath(__file__))

@@ -18,6 +18,7 @@ LAYERS = [
     {"checkpoint", "plots", "metrics", "gan_step", "runlog"},
     {"run", "features", "compare"},
     {"trainer", "sweep"},
+    {"slurm"},
     {"main", "fid", "bench"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
