@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slurm_account", default=None, help="account to charge")
     g.add_argument("--slurm_qos", default=None, help="quality of service")
     g.add_argument("--slurm_sbatch", type=sbatch_options, default={}, metavar="OPTIONS",
-                   help="more sbatch options, one string: --slurm_sbatch='--constraint=a100 --exclusive'")
+                   help="more sbatch options, written as for sbatch, in one quoted string (README: On a Slurm cluster)")
     g.add_argument("--slurm_setup", default=None, metavar="SHELL",
                    help="shell commands each job runs first, e.g. 'module load cuda; source env/bin/activate'")
     return p

@@ -97,9 +97,10 @@ def submit_sweep(cfg, argv, main_py) -> int:
     their job ids and logs; with cfg.wait (or nothing left in the queue) wait for the jobs
     and end with sweep.report. Returns the exit code."""
     submitit = _submitit()
-    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-        raise UserError("--launcher slurm: no sbatch/squeue on this machine's PATH; run the sweep where you "
-                        "submit Slurm jobs (a login node)")
+    missing = [tool for tool in ("sbatch", "squeue", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(f"--launcher slurm: no {'/'.join(missing)} on this machine's PATH; run the sweep where "
+                        f"you submit Slurm jobs (a login node)")
     folder = Path(cfg.log_path).resolve() / f"{cfg.sweep_name}_slurm"
     record_path = folder / "sweep.json"
     with file_lock(folder / ".submit.lock"):  # two commands at once: the second sees the first's jobs
@@ -107,10 +108,10 @@ def submit_sweep(cfg, argv, main_py) -> int:
         queue = _queue(cfg.sweep_name)
         done, waiting, todo = [], {}, []
         for span, seed, version in cfg.sweep:
-            if cell_state(cfg, version) == "done":
-                done.append(version)
-            elif record["jobs"].get(version) in queue:
+            if record["jobs"].get(version) in queue:  # first: a job may still run after the last checkpoint
                 waiting[version] = record["jobs"][version]
+            elif cell_state(cfg, version) == "done":
+                done.append(version)
             else:
                 todo.append((span, seed, version))
         print(f"sweep: {grid(cfg.sweep)} on Slurm, {len(done)} already finished, {len(waiting)} queued or "
@@ -119,13 +120,13 @@ def submit_sweep(cfg, argv, main_py) -> int:
         if submitted:
             record["jobs"].update(submitted)
             record["submissions"].append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                          "folder": os.getcwd(), "command": shlex.join(["python", main_py, *argv]), "resources": _resources(cfg),
-                                          "jobs": submitted})
+                                          "folder": os.getcwd(), "command": shlex.join(["python", main_py, *argv]),
+                                          "resources": _resources(cfg), "jobs": submitted})
             with atomic_open(record_path, "w") as f:
                 json.dump(record, f, indent=1)
     jobs = {**waiting, **submitted}
     for version, job_id in jobs.items():
-        print(f"  {version}: job {job_id} ({queue.get(job_id, 'submitted').lower()}), log {_log(folder, job_id)}")
+        print(f"  {version}: job {job_id}, {queue.get(job_id, 'submitted')}, log {_log(folder, job_id)}")
     if jobs:
         print(f"sweep: logs and the jobs' record in {folder}; watch with: squeue -u {getpass.getuser()} "
               f"-n {cfg.sweep_name}", flush=True)
@@ -175,7 +176,7 @@ def _submit(submitit, cfg, argv, main_py, folder, cells) -> dict:
     try:
         with contextlib.redirect_stderr(errors), executor.batch():  # submitit prints sbatch's complaint
             jobs = [executor.submit(CellJob(cfg, argv, main_py, *cell)) for cell in cells]
-    except (submitit.core.utils.FailedJobError, OSError) as e:
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
         why = (str(e).strip() or errors.getvalue().strip() or type(e).__name__).splitlines()[-1]
         raise UserError(f"Slurm refused the sweep's jobs ({why}); check the --slurm_* flags") from None
     return {cell[2]: job.job_id for cell, job in zip(cells, jobs)}
@@ -188,16 +189,21 @@ def _log(folder, job_id) -> Path:
 
 
 def _queue(name) -> dict:
-    """{job id: state} of this user's jobs named `name` that Slurm still holds (pending,
-    running, completing, requeued, ...), one per array task."""
+    """{job id: "state" or "state (why)"} of this user's jobs named `name` that Slurm still
+    holds (pending, running, completing, requeued, ...), one per array task; why a job
+    waits, as squeue says it (Resources, Priority, PartitionConfig, ...)."""
     try:
         out = subprocess.run(["squeue", "--noheader", "--array", "--user", getpass.getuser(), "--name", name,
-                              "--format", "%i %T"], capture_output=True, text=True, timeout=120)
+                              "--format", "%i %T %r"], capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         raise UserError("squeue did not answer in 2 minutes; is the Slurm controller reachable?") from None
     if out.returncode:
         raise UserError(f"squeue failed: {(out.stderr.strip() or 'no message').splitlines()[-1]}")
-    return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+    queue = {}
+    for job_id, state, *why in (line.split(maxsplit=2) for line in out.stdout.splitlines() if line.strip()):
+        why = why[0].strip() if why and why[0].strip() not in ("None", "") else ""
+        queue[job_id] = state.lower() + (f" ({why})" if why and state == "PENDING" else "")
+    return queue
 
 
 def _wait(cfg, jobs, folder) -> dict:
@@ -217,7 +223,7 @@ def _wait(cfg, jobs, folder) -> dict:
                 print(f"sweep: {version} {results[version]}", flush=True)
             elif queue[job_id] != states.get(version):
                 states[version] = queue[job_id]
-                print(f"sweep: {version} {queue[job_id].lower()} (job {job_id})", flush=True)
+                print(f"sweep: {version} {queue[job_id]} (job {job_id})", flush=True)
         if len(results) < len(jobs):
             time.sleep(delay)
             delay = min(30.0, delay * 1.5)

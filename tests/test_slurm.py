@@ -69,7 +69,7 @@ def test_without_submitit_or_sbatch_it_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.undo()
     pytest.importorskip("submitit")  # a test dependency (requirements-dev.txt)
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
-    assert "no sbatch/squeue on this machine's PATH" in one_line(run_main(args))
+    assert "no sbatch/squeue/srun on this machine's PATH" in one_line(run_main(args))
 
 
 # ---------------------------------------------------------------------------- a real Slurm
@@ -99,6 +99,14 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
+@pytest.mark.slurm
+def test_a_submission_the_cluster_refuses_is_one_line_with_sbatch_s_reason(tmp_path):
+    args = [*SWEEP, *out_dirs(tmp_path), "--span", "0,3", *SLURM, "--slurm_partition", "no_such_partition"]
+    error = one_line(run_main(args, cwd=tmp_path))
+    assert "Slurm refused the sweep's jobs (sbatch: error: " in error and "partition" in error.lower()
+    assert not (tmp_path / "logs/sagan_emoji_sweep_slurm/sweep.json").exists()  # nothing was submitted
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_a_sweep_on_slurm_ends_with_the_metrics_and_report_of_the_local_sweep(tmp_path, fid_weights, one_thread):
@@ -113,7 +121,7 @@ def test_a_sweep_on_slurm_ends_with_the_metrics_and_report_of_the_local_sweep(tm
     jobs = _record(tmp_path / "slurm")["jobs"]
     assert sorted(jobs) == sorted(cells) and len({j.split("_")[0] for j in jobs.values()}) == 1  # one array
     for cell in cells:
-        assert f"{cell}: job {jobs[cell]} (submitted), log " in on_slurm.stdout
+        assert f"{cell}: job {jobs[cell]}, submitted, log " in on_slurm.stdout
         for name, drop in (("metrics.csv", TIMING), ("fid.csv", {"seconds"}), ("attention.csv", ())):
             ours, theirs = (_rows(tmp_path / where / "logs" / cell / name, drop) for where in ("slurm", "local"))
             assert ours == theirs and ours, (cell, name)
@@ -175,6 +183,8 @@ def test_the_same_command_submits_nothing_while_its_jobs_are_queued_nor_after_th
     again = run_main(command, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "0 already finished, 2 queued or running, 0 to submit" in again.stdout
+    assert f"sagan_emoji_span2_32px_seed4: job {jobs['sagan_emoji_span2_32px_seed4']}, pending (JobHeldUser), log " \
+        in again.stdout
     assert queued() == sorted(jobs.values()) and len(_record(tmp_path)["submissions"]) == 1
     _slurm("scontrol", "release", array)
     waited = run_main([*command, "--wait"], cwd=tmp_path)
