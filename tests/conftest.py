@@ -259,7 +259,8 @@ def slurm_missing():
     except subprocess.TimeoutExpired:
         return "sinfo did not answer in 30 s"
     if out.returncode or not {s.strip("*~#$@^-") for s in out.stdout.split()} & {"idle", "mix", "alloc"}:
-        return f"no Slurm node is up ({(out.stderr or out.stdout).strip() or 'sinfo lists none'})"
+        said = (out.stderr or out.stdout).strip().splitlines()
+        return f"no Slurm node is up ({said[-1] if said else 'sinfo lists none'})"
     import importlib.util
     if importlib.util.find_spec("submitit") is None:
         return "submitit is not installed (requirements-dev.txt)"
