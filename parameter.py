@@ -184,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a job's time limit, minutes or D-HH:MM:SS; a cell that needs more is requeued and resumes")
     g.add_argument("--slurm_gpus", type=int_at_least(0), default=1, help="GPUs per job (one cell)")
     g.add_argument("--slurm_cpus", type=int_at_least(1), default=4, help="CPUs per job")
-    g.add_argument("--slurm_mem", type=slurm_mem, default=None, help="memory per job, e.g. 32G (None: the "
-                                                                     "partition's default)")
+    g.add_argument("--slurm_mem", type=slurm_mem, default=None, help="memory per job, e.g. 32G (None: partition's)")
     g.add_argument("--slurm_account", default=None, help="account to charge")
     g.add_argument("--slurm_qos", default=None, help="quality of service")
     g.add_argument("--slurm_sbatch", type=sbatch_options, default={}, metavar="OPTIONS",
