@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import migrate_config
+from choices import span_text
 from files import atomic_open, check_output_file
 from plots import figure_path, plot_attention, plot_groups
 from utils import OneLineParser, UserError, write_failed
@@ -150,9 +151,9 @@ def group_runs(runs) -> list:
     for g in groups:
         parts, s = [], g.settings
         if "g_span" in s and s.get("g_span") == s.get("d_span"):
-            parts.append(f"span {s['g_span']}")
+            parts.append(f"span {span_text(s['g_span'])}")
         elif "g_span" in s:
-            parts.append(f"span G{s['g_span']}/D{s.get('d_span')}")
+            parts.append(f"span G{span_text(s['g_span'])}/D{span_text(s.get('d_span'))}")
         parts += [f"{k}={s.get(k)}" for k in varying if k not in ("g_span", "d_span")]
         if not g.runs[0].config:
             g.label = g.runs[0].folder.name
@@ -219,7 +220,8 @@ def write_csv(groups, path):
         for g in groups:
             for step, m in g.table().items():
                 opt = lambda v: "" if math.isnan(v) else f"{v:.6g}"
-                w.writerow([g.label, g.settings.get("g_span", ""), g.settings.get("d_span", ""), step, m.n,
+                spans = [span_text(g.settings[k]) if k in g.settings else "" for k in ("g_span", "d_span")]
+                w.writerow([g.label, *spans, step, m.n,
                             f"{m.mean:.6g}", opt(m.std), opt(m.ci95[0]), opt(m.ci95[1])])
 
 

@@ -1,6 +1,6 @@
-"""The span experiment as one command: `python main.py --span 0,3 --seed 0,1` runs every
-(span, seed) cell as an ordinary run in its own process, skips finished cells, resumes
-started ones, and ends with the compare report."""
+"""The span experiment as one command: `python main.py --span none,0,3 --seed 0,1` runs every
+(span, seed) cell (G's and D's span, see parameter.sweep_cells) as an ordinary run in its
+own process, skips finished cells, resumes started ones, and ends with the compare report."""
 import argparse
 import ctypes
 import os
@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from checkpoint import checkpoints
+from choices import span_text
 from compare import group_runs, load_run, show
 from run import run_started
 
-SWEEP_FLAGS = ("--span", "--seed", "--version", "--jobs")  # what each cell sets for itself
+SWEEP_FLAGS = ("--span", "--g_span", "--d_span", "--seed", "--version", "--jobs")  # what each cell sets for itself
 
 
-def cell_argv(argv, span, seed, version, resume):
-    """The sweep's command line for one cell: its own span, seed and name, the rest as given."""
+def cell_argv(argv, g_span, d_span, seed, version, resume):
+    """The sweep's command line for one cell: its own spans, seed and name, the rest as given."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -31,7 +32,9 @@ def cell_argv(argv, span, seed, version, resume):
             skip = True
         elif not a.startswith(tuple(f + "=" for f in SWEEP_FLAGS)):
             out.append(a)
-    out += ["--span", str(span), "--version", version] + (["--seed", str(seed)] if seed is not None else [])
+    spans = ["--span", span_text(g_span)] if g_span == d_span else \
+        ["--g_span", span_text(g_span), "--d_span", span_text(d_span)]
+    out += [*spans, "--version", version] + (["--seed", str(seed)] if seed is not None else [])
     return out + (["--resume"] if resume else [])
 
 
@@ -44,8 +47,13 @@ def cell_state(cfg, version):
 
 
 class _Cell:
-    def __init__(self, span, seed, version):
-        self.span, self.seed, self.version = span, seed, version
+    def __init__(self, g_span, d_span, seed, version):
+        self.g_span, self.d_span, self.seed, self.version = g_span, d_span, seed, version
+
+    @property
+    def spans(self) -> str:
+        return span_text(self.g_span) if self.g_span == self.d_span else \
+            f"G{span_text(self.g_span)}/D{span_text(self.d_span)}"
         self.proc, self.slot, self.result, self.reader = None, None, None, None
 
 
@@ -107,7 +115,7 @@ def run_sweep(cfg, argv, main_py) -> int:
             c.result = "done before"
         else:
             todo.append((c, state == "started"))
-    print(f"sweep: {len(cells)} cells (span {sorted({c.span for c in cells})} × seed "
+    print(f"sweep: {len(cells)} cells (span [{', '.join(dict.fromkeys(c.spans for c in cells))}] × seed "
           f"{sorted({str(c.seed) for c in cells})}), {len(cells) - len(todo)} already finished, "
           f"{len(todo)} to run, {cfg.jobs} at a time", flush=True)
     gpus = _visible_gpus() if cfg.device == "cuda" else []
@@ -127,7 +135,7 @@ def run_sweep(cfg, argv, main_py) -> int:
                 cell, resume = todo.pop(0)
                 cell.slot = min(set(range(cfg.jobs)) - {c.slot for c in running})
                 running.append(cell)  # before it starts: a signal from now on reaches it (on_signal)
-                _launch(cell, cell_argv(argv, cell.span, cell.seed, cell.version, resume), main_py, cfg, gpus,
+                _launch(cell, cell_argv(argv, cell.g_span, cell.d_span, cell.seed, cell.version, resume), main_py, cfg, gpus,
                         prefix=cfg.jobs > 1)
                 if stop["signal"] is not None:  # the signal came while it was starting
                     cell.proc.send_signal(stop["signal"])
