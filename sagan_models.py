@@ -108,9 +108,10 @@ class Self_Attn(nn.Module):
             self.register_buffer(name, allowed, persistent=False)
             self.register_buffer(name + "_softmax", allowed | ~live, persistent=False)
             self.register_buffer(name + "_live", live, persistent=False)
-            if self.seed_arithmetic(h, w):
-                self.register_buffer(name + "_add", torch.zeros(allowed.shape, device=device).masked_fill(~allowed, -1e9),
-                                     persistent=False)
+        if self.seed_arithmetic(h, w) and not hasattr(self, name + "_add"):
+            allowed = getattr(self, name)
+            self.register_buffer(name + "_add", torch.zeros(allowed.shape, device=allowed.device)
+                                 .masked_fill(~allowed, -1e9), persistent=False)
         return getattr(self, name), getattr(self, name + "_softmax"), getattr(self, name + "_live")
 
     def attention_weights(self, energy, h: int, w: int):

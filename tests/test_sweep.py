@@ -20,6 +20,15 @@ from sweep import cell_argv
 SWEEP = [a for a in TINY if a not in ("--seed", "3")]
 
 
+def fid_sweep_args(tmp_path, fid_weights, span, seed, total_step, log_step, fid_step):
+    """A tiny sweep on the small emoji set, two cells at a time, samples and checkpoints every
+    2 steps, FID of 8 images against 8."""
+    return [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", span, "--seed", seed, "--total_step", total_step,
+            "--log_step", log_step, "--fid_step", fid_step, "--sample_step", "2", "--model_save_step", "2",
+            "--fid_samples", "8", "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights,
+            "--jobs", "2"]
+
+
 def test_cells_are_named_by_span_and_seed_and_keep_every_other_flag():
     cfg = configure([*SWEEP, "--span", "0,3", "--seed", "1,2"])
     assert cfg.sweep == [(0, 0, 1, "sagan_emoji_span0_32px_seed1"), (0, 0, 2, "sagan_emoji_span0_32px_seed2"),
@@ -76,10 +85,8 @@ def test_a_no_attention_arm_sweeps_and_compares_as_its_own_group(tmp_path, fid_w
     import fid
     from checkpoint import generator_from_checkpoint
     from sagan_models import attention_layers
-    args = [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "none,0", "--seed", "0,1", "--total_step", "2",
-            "--log_step", "1", "--sample_step", "2", "--model_save_step", "2", "--fid_step", "2", "--fid_samples", "8",
-            "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights, "--jobs", "2"]
-    r = run_main(args, cwd=tmp_path)
+    r = run_main(fid_sweep_args(tmp_path, fid_weights, "none,0", "0,1", total_step=2, log_step=1, fid_step=2),
+                 cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4/4 cells finished" in r.stdout and "cells (span [none, 0] × seed" in r.stdout
     none = [tmp_path / f"logs/sagan_emoji_spannone_32px_seed{s}" for s in (0, 1)]
@@ -109,9 +116,7 @@ def test_a_no_attention_arm_sweeps_and_compares_as_its_own_group(tmp_path, fid_w
 
 @pytest.mark.slow
 def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path, fid_weights):
-    args = [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,2", "--seed", "5", "--total_step", "4",
-            "--log_step", "2", "--sample_step", "2", "--model_save_step", "2", "--fid_step", "4", "--fid_samples", "8",
-            "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights, "--jobs", "2"]
+    args = fid_sweep_args(tmp_path, fid_weights, "0,2", "5", total_step=4, log_step=2, fid_step=4)
     first = run_main(args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     cells = ["sagan_emoji_span0_32px_seed5", "sagan_emoji_span2_32px_seed5"]
