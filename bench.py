@@ -37,7 +37,7 @@ from files import atomic_open, check_output_file
 from inception import FIDInception, load_inception, resolve_weights
 from metrics import feature_stats, frechet_distance
 from run import configure
-from sampling import fixed_latents
+from sampling import fixed_latents, whole_batches
 from trainer import Trainer
 from utils import REPO, OneLineParser, UserError, int_at_least, write_failed
 
@@ -132,9 +132,9 @@ def time_fid(args, device, trainer_argv):
         mu, sigma = feature_stats(ref_pool3)
         sync(device)
         t0 = time.perf_counter()
-        z = fixed_latents(0, "fid", args.fid_samples, cfg.z_dim)
+        z = fixed_latents(0, "fid", whole_batches(args.fid_samples, cfg.batch_size), cfg.z_dim)
         pool3, _ = generated_features(t.G, model, z, args.fid_batch_size, t.device, bn_mode="batch",
-                                          progress=False, gen_batch=cfg.batch_size)
+                                          progress=False, gen_batch=cfg.batch_size, n=args.fid_samples)
         t1 = time.perf_counter()
         stats = feature_stats(pool3)
         t2 = time.perf_counter()

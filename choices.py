@@ -11,7 +11,8 @@ NO_ATTENTION = -1
 TRANSFORMS = ("color", "translation", "cutout")  # DiffAugment (diffaug.py), in the paper's order of application
 RESIZE_MODES = ("tf1", "pytorch")  # the FID input pipelines (inception.FIDInception)
 PRECISIONS = ("fp32", "tf32")  # the FID network's arithmetic on CUDA
-METRICS = ("fid", "is", "kid")  # metrics.METRICS implements each, in this order (the fid.csv columns)
+METRICS = ("fid", "is", "kid", "prdc")  # metrics.METRICS implements each, in this order (the fid.csv columns)
+PRDC_K = 5  # nearest neighbours of precision/recall/density/coverage, as both papers use
 
 
 def parse_policy(text) -> str:

@@ -24,7 +24,7 @@ from files import atomic_open, csv_rows_until, file_lock
 from inception import check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, load_stats, save_stats
 from plots import plot_fid
-from sampling import fixed_latents, uint8_batches
+from sampling import fixed_latents, uint8_batches, whole_batches
 from utils import UserError, is_tty, warn
 
 
@@ -101,20 +101,22 @@ def batches_from_array(arr, batch_size):
 
 
 def generated_features(G, model, z, batch_size, device, bn_mode="batch", progress=True, rank=0, world=1,
-                       gen_batch=None):
-    """(pool3, logits) of n images from G, quantised to uint8 as saving PNGs would.
+                       gen_batch=None, n=None):
+    """(pool3, logits) of the first n images (default: len(z)) from G, quantised to uint8 as
+    saving PNGs would.
 
-    z: (n, z_dim) CPU latents, e.g. utils.fixed_latents(seed, "fid", n, z_dim): the same
-    images whatever the process count. With BatchNorm on batch statistics an image
-    depends on its batch, so G draws them in batches of `gen_batch` (the run's
-    --batch_size) whatever `batch_size`, the Inception batch, is: the value does not move
-    with --fid_batch_size. Under torchrun generation batch j is drawn by rank j % world
-    and the features are gathered back in batch order."""
-    n, gen_batch = len(z), gen_batch or batch_size
+    z: CPU latents for whole batches, e.g. fixed_latents(seed, "fid", whole_batches(n,
+    gen_batch), z_dim): the same images whatever the process count. With BatchNorm on batch
+    statistics an image depends on its batch, so G draws them in whole batches of
+    `gen_batch` (the run's --batch_size) and keeps the first n: every image's statistics
+    come from a full batch, and none moves with `batch_size`, the Inception batch
+    (--fid_batch_size). Under torchrun generation batch j is drawn by rank j % world and the
+    features are gathered back in batch order."""
+    n, gen_batch = len(z) if n is None else n, gen_batch or batch_size
     starts = list(range(0, n, gen_batch))
     mine = starts[rank::world]
     if mine:
-        images = _rebatch(uint8_batches(G, z, mine, gen_batch, device, bn_mode), batch_size)
+        images = _rebatch(uint8_batches(G, z, mine, gen_batch, device, bn_mode, n), batch_size)
         count = sum(min(gen_batch, n - s) for s in mine)
         pool3, logits = extract_features(model, _Sized(images, -(-count // batch_size)), device, progress,
                                          desc="FID samples")
@@ -150,20 +152,23 @@ def _rebatch(batches, size):
 class Reference:
     mu: np.ndarray
     sigma: np.ndarray
-    pool3: np.ndarray  # per-image features, only kept when KID needs them
+    pool3: np.ndarray  # per-image features, only kept when a metric needs them (KID, PRDC)
     path: Path
+    cache: dict = field(default_factory=dict)  # what metrics derive from it once (PRDC's k-NN radii)
 
 
 def reference_stats(dataset, model, weights, resize, cap, batch_size, device, cache_dir, with_features=False,
                     num_workers=0, progress=True, rank=0, world=1, images=None) -> Reference:
     """Statistics of the training images as training sees them (after crop/resize): all of
-    them, or a fixed random `cap`. Cached as <cache_dir>/<dataset>_<size>px_<n>_<hash>.npz,
+    them (cap 0, or a cap >= their number), or a fixed random `cap`. Cached as <cache_dir>/<dataset>_<size>px_<n>_<hash>.npz,
     the hash over everything that determines them (dataset, path, size, crop/resize,
     count, protocol, weights), the key itself stored in the file. Every run on the same
     data reuses them; a changed key computes new ones. Rank 0 computes, others wait.
     `images`: the dataset already decoded (uint8 (N, 3, H, W), as --cache and in-memory
     arrays serve training), read directly instead of through loader workers."""
-    n = min(len(dataset), cap)
+    # the key holds the count: "all" and a cap at or above the dataset's size are the same
+    # images, so they share one file; a smaller cap is another subset, another file
+    n = len(dataset) if cap == 0 else min(len(dataset), cap)
     wid = check_published_weights(weights) if rank == 0 else weights_id(weights)  # one warning, not one per rank
     key = {**dataset.key(), "count": n, "resize": resize, "weights": wid}
     if torch.device(device).type == "cuda" and model.precision != "fp32":  # fp32 keys stay as they were
@@ -220,9 +225,9 @@ class FIDMonitor:
         self.model = load_inception(weights, cfg.fid_resize, device, cfg.fid_precision)
         self.ref = reference_stats(
             dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, cfg.fid_batch_size, device,
-            Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
-            progress=self.progress, rank=rank, world=world, images=images)
-        self.z = fixed_latents(cfg.seed, "fid", cfg.fid_samples, cfg.z_dim)
+            Path(cfg.log_path) / "fid_stats", with_features=any(METRICS[m].needs == "features" for m in cfg.metrics),
+            num_workers=cfg.num_workers, progress=self.progress, rank=rank, world=world, images=images)
+        self.z = fixed_latents(cfg.seed, "fid", whole_batches(cfg.fid_samples, cfg.batch_size), cfg.z_dim)
         self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]  # fid's always: compare reads them
         for name in cfg.metrics:
             if name != "fid":
@@ -239,7 +244,7 @@ class FIDMonitor:
                 continue
             pool3, logits = generated_features(g, self.model, self.z, cfg.fid_batch_size, self.device, cfg.fid_g_mode,
                                                progress=self.progress, rank=self.rank, world=self.world,
-                                               gen_batch=cfg.batch_size)
+                                               gen_batch=cfg.batch_size, n=cfg.fid_samples)
             if self.rank != 0:
                 continue
             generated = Resolved("generated", *feature_stats(pool3), pool3, logits)
@@ -277,6 +282,7 @@ class Resolved:
     pool3: np.ndarray = None
     logits: np.ndarray = None
     meta: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # as Reference.cache
 
 
 def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_samples=10000, ema=False,
@@ -289,9 +295,9 @@ def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_
         raise UserError(f"{spec} does not exist")
     if path.suffix.lower() == ".pt":
         G, cfg = generator_from_checkpoint(path, ema, trust)  # a bad file fails before the network loads
-        z = fixed_latents(cfg.seed, "fid", n_samples, cfg.z_dim)
+        z = fixed_latents(cfg.seed, "fid", whole_batches(n_samples, cfg.batch_size), cfg.z_dim)
         pool3, logits = generated_features(G.to(device), get_model(), z, batch_size, device, cfg.fid_g_mode,
-                                           progress=progress, gen_batch=cfg.batch_size)
+                                           progress=progress, gen_batch=cfg.batch_size, n=n_samples)
         return Resolved(str(spec), *feature_stats(pool3), pool3, logits, meta={"n": len(pool3), "key": {}})
     if path.is_file() and _is_stats_file(path):
         mu, sigma, meta = load_stats(path)

@@ -1,8 +1,8 @@
-"""The `fid.py` command line: FID / IS / KID of images, of a trained generator, or of
-statistics files, against each other.
+"""The `fid.py` command line: FID / IS / KID / precision, recall, density and coverage of
+images, of a trained generator, or of statistics files, against each other.
 
     python fid.py A B            # A, B: image folder, .npy/.npz images, stats .npz or checkpoint .pt
-    python fid.py A B --metrics fid,is,kid
+    python fid.py A B --metrics fid,is,kid,prdc
     python fid.py --save-stats A OUT.npz
     python fid.py compare logs/RUN1 logs/RUN2 ...   # FID per group of seeds over steps + plots
 
@@ -10,16 +10,17 @@ Flags are parsed before torch is imported, so `--help` and a bad flag answer at 
 import sys
 from pathlib import Path
 
-from choices import PRECISIONS, RESIZE_MODES
+from choices import METRICS, PRDC_K, PRECISIONS, RESIZE_MODES
 from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
 
 
 
 def _parse_args(argv):
-    p = OneLineParser(prog="fid.py", description="FID / IS / KID with the TF FID Inception network.")
+    p = OneLineParser(prog="fid.py", description="FID / IS / KID / PRDC with the TF FID Inception network.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image folder, .npy/.npz image array (N,H,W,3 uint8) or statistics .npz (mu/sigma)")
-    p.add_argument("--metrics", default="fid", help="comma list of fid,is,kid (IS is of the first input)")
+    p.add_argument("--metrics", default="fid", help=f"comma list of {','.join(METRICS)} (IS is of the first input; "
+                   "prdc: precision, recall, density, coverage of the first input against the second)")
     p.add_argument("--save-stats", "--save_stats", dest="save_stats", action="store_true",
                    help="compute statistics of INPUT and write them to OUT.npz: --save-stats INPUT OUT.npz")
     p.add_argument("--fid_weights", default=None, help="FID Inception weights file (default: torch hub cache)")
@@ -33,6 +34,7 @@ def _parse_args(argv):
     p.add_argument("--kid_subsets", type=int_at_least(1), default=100)
     p.add_argument("--kid_subset_size", type=int_at_least(2), default=1000)  # the unbiased MMD divides by m(m-1)
     p.add_argument("--isc_splits", type=int_at_least(1), default=10)
+    p.add_argument("--prdc_k", type=int_at_least(1), default=PRDC_K, help="nearest neighbours of --metrics prdc")
     p.add_argument("--fid_samples", type=int_at_least(2), default=10000,  # a covariance needs 2
                    help="images generated from a checkpoint input")
     p.add_argument("--ema", action="store_true", help="checkpoint inputs: use the EMA generator")
@@ -100,7 +102,8 @@ def _run(args):
         saved = r.meta.get("key", {}).get("resize")
         if r.pool3 is None and saved and saved != args.fid_resize:
             raise UserError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
-    options = {"isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size}
+    options = {"isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
+               "prdc_k": args.prdc_k}
     for name in metrics:
         metric = METRICS[name]
         values = metric.compute(inputs[0], inputs[-1], device, options)

@@ -1,5 +1,5 @@
 """The metrics on Inception features, and their registry: Fréchet distance (FID), Inception
-Score, KID; feature statistics and the statistics files (.npz) that hold them."""
+Score, KID, precision/recall/density/coverage (PRDC); feature statistics and the statistics files (.npz) that hold them."""
 import json
 import zipfile
 from dataclasses import dataclass
@@ -105,6 +105,80 @@ def kernel_inception_distance(f1, f2, subsets=100, subset_size=1000, degree=3, g
     return float(mmds.mean()), float(mmds.std())
 
 
+CHUNK_DISTANCES = 2 ** 25  # 256 MB of float64 distances: 10,000 x 10,000 would be 800 MB at once
+
+
+def _distance_chunks(a, b):
+    """(start, Euclidean distances of rows a[start:start + r] to every row of b), in chunks of
+    at most CHUNK_DISTANCES distances."""
+    rows = max(1, CHUNK_DISTANCES // max(len(b), 1))
+    for i in range(0, len(a), rows):
+        yield i, torch.cdist(a[i:i + rows], b)
+
+
+def knn_radii(x, k):
+    """(n,): the distance of every row of x (a float64 tensor) to its k-th nearest other row
+    (the k + 1-th smallest distance, the row itself at 0 counted first, as the papers do)."""
+    radii = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for i, d in _distance_chunks(x, x):
+        radii[i:i + len(d)] = d.topk(k + 1, dim=1, largest=False).values[:, -1]
+    return radii
+
+
+def precision_recall_density_coverage(real, fake, k=choices.PRDC_K, device="cpu", real_radii=None):
+    """(precision, recall, density, coverage) of fake features against real ones, with
+    k-nearest-neighbour balls (radius: the distance to the k-th nearest neighbour in the
+    own set, strict inequality as the reference implementation, prdc on PyPI):
+
+    precision (Kynkäänniemi et al., 2019): the share of fake samples inside some real ball;
+    recall: the share of real samples inside some fake ball; density (Naeem et al., 2020):
+    the real balls holding each fake sample, counted, over k, averaged over fake samples
+    (1 for a fake set spread like the real one; not capped at 1); coverage: the share of
+    real balls that hold at least one fake sample.
+
+    float64 on `device`, the distances in chunks (no sample loops). real_radii: the real
+    balls' radii when already known (knn_radii of the same real set and k)."""
+    real, fake = (torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x), device=device).double()
+                  for x in (real, fake))
+    if real.ndim != 2 or real.shape[1:] != fake.shape[1:]:
+        raise UserError(f"precision/recall feature sets do not match: {tuple(real.shape)} vs {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise UserError(f"precision/recall/density/coverage with k = {k} need more than {k} samples per set, "
+                        f"got {len(real)} real and {len(fake)} generated")
+    r_real = knn_radii(real, k) if real_radii is None else torch.as_tensor(real_radii, device=device)
+    r_fake = knn_radii(fake, k)
+    in_real_ball = torch.zeros(len(fake), dtype=torch.bool, device=device)
+    balls_per_fake = torch.zeros(len(fake), dtype=torch.float64, device=device)
+    in_fake_ball = torch.empty(len(real), dtype=torch.bool, device=device)
+    covered = torch.empty(len(real), dtype=torch.bool, device=device)
+    # one pass over real rows: the same orientation as the real radii, so a fake copy of a
+    # real sample sits exactly on (not inside) the balls of the real sample's k-th neighbours
+    for i, d in _distance_chunks(real, fake):
+        inside = d < r_real[i:i + len(d), None]  # (real rows, fake): fake j inside real ball i
+        in_real_ball |= inside.any(dim=0)
+        balls_per_fake += inside.sum(dim=0)
+        in_fake_ball[i:i + len(d)] = (d < r_fake[None, :]).any(dim=1)
+        covered[i:i + len(d)] = inside.any(dim=1)
+    mean = lambda t: float(t.double().mean())
+    return mean(in_real_ball), mean(in_fake_ball), mean(balls_per_fake) / k, mean(covered)
+
+
+def _prdc(a, b, device, options):
+    """The registry's PRDC: on equal numbers of real and generated samples, as both papers
+    measure (the k-NN radii shrink with the count, so unequal sets would tilt precision
+    against recall): the smaller count, the generated ones first (their latents are random
+    already), the reference's as a fixed random subset (seed 0), so every run on the same
+    reference is measured against the same real samples. Their radii are kept in b.cache."""
+    k, m = options.get("prdc_k", choices.PRDC_K), min(len(a.pool3), len(b.pool3))
+    key = ("prdc", m, k)
+    if key not in b.cache:
+        pick = np.sort(np.random.default_rng(0).choice(len(b.pool3), m, replace=False))
+        real = torch.as_tensor(np.asarray(b.pool3[pick]), device=device).double()
+        b.cache[key] = (real, knn_radii(real, k) if m > k else None)
+    real, radii = b.cache[key]
+    return precision_recall_density_coverage(real, a.pool3[:m], k, device, radii)
+
+
 def save_stats(path, mu, sigma, key=None, n=None):
     """Write mu, sigma, n and a JSON key (what produced the stats) to an .npz, atomically:
     when writing fails (disk full, read-only, folder gone) `path` keeps what it had and a
@@ -162,21 +236,30 @@ class Metric:
     needs: str  # "stats": mu/sigma of both; "logits": a's logits; "features": per-image pool3 of both
     compute: Callable
     text: str  # how the CLI prints the values
+    higher_is_better: bool = False  # of its first column (fid.py compare's best and reach)
 
 
 METRICS = {
     "fid": Metric(("fid",), "stats", lambda a, b, device, o: (frechet_distance(a.mu, a.sigma, b.mu, b.sigma, device),),
                   "{:.6f}"),
     "is": Metric(("is", "is_std"), "logits", lambda a, b, device, o: inception_score(a.logits, o.get("isc_splits", 10)),
-                 "{:.6f} +- {:.6f}"),
+                 "{:.6f} +- {:.6f}", True),
     "kid": Metric(("kid", "kid_std"), "features",
                   lambda a, b, device, o: kernel_inception_distance(a.pool3, b.pool3, o.get("kid_subsets", 100),
                                                                     o.get("kid_subset_size", 1000)),
                   "{:.6g} +- {:.6g}"),
+    "prdc": Metric(("precision", "recall", "density", "coverage"), "features", _prdc,
+                   "precision {:.4f}  recall {:.4f}  density {:.4f}  coverage {:.4f}", True),
 }
 
 
 assert tuple(METRICS) == choices.METRICS  # the flag's choices are this registry's entries
+
+
+def higher_is_better(column) -> bool:
+    """Whether a larger value of a fid.csv column (e.g. "recall", "is_ema") is the better one."""
+    column = column.removesuffix("_ema")
+    return any(m.higher_is_better for m in METRICS.values() if column in m.columns)
 
 
 def parse_metrics(text) -> list:

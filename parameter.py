@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRECISIONS, RESIZE_MODES, TRANSFORMS
+from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRDC_K, PRECISIONS, RESIZE_MODES, TRANSFORMS
 from choices import parse_metrics, parse_policy, parse_span, span_text
 from utils import TRUST_FLAG, OneLineParser, UserError
 
@@ -58,6 +58,16 @@ def span_list(v):
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"{v!r} repeats a value")
     return values
+
+
+def count_or_all(v):
+    """'50000' -> 50000; 'all' (or 0) -> 0, which stands for every image (--fid_ref_samples)."""
+    if str(v).strip().lower() == "all":
+        return 0
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {v!r}") from None
 
 
 def _flag(p, name, **kw):
@@ -170,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fid_step", type=int, default=None,
                    help="FID every N steps and at the end; 0 = off (default: 10000 on GPU, off on CPU)")
     g.add_argument("--fid_samples", type=int, default=10000, help="generated images per FID")
-    g.add_argument("--fid_ref_samples", type=int, default=50000, help="cap on real images in the reference statistics")
+    g.add_argument("--fid_ref_samples", type=count_or_all, default=50000,
+                   help="cap on real images in the reference statistics (a fixed random subset); all (or 0): "
+                        "every image of the dataset, as the seed (all 202,599 CelebA images)")
     g.add_argument("--fid_batch_size", type=int, default=None, help="Inception batch (default: 500 on GPU, 50 on CPU)")
     g.add_argument("--fid_weights", default=None, help="FID-Inception weights file (default: torch hub cache, "
                                                        "downloaded once)")
@@ -207,12 +219,14 @@ def validate(cfg, world=1):
     if cfg.jobs < 1:
         err(f"--jobs must be >= 1, got {cfg.jobs}")
     positive = ("batch_size", "total_step", "d_iters", "z_dim", "g_conv_dim", "d_conv_dim", "log_step",
-                "sample_step", "model_save_step", "fid_samples", "fid_ref_samples", "n_samples")
+                "sample_step", "model_save_step", "fid_samples", "n_samples")
     for name in positive:
         if getattr(cfg, name) < 1:
             err(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.num_workers < 0:
         err("--num_workers must be >= 0")
+    if cfg.fid_ref_samples < 0:
+        err(f"--fid_ref_samples must be a count >= 1 or all, got {cfg.fid_ref_samples}")
     if cfg.fid_step is not None and cfg.fid_step < 0:
         err("--fid_step must be >= 0 (0 turns FID off)")
     if cfg.fid_batch_size is not None and cfg.fid_batch_size < 1:
@@ -243,6 +257,9 @@ def validate(cfg, world=1):
     metrics = cfg.metrics
     if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
         err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
+    if "prdc" in metrics and (cfg.fid_samples <= PRDC_K or 0 < cfg.fid_ref_samples <= PRDC_K):
+        err(f"--metrics prdc needs more than its {PRDC_K} nearest neighbours on each side: raise --fid_samples "
+            f"({cfg.fid_samples}) and --fid_ref_samples ({cfg.fid_ref_samples}) above {PRDC_K}")
     for seed in cfg.seed or []:
         if not 0 <= seed < 2**63:
             err(f"--seed {seed} is out of range; use an integer in [0, 2^63)")

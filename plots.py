@@ -73,19 +73,30 @@ def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25,
     plt.close(fig)
 
 
-def plot_groups(groups, path, column="fid"):
-    """Each group's mean FID against step, with a ±std band where it has several runs."""
+def plot_groups(groups, path, column="fid", higher=False):
+    """Each group's mean of `column` over the runs that reached a step, with a ±std band where
+    there are several; an × at the last value of every run that failed (NaN/inf, a crash).
+    higher: larger values are the better ones (recall, ...)."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    marked = False  # the legend explains the × once
     for g in groups:
         t = g.table()
         steps = list(t)
         mean = np.array([t[s].mean for s in steps])
-        line, = ax.plot(steps, mean, "-o", ms=3, label=f"{g.label} (n={len(g.runs)})")
+        failed = g.failed()
+        label = f"{g.label} (n={len(g.runs)}" + (f", {len(failed)} failed)" if failed else ")")
+        line, = ax.plot(steps, mean, "-o", ms=3, label=label)
         std = np.array([t[s].std for s in steps])
         if np.isfinite(std).any():
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        ends = [(max(r.fid), r.fid[max(r.fid)]) for r in failed if r.fid]  # one that failed before any FID has none
+        if ends:
+            ax.plot(*zip(*ends), "x", ms=9, mew=2, color=line.get_color())
+            marked = True
+    if marked:
+        ax.plot([], [], "kx", ms=9, mew=2, label="a failed run's last value")
     ax.set_xlabel("generator step")
-    ax.set_ylabel(f"{column} (lower is better; band: ±1 std over seeds)")
+    ax.set_ylabel(f"{column} ({'higher' if higher else 'lower'} is better; band: ±1 std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -100,17 +111,21 @@ def plot_attention(groups, path):
         return False
     fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False)
     for ax, (net, layer) in zip(axes[0], layers):
+        size = ""
         for g in groups:
-            by_step, uniform, size = {}, None, ""
+            by_step, uniform, fixed = {}, None, False
             for run in g.runs:
                 for r in run.attention:
                     if (r["network"], r["layer"]) == (net, layer):
                         by_step.setdefault(int(r["step"]), []).append(float(r["distance"]))
                         uniform, size = float(r["uniform"]), r["map"]
+                        fixed = r.get("fixed") not in (None, "") and float(r["fixed"]) == 1
             if not by_step:
                 continue
             steps = sorted(by_step)
-            line, = ax.plot(steps, [np.mean(by_step[s]) for s in steps], "-o", ms=3, label=g.label)
+            # a layer whose mask fixes every weight learns nothing about where to look
+            label = g.label + (" (uniform by construction)" if fixed else "")
+            line, = ax.plot(steps, [np.mean(by_step[s]) for s in steps], "-o", ms=3, label=label)
             ax.axhline(uniform, color=line.get_color(), ls=":", lw=1)
         ax.set_title(f"{net} {layer} ({size})", fontsize=9)
         ax.set_xlabel("generator step")

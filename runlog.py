@@ -1,7 +1,8 @@
 """The record of training: metrics.csv rows per --log_step interval (losses summed on the
-device, read once per interval), TensorBoard scalars, progress lines, and the signals that
-stop a run at a checkpoint."""
+device, read once per interval), TensorBoard scalars, progress lines, the signals that
+stop a run at a checkpoint, and status.json: how the run's last process ended."""
 import csv
+import json
 import signal
 import sys
 import time
@@ -13,6 +14,61 @@ from tqdm import tqdm
 from files import atomic_open, csv_header, csv_rows_until
 from sagan_models import attention_layers
 from utils import UserError, is_tty, warn
+
+STATUS_FILE = "status.json"
+STATUSES = ("running", "finished", "stopped", "diverged", "failed")
+
+
+class Diverged(UserError):
+    """A loss or a weight became NaN/inf: the run stops, and status.json says so."""
+
+
+class RunStatus:
+    """status.json in the run's log folder: {"status", "step", "total_step", "reason"} of the
+    last process that trained the run. "running" from the start of training, so a process
+    that dies without a word (kill -9, out of memory, power cut) leaves that; at the end
+    "finished" (--total_step reached), "stopped" (a signal: a checkpoint was saved, resume
+    continues it), "diverged" (NaN/inf) or "failed" (any other error, its first line in
+    "reason"). The compare report counts failed runs from it (read_status). Rank 0 writes it."""
+
+    def __init__(self, trainer):
+        self.t = trainer
+        self.path = trainer.dirs["log"] / STATUS_FILE if trainer.is_main else None
+
+    def _write(self, status, reason=""):
+        record = {"status": status, "step": self.t.step, "total_step": self.t.cfg.total_step, "reason": reason}
+        with atomic_open(self.path, "w") as f:
+            f.write(json.dumps(record, indent=2))
+
+    def __enter__(self):
+        if self.path is not None:
+            self._write("running")
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.path is None:
+            return False
+        if kind is None:
+            status = "finished" if self.t.step >= self.t.cfg.total_step else "stopped"
+        else:
+            status = "diverged" if issubclass(kind, Diverged) else "failed"
+        reason = "" if error is None else (str(error).strip().splitlines() or [kind.__name__])[0][:300]
+        try:
+            self._write(status, reason)
+        except OSError as e:  # never in place of the error that ended the run
+            warn(f"could not record the run's end in {self.path} ({e.strerror or e})")
+        return False
+
+
+def read_status(folder) -> dict:
+    """The run's status.json as written by RunStatus, or {} if it has none (a run from before
+    the file existed, or one that never trained) or it cannot be read."""
+    try:
+        record = json.loads((folder / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    ok = isinstance(record, dict) and record.get("status") in STATUSES and isinstance(record.get("step"), int)
+    return record if ok else {}
 
 class StopSignals:
     """SIGINT / SIGTERM while training are remembered (not raised), so the loop can save a
@@ -165,22 +221,26 @@ class RunLog:
 
 class AttentionLog:
     """attention.csv: at every --sample_step, per attention layer of G (on the fixed z) and of
-    D (on a fixed batch of real images), the mean attention distance
-    (sagan_models.attention_distance) and what uniform weights over the keys the span leaves
-    would give, for reference. A resumed run drops the rows after its checkpoint."""
+    D (on a fixed batch of real images), a sagan_models.LayerAttention: the mean attention
+    distance, what equal weights on the keys the span leaves would give (uniform), the
+    attention's share of the layer's output (γ included) and the fraction of queries whose
+    weights the mask fixes (1: uniform by construction). A resumed run drops the rows after
+    its checkpoint."""
 
-    COLUMNS = ["step", "network", "layer", "map", "distance", "uniform"]
+    COLUMNS = ["step", "network", "layer", "map", "distance", "uniform", "share", "fixed"]
 
     def __init__(self, path, start_step):
         self.path = path
         self.rows = csv_rows_until(path, start_step)
 
     def write(self, step, layers: dict):
-        """layers: {"G": [(name, map, distance, uniform), ...], "D": [...]}."""
+        """layers: {"G": [LayerAttention, ...], "D": [...]} (empty lists for a network without
+        attention layers)."""
         for net, rows in layers.items():
-            self.rows += [{"step": step, "network": net, "layer": name, "map": size, "distance": f"{d:.5g}",
-                           "uniform": f"{u:.5g}"} for name, size, d, u in rows]
+            self.rows += [{"step": step, "network": net, "layer": r.name, "map": r.map, "distance": f"{r.distance:.5g}",
+                           "uniform": f"{r.uniform:.5g}", "share": f"{r.share:.5g}", "fixed": f"{r.fixed:.4g}"}
+                          for r in rows]
         with atomic_open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.COLUMNS)
+            w = csv.DictWriter(f, self.COLUMNS, restval="")  # rows of an older file lack the new columns
             w.writeheader()
             w.writerows(self.rows)

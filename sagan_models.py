@@ -7,6 +7,7 @@ networks without attention layers.
 """
 import functools
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -130,6 +131,21 @@ class Self_Attn(nn.Module):
         if self.fully_masked == "mean":  # rows with no key left: equal weight on every key (class doc)
             return torch.where(live, attn, torch.full_like(attn, 1.0 / attn.shape[-1]))
         return attn * live
+
+    def fixed_rows(self, h: int, w: int, device=None) -> torch.Tensor:
+        """(N,) bool for an h×w map: the queries whose weights cannot depend on the energies,
+        whatever they are. Pre mode: a query left with one key (weight 1), or with none when
+        fully_masked answers such rows with constants ("mean": 1/N on every key; "skip": 0;
+        not "seed", whose rows follow the energies once |e| > 32).
+        Post mode: a query left with no key (all weights 0); one key left still gets a
+        softmax share that moves with every energy of the row. A layer whose queries are all
+        fixed (D's 4×4 map at span ≥ 3) cannot learn where to look: its attention is uniform
+        by construction, whatever its distance says."""
+        n = h * w
+        keys = self.masks(h, w, device)[0].sum(dim=1) if self.masked else torch.full((n,), n, device=device)
+        if self.span > 0 and self.mask_mode == "post":
+            return keys == 0
+        return (keys == 1) | ((keys == 0) & (self.fully_masked in ("mean", "skip")))
 
     def forward(self, x, return_attention: bool = False):
         B, C, H, W = x.shape
@@ -281,7 +297,7 @@ def build_discriminator(cfg) -> Discriminator:
     # double backward on CUDA, so D keeps the dense path there.
     fused = cfg.attn_impl == "fused" and cfg.adv_loss != "wgan-gp"
     return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused,
-                         fully_masked=cfg.fully_masked)
+                         fully_masked=cfg.fully_masked, original=cfg.original_attention)
 
 
 def attention_layers(model: nn.Module):
@@ -291,9 +307,19 @@ def attention_layers(model: nn.Module):
 
 def attention_distance(weights: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """How far attention looks. weights: (B, N, N) attention weights of an h×w map (N = h·w,
-    row-major); returns (B,): per image, the mean over queries q of Σ_k w[q, k]·‖pos(q) − pos(k)‖₂,
-    in pixels of the map."""
-    return (weights.float() * _pixel_distances(h, w, weights.device)).sum(dim=-1).mean(dim=-1)
+    row-major); returns (B,): per image, the mean over the queries q that attend at all of
+    Σ_k w[q, k]·‖pos(q) − pos(k)‖₂ / Σ_k w[q, k], in pixels of the map.
+
+    Why the division by the row's weight: in post mode a query keeps only the part of its
+    softmax that falls on far keys, so the plain sum would mix how far it looks with how much
+    it keeps (in pre mode every row sums to 1 and nothing changes). A query with no weight at
+    all (no key left, in post mode or under fully_masked "skip") looks nowhere and is left
+    out; NaN when no query attends."""
+    weights = weights.float()
+    mass = weights.sum(dim=-1)
+    attends = mass > 0
+    per_query = (weights * _pixel_distances(h, w, weights.device)).sum(dim=-1) / torch.where(attends, mass, 1)
+    return (per_query * attends).sum(dim=-1) / attends.sum(dim=-1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -319,19 +345,45 @@ def forward_capturing_attention_inputs(model, x):
             h.remove()
 
 
+class LayerAttention(NamedTuple):
+    """One attention layer's row of attention.csv (see layer_distances)."""
+    name: str
+    map: str  # "HxW"
+    distance: float  # mean attention distance over the batch (attention_distance)
+    uniform: float  # the same for equal weights on the keys each query keeps
+    share: float  # the attention's part of the layer's output, γ included (see layer_distances)
+    fixed: float  # the fraction of queries whose weights the mask fixes (Self_Attn.fixed_rows)
+
+
 @torch.no_grad()
 def layer_distances(model, inputs: dict) -> list:
-    """Per attention layer of `model`, given its inputs ({name: x}, see
-    forward_capturing_attention_inputs): (name, "HxW", mean attention distance over the
-    batch, what uniform weights over the keys the span leaves would give)."""
+    """A LayerAttention per attention layer of `model` (none for a network without), given
+    the layers' inputs ({name: x}, see forward_capturing_attention_inputs).
+
+    uniform: the distance of the layer's own weights at zero energies, i.e. equal weights on
+    the keys each query keeps (in post mode renormalised, as attention_distance renormalises
+    every row) and the layer's answer for queries with no key left.
+
+    share: per image ‖γ·o‖ / (‖γ·o‖ + ‖x‖), with o the attended values and x the layer's
+    input (out = γ·o + x), averaged over the batch. Why this and not |γ|·distance: γ
+    multiplies o, whose scale relative to x is learnt too, so |γ| alone does not say how much
+    the layer changes its input; the share does, without units: 0 while γ = 0 (however far
+    the weights look, the layer passes x through), towards 1 where attention dominates."""
     rows = []
     for name, m in attention_layers(model):
         x = inputs[name]
         H, W = x.shape[2:]
         # in chunks: the (B, N, N) weights of a 64×64 map are 64 MB per image
         chunk = max(1, 2 ** 24 // (H * W) ** 2)
-        d = torch.cat([attention_distance(m(x[i:i + chunk], return_attention=True)[1], H, W)
-                       for i in range(0, len(x), chunk)])
+        distance, share = [], []
+        for i in range(0, len(x), chunk):
+            xi = x[i:i + chunk]
+            out, weights = m(xi, return_attention=True)
+            distance.append(attention_distance(weights, H, W))
+            attended = (out - xi).flatten(1).float().norm(dim=1)
+            share.append(attended / (attended + xi.flatten(1).float().norm(dim=1)).clamp(min=1e-30))
         uniform = attention_distance(m.attention_weights(x.new_zeros(1, H * W, H * W), H, W), H, W)
-        rows.append((name, f"{H}x{W}", d.mean().item(), uniform.item()))
+        fixed = m.fixed_rows(H, W, x.device).float().mean()
+        rows.append(LayerAttention(name, f"{H}x{W}", torch.cat(distance).mean().item(), uniform.item(),
+                                   torch.cat(share).mean().item(), fixed.item()))
     return rows

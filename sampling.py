@@ -21,6 +21,12 @@ def fixed_latents(seed: int, stream: str, n: int, z_dim: int) -> torch.Tensor:
     return torch.randn(n, z_dim, generator=g)
 
 
+def whole_batches(n: int, batch_size: int) -> int:
+    """n rounded up to whole batches: how many latents n images drawn in full batches take
+    (see uint8_batches)."""
+    return -(-n // batch_size) * batch_size
+
+
 # ---------------------------------------------------------------------------- images
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats → uint8 exactly as saving a PNG quantises them (round, clamp)."""
@@ -52,12 +58,18 @@ def sampling_mode(G: torch.nn.Module, bn_mode: str = "batch"):
         G.train(was_training)
 
 
-def uint8_batches(G, z, starts, batch_size, device, bn_mode="batch"):
+def uint8_batches(G, z, starts, batch_size, device, bn_mode="batch", n=None):
     """uint8 images from G, one batch per start index into z (a CPU tensor), in sampling
-    mode: what sample PNGs and FID both use."""
+    mode: what sample PNGs and FID both use. Each batch is drawn whole and the images from
+    index n on are dropped after: with BatchNorm on batch statistics an image depends on the
+    batch it is drawn in, so a last batch of 16 (10,000 at 64) would give its images other
+    statistics than the rest. z must hold latents for whole batches (whole_batches)."""
+    n = len(z) if n is None else n
     with sampling_mode(G, bn_mode):
         for s in starts:
-            yield to_uint8(G(z[s:s + batch_size].to(device)))
+            if len(z) < s + batch_size:
+                raise ValueError(f"{len(z)} latents cannot draw whole batches of {batch_size} up to image {n}")
+            yield to_uint8(G(z[s:s + batch_size].to(device)))[:n - s]
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:

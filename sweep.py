@@ -106,7 +106,8 @@ def run_sweep(cfg, argv, main_py) -> int:
     continues the sweep. If this process dies without that chance (SIGKILL, OOM killer), its
     cells get SIGTERM from the kernel (Linux, see _die_with) and stop the same way, so none
     trains on unwatched holding its run's lock. At the end it prints the comparison of
-    `fid.py compare`. Returns the exit code."""
+    `fid.py compare` and writes its plots and HTML page beside the cells' log folders.
+    Returns the exit code."""
     cells = [_Cell(*c) for c in cfg.sweep]
     todo = []
     for c in cells:
@@ -155,10 +156,11 @@ def run_sweep(cfg, argv, main_py) -> int:
     line, code = sweep_summary([(c.version, c.result) for c in cells])
     print(line, flush=True)
     dirs = [Path(cfg.log_path) / c.version for c in cells]
-    have_fid = [d for d in dirs if (d / "fid.csv").is_file()]
-    if have_fid:
-        show(group_runs([load_run(d) for d in have_fid]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
-             flag="--log_path")
+    if any((d / "fid.csv").is_file() for d in dirs):  # every cell started counts, with FID or not
+        started = [d for d in dirs if (d / "config.json").is_file() or (d / "fid.csv").is_file()]
+        show(group_runs([load_run(d) for d in started]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
+             flag="--log_path", html_out=Path(cfg.log_path) / f"{cfg.sweep_name}_report.html",
+             html_flag="--log_path")
     else:
         print("sweep: no FID logged (on a CPU FID is off unless --fid_step N is given)")
     print("compare again with: python fid.py compare " + " ".join(str(d) for d in dirs), flush=True)

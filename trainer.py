@@ -25,10 +25,10 @@ from inception import resolve_weights
 from parameter import resume_command
 from plots import save_attention_picture
 from run import run_dirs
-from runlog import AttentionLog, Interval, RunLog, StopSignals
+from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals
 from sagan_models import (attention_layers, build_discriminator, build_generator, forward_capturing_attention_inputs,
                           layer_distances)
-from sampling import fixed_latents, image_grid, sampling_mode, save_png, to_uint8, uint8_batches
+from sampling import fixed_latents, image_grid, sampling_mode, save_png, to_uint8, uint8_batches, whole_batches
 from utils import UserError, __version__, git_commit, warn
 
 
@@ -136,10 +136,10 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def _diverged(self, what) -> UserError:
+    def _diverged(self, what) -> Diverged:
         where = f"the last good checkpoint is {self.last_saved}.pt in {self.dirs['model_save']}" \
             if self.last_saved is not None else "no checkpoint was saved yet"
-        return UserError(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr or "
+        return Diverged(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr or "
                          f"--adv_loss hinge")
 
     def _write_config(self, n_images):
@@ -184,7 +184,7 @@ class Trainer:
             fid_monitor.evaluate(self.step, self.G, self.G_ema)
         if self.step >= cfg.total_step:
             return
-        with StopSignals() as stop, RunLog(self) as log:
+        with RunStatus(self), StopSignals() as stop, RunLog(self) as log:
             self.interval = Interval(self.device, self.step, self.resumed_interval)
             while self.step < cfg.total_step:
                 self.interval.add(self.train_step(batches))
@@ -311,7 +311,7 @@ class Trainer:
         cfg = self.cfg
         if not self.is_main:
             return
-        z = fixed_latents(cfg.seed, "eval", cfg.n_samples, cfg.z_dim)
+        z = fixed_latents(cfg.seed, "eval", whole_batches(cfg.n_samples, cfg.batch_size), cfg.z_dim)
         written, replaced = [], []
         for suffix, G in (("", self.G), ("_ema", self.G_ema)):
             if G is None:
@@ -324,7 +324,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             starts = range(0, cfg.n_samples, cfg.batch_size)
-            for i, batch in zip(starts, uint8_batches(G, z, starts, cfg.batch_size, self.device, cfg.fid_g_mode)):
+            for i, batch in zip(starts, uint8_batches(G, z, starts, cfg.batch_size, self.device, cfg.fid_g_mode,
+                                                           cfg.n_samples)):
                 for j, im in enumerate(batch.permute(0, 2, 3, 1).cpu().numpy()):
                     save_png(im, tmp / f"{i + j:05d}.png")
             if out.exists():

@@ -17,7 +17,7 @@ from sampling import sampling_mode
 
 pytestmark = pytest.mark.slow  # training runs and multi-process launches
 
-FID_SAMPLES = 10  # drawn in generation batches of --batch_size 8: rank 0 draws 8, rank 1 the other 2
+FID_SAMPLES = 10  # drawn in whole generation batches of --batch_size 8: rank 0 draws 8, rank 1 8 and keeps 2
 STEPS = ["--log_step", "1", "--sample_step", "4", "--model_save_step", "2", "--span", "1", "--sync_bn",
          "--ema_decay", "0.5", "--fid_samples", str(FID_SAMPLES), "--fid_batch_size", "6", "--fid_ref_samples", "8",
          *small_data()]
@@ -125,7 +125,7 @@ def test_fid_split_over_ranks_equals_the_single_process_fid(runs):
 def test_only_rank_zero_writes_one_set_of_outputs(runs):
     files = {str(p) for p in runs["k2_files"]}
     expected = {f"logs/{V}/metrics.csv", f"logs/{V}/config.json", f"logs/{V}/fid.csv", f"logs/{V}/fid.png",
-                f"logs/{V}/attention.csv", f"logs/.{V}.lock", f"models/.{V}.lock", f"samples/.{V}.lock",
+                f"logs/{V}/attention.csv", f"logs/{V}/status.json", f"logs/.{V}.lock", f"models/.{V}.lock", f"samples/.{V}.lock",
                 f"attn/.{V}.lock",
                 f"models/{V}/2.pt", f"models/{V}/4.pt", f"samples/{V}/4_fake.png", f"samples/{V}/4_fake_ema.png",
                 f"attn/{V}/4_attn.png"}

@@ -31,13 +31,13 @@ def weights(fid_weights):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, weights):
-    """Two tiny runs (span 0 and 1) on the bundled data, FID every 5 steps."""
+    """Two tiny runs (span 0 and 1) on the bundled data, FID (and IS, KID, PRDC) every 5 steps."""
     root = tmp_path_factory.mktemp("runs")
     results = {}
     for span in (0, 1):
         r = run_main([*TINY, *out_dirs(root), *small_data(), "--total_step", "10", "--span", span, "--ema_decay",
                       "0.9", "--sample_step", "10", "--model_save_step", "10", *FID_FLAGS, "--fid_weights", weights,
-                      "--metrics", "fid,is,kid"], cwd=root)
+                      "--metrics", "fid,is,kid,prdc"], cwd=root)
         results[span] = r
     return root, results
 
@@ -56,8 +56,10 @@ def test_training_writes_fid_rows_and_plot(two_runs):
         rows = read_csv(log / "fid.csv")
         assert [int(r["step"]) for r in rows] == [5, 10]
         for row in rows:
-            for k in ("fid", "fid_ema", "is", "is_ema", "kid", "kid_ema"):
+            for k in ("fid", "fid_ema", "is", "is_ema", "kid", "kid_ema", "precision", "recall", "density", "coverage",
+                      "precision_ema", "recall_ema", "density_ema", "coverage_ema"):
                 assert np.isfinite(float(row[k])), (k, row)
+            assert all(0 <= float(row[k]) <= 1 for k in ("precision", "recall", "coverage"))
             assert int(row["samples"]) == FID_SAMPLES and float(row["seconds"]) > 0
         assert (log / "fid.png").stat().st_size > 1000
     # the reference statistics were computed once, by the first run, and reused by the second
@@ -126,20 +128,27 @@ def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path
     assert len(calls) == 3 and pytorch_mode.path != cropped.path
 
 
+class PerImage(torch.nn.Module):  # stands in for Inception: features of each image alone
+    precision = "fp32"
+
+    def forward(self, b):
+        f = b.float().flatten(1)[:, :64]
+        return f, f[:, :8]
+
+
+def folder_and_stand_in_weights(tmp_path, image_folder):
+    """The image_folder fixture as a 32 px folder dataset, and a weights file that is only
+    hashed into the reference cache key (PerImage needs none)."""
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"stand-in")
+    return build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"])), weights
+
+
 @pytest.mark.slow
 def test_reference_from_decoded_images_equals_reference_from_the_dataset(tmp_path, image_folder):
     # --cache and in-memory arrays hand the decoded images to the reference statistics
     # (no loader workers); they must be the statistics of the same images, also when capped.
-    class PerImage(torch.nn.Module):  # stands in for Inception: features of each image alone
-        precision = "fp32"
-
-        def forward(self, b):
-            f = b.float().flatten(1)[:, :64]
-            return f, f[:, :8]
-
-    weights = tmp_path / "w.bin"
-    weights.write_bytes(b"stand-in")  # only hashed into the cache key
-    ds = build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder), "--imsize", "32"]))
+    ds, weights = folder_and_stand_in_weights(tmp_path, image_folder)
     images = torch.stack([ds[i] for i in range(len(ds))])
     for cap in (100, 9):
         args = dict(model=PerImage(), weights=weights, resize="tf1", cap=cap, batch_size=4, device="cpu",
@@ -181,6 +190,11 @@ def test_load_images_formats_and_errors(tmp_path, capsys):
     assert torch.equal(batches[1][0], torch.from_numpy(imgs[2]).permute(2, 0, 1))
 
 
+def per_image(b):  # stands in for Inception: features of each image alone
+    f = b.float().flatten(1)
+    return f[:, :2048], f[:, :1008]
+
+
 def test_generated_images_do_not_depend_on_the_inception_batch():
     # G samples with batch statistics, so an image depends on the images drawn beside it:
     # they are drawn in batches of the run's --batch_size (gen_batch), whatever the
@@ -188,19 +202,78 @@ def test_generated_images_do_not_depend_on_the_inception_batch():
     from sagan_models import Generator
     torch.manual_seed(0)
     G = Generator(32, z_dim=16, conv_dim=16)
-    z = torch.randn(20, 16)
-
-    def per_image(b):  # stands in for Inception: features of each image alone
-        f = b.float().flatten(1)
-        return f[:, :2048], f[:, :1008]
+    z = torch.randn(24, 16)
 
     def pool3(inception_batch, gen_batch):
-        return features.generated_features(G, per_image, z, inception_batch, "cpu", progress=False, gen_batch=gen_batch)[0]
+        return features.generated_features(G, per_image, z, inception_batch, "cpu", progress=False, gen_batch=gen_batch,
+                                           n=20)[0]
 
     ref = pool3(20, 8)
+    assert ref.shape[0] == 20
     for inception_batch in (3, 8, 7):
         np.testing.assert_array_equal(pool3(inception_batch, 8), ref)
     assert not np.array_equal(pool3(8, 4), ref)  # the generation batch itself does matter
+
+
+class BatchStatisticsG(torch.nn.Module):
+    """A G whose every image depends on the batch it is drawn in: BatchNorm on batch statistics."""
+
+    def __init__(self, z_dim=4):
+        super().__init__()
+        self.linear = torch.nn.Linear(z_dim, 3 * 4 * 4)
+        self.bn = torch.nn.BatchNorm1d(3 * 4 * 4)
+
+    def forward(self, z):
+        return torch.tanh(self.bn(self.linear(z))).view(-1, 3, 4, 4)
+
+
+def test_a_count_not_a_multiple_of_the_batch_keeps_the_first_images_of_whole_batches():
+    from sampling import whole_batches
+    torch.manual_seed(0)
+    G = BatchStatisticsG()
+    with torch.no_grad():
+        G.bn.weight.uniform_(0.5, 2), G.bn.bias.uniform_(-1, 1)
+    n, batch = 10, 4  # 10 images in batches of 4: 4, 4 and 2 of a third batch of 4
+    z = torch.randn(whole_batches(n, batch), 4)
+    assert len(z) == 12
+
+    def by_hand(rows):  # G on these latents as one batch, normalised by that batch's statistics
+        h = G.linear(rows)
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + G.bn.eps) * G.bn.weight + G.bn.bias
+        x = torch.tanh(h).view(-1, 3, 4, 4)
+        return ((x + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).flatten(1).numpy().astype(np.float64)
+
+    with torch.no_grad():
+        whole = np.concatenate([by_hand(z[s:s + batch]) for s in range(0, 12, batch)])
+        short_last = np.concatenate([by_hand(z[s:min(s + batch, n)]) for s in range(0, n, batch)])
+    got = features.generated_features(G, per_image, z, 3, "cpu", progress=False, gen_batch=batch, n=n)[0]
+    assert got.shape == (n, 48)
+    np.testing.assert_array_equal(got, whole[:n, :48])
+    assert not np.array_equal(short_last[8:], whole[8:n])  # a short last batch would have other images
+    with pytest.raises(ValueError, match="whole batches"):  # latents that end inside a batch are refused
+        features.generated_features(G, per_image, z[:n], 3, "cpu", progress=False, gen_batch=batch)
+
+
+def test_the_reference_of_all_images_uses_every_image(tmp_path, image_folder):
+    from parameter import parse_flags
+    assert configure(["--fid_ref_samples", "all"]).fid_ref_samples == 0
+    assert configure(["--fid_ref_samples", "0"]).fid_ref_samples == 0
+
+    ds, weights = folder_and_stand_in_weights(tmp_path, image_folder)
+    assert len(ds) == 15
+    args = dict(model=PerImage(), weights=weights, resize="tf1", batch_size=4, device="cpu", progress=False,
+                cache_dir=tmp_path / "stats", with_features=True)
+    every = features.reference_stats(ds, cap=0, **args)
+    capped = features.reference_stats(ds, cap=9, **args)
+    images = torch.stack([ds[i] for i in range(len(ds))])
+    assert every.pool3.shape == (15, 64) and capped.pool3.shape == (9, 64)
+    np.testing.assert_array_equal(every.pool3, images.float().flatten(1)[:, :64].numpy())
+    assert every.path != capped.path  # another subset, another cache file
+    # a cap at or above the dataset's size is every image too: the same statistics, one file
+    assert features.reference_stats(ds, cap=1000, **args).path == every.path
+    for bad in ("some", "-1"):
+        with pytest.raises(utils.UserError, match="fid_ref_samples"):
+            parse_flags(["--fid_ref_samples", bad])
 
 
 @pytest.mark.slow
@@ -215,7 +288,8 @@ def test_compare_prints_a_table_and_writes_one_plot(two_runs):
     assert [l.split()[0] for l in lines[1:3]] == ["5", "10"]
     best = [l for l in lines if l.strip().startswith("best fid")][0].split()[2:]
     fids = {s: [float(r["fid"]) for r in read_csv(root / f"logs/sagan_emoji_span{s}_32px/fid.csv")] for s in (0, 1)}
-    assert [float(b) for b in best] == pytest.approx([min(fids[0]), min(fids[1])], abs=0.006)
+    assert best[1::2] == ["(1/1)", "(1/1)"]  # over 1 of the 1 runs started
+    assert [float(b) for b in best[::2]] == pytest.approx([min(fids[0]), min(fids[1])], abs=0.006)
     assert [l for l in lines if l.strip().startswith("at step")] and out.stat().st_size > 1000
     bad = run_main(["compare", root / "nope"], cwd=root, entry=fid.main)
     assert bad.returncode == 2 and "no fid.csv" in bad.stderr and "Traceback" not in bad.stderr

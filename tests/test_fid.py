@@ -160,7 +160,8 @@ def published(monkeypatch, weights):
 def test_bad_flag_values_are_refused_in_one_line(inputs, capsys):
     stats = inputs / "s.npz"
     cases = [("--isc_splits", "0"), ("--kid_subsets", "0"), ("--kid_subset_size", "0"), ("--kid_subset_size", "1"),
-             ("--fid_samples", "0"), ("--fid_samples", "-3"), ("--batch_size", "0"), ("--isc_splits", "x")]
+             ("--fid_samples", "0"), ("--fid_samples", "-3"), ("--batch_size", "0"), ("--isc_splits", "x"),
+             ("--prdc_k", "0")]
     for flag, value in cases:  # stats inputs, FID only: today 0 splits went unnoticed and exited 0
         code, out, err = run(capsys, [stats, stats, flag, value])
         line = assert_one_line_error(code, err)
@@ -202,6 +203,30 @@ def test_object_arrays_are_refused_before_numpy_reads_them(inputs, monkeypatch):
     with pytest.raises(utils.UserError, match="holds Python objects") as e:
         features.load_images(inputs / "obj.npy")
     assert "allow_pickle" not in str(e.value)
+
+
+def test_cli_prdc_of_two_arrays_matches_the_prdc_package(inputs, capsys, monkeypatch):
+    import contextlib
+    import io
+
+    from prdc import compute_prdc
+    monkeypatch.setattr(inception, "load_inception", pixel_inception)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.save(inputs / "a.npy", a), np.save(inputs / "b.npy", b)
+    code, out, err = run(capsys, [inputs / "a.npy", inputs / "b.npy", "--metrics", "fid,prdc", "--prdc_k", 3,
+                                  "--fid_weights", inputs / "w.pth", "--no_progress"])
+    assert code == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("PRDC: "))
+    assert line.split()[1::2] == ["precision", "recall", "density", "coverage"]
+    pixels = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)[:, :8].astype(np.float64)  # pixel_inception's
+    real = pixels(b)[np.sort(np.random.default_rng(0).choice(40, 24, replace=False))]  # as many as generated
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = compute_prdc(real, pixels(a), 3)
+    expected = [float(ref[c]) for c in ("precision", "recall", "density", "coverage")]
+    np.testing.assert_allclose([float(v) for v in line.split()[2::2]], expected, atol=5e-5)  # printed to 4 places
+    line = assert_one_line_error(*run(capsys, [inputs / "a.npy", inputs / "s.npz", "--metrics", "prdc"])[::2])
+    assert "PRDC needs per-image features" in line
 
 
 # -----------------------------------------------------------------------------

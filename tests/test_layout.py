@@ -11,9 +11,9 @@ from conftest import REPO
 
 # docs/architecture.md, bottom up: a module may import only modules of a lower layer
 LAYERS = [
-    {"utils", "choices"},
+    {"utils", "choices", "stats"},
     {"files", "parameter"},
-    {"device", "distributed", "spectral", "diffaug", "sampling", "data_loader"},
+    {"device", "distributed", "spectral", "diffaug", "sampling", "data_loader", "report_html"},
     {"sagan_models", "batches", "inception"},
     {"checkpoint", "plots", "metrics", "gan_step", "runlog"},
     {"run", "features", "compare"},

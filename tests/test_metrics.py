@@ -1,5 +1,8 @@
-"""FID, IS and KID against torch-fidelity and pytorch-fid, closed forms and exact references
+"""FID, IS and KID against torch-fidelity and pytorch-fid, precision/recall/density/coverage
+against the prdc package, closed forms and exact references
 (ill-conditioned and rank-deficient covariances, KID by brute force), statistics files."""
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -8,6 +11,7 @@ import torch
 from pytorch_fid import fid_score as pf_score
 from pytorch_fid.inception import InceptionV3 as PFInceptionV3
 from torch_fidelity.metric_isc import isc_features_to_metric
+from prdc import compute_prdc
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 import metrics
@@ -61,9 +65,10 @@ def test_is_matches_torch_fidelity_random_logits():
 
 @pytest.mark.slow
 def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
-    # calculate_fid_given_paths in two halves (the whole call is the next test): its
-    # statistics over the folder, and its distance on a 256-d block of those (still
-    # rank-deficient) statistics, where scipy's sqrtm takes 0.2 s instead of 15-90 s
+    # pytorch-fid's calculate_fid_given_paths in its two halves: its statistics over the
+    # folder (equal to ours), and its distance on a 256-d block of those (still
+    # rank-deficient) statistics, where scipy's sqrtm takes 0.2 s instead of 15-90 s. The
+    # 2048-d distance itself is checked against torch-fidelity and exact references.
     model = PFInceptionV3([3])
     ref = {k: pf_score.compute_statistics_of_path(str(env[k]), model, 8, 2048, "cpu", num_workers=0) for k in "AB"}
     stats = {k: metrics.feature_stats(ours_pytorch[k][0]) for k in "AB"}
@@ -76,16 +81,6 @@ def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
     ref_fid = pf_score.calculate_frechet_distance(*blk(ref["A"]), *blk(ref["B"]))
     ours = metrics.frechet_distance(*blk(stats["A"]), *blk(stats["B"]))
     assert rel_err(ours, ref_fid) < 1e-4, (ours, ref_fid)  # observed 2.5e-6 (sqrtm noise, as below)
-
-
-@pytest.mark.slow
-def test_fid_matches_pytorch_fid_end_to_end(env, ours_pytorch):
-    ref = pf_score.calculate_fid_given_paths([str(env["A"]), str(env["B"])], 8, "cpu", 2048, num_workers=0)
-    (pa, _), (pb, _) = ours_pytorch["A"], ours_pytorch["B"]
-    ours = metrics.frechet_distance(*metrics.feature_stats(pa), *metrics.feature_stats(pb))
-    # observed 8.8e-6: pytorch-fid (like torch-fidelity) sums sqrt of ~2000 rounding-noise
-    # eigenvalues of the rank-15 product; ours matches the exact value (see below) to 1e-14
-    assert rel_err(ours, ref) < 1e-4, (ours, ref)
 
 
 def test_fid_closed_forms():
@@ -134,6 +129,64 @@ def test_kid_matches_bruteforce(capsys):
     got = metrics.kernel_inception_distance(f1, f2, subsets=3)
     assert "capped to 7" in capsys.readouterr().err
     assert got == pytest.approx(kid_reference(f1, f2, subsets=3, m=7), rel=1e-10)
+
+
+def peer_prdc(real, fake, k):
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints the set sizes
+        ref = compute_prdc(real, fake, k)
+    return [float(ref[c]) for c in ("precision", "recall", "density", "coverage")]
+
+
+def test_prdc_matches_the_prdc_package(monkeypatch):
+    rng = np.random.default_rng(0)
+    cases = [(50, 40, 8, 5), (30, 60, 16, 3), (100, 100, 64, 1), (120, 90, 2048, 5), (200, 50, 4, 10)]
+    for chunk in (None, 150):
+        if chunk:  # chunks of one or a few rows: as 10,000 x 10,000 distances are taken
+            monkeypatch.setattr(metrics, "CHUNK_DISTANCES", chunk)
+        for n_real, n_fake, d, k in cases:
+            # 3-d sets embedded in d dimensions: in d-dimensional noise every distance is
+            # about the same and precision and recall come out 0 or 1
+            embed = rng.normal(size=(3, d))
+            real = rng.normal(size=(n_real, 3)) @ embed
+            fake = rng.normal(0.3, 1.3, size=(n_fake, 3)) @ embed
+            ours = metrics.precision_recall_density_coverage(real, fake, k)
+            ref = peer_prdc(real, fake, k)
+            assert 0 < ref[3] < 1 and ref[0] > 0, ref  # not a degenerate case: some balls hold samples, some not
+            np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=0, err_msg=str((n_real, n_fake, d, k)))
+
+
+def test_prdc_closed_forms():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(60, 16))
+    # the same set on both sides: every sample inside its own ball, and the k-th neighbour of
+    # each exactly on the rim (strict inequality), so each fake sample sits in k real balls
+    assert metrics.precision_recall_density_coverage(real, real.copy(), 5) == (1.0, 1.0, 1.0, 1.0)
+    # mode collapse: 60 copies of 6 real samples. Every one is real (precision 1), but their
+    # balls have radius ~0 (10 copies each), so at most those 6 real samples are recalled,
+    # and they fill only the real balls near those 6
+    collapsed = np.repeat(real[:6], 10, axis=0)
+    precision, recall, density, coverage = metrics.precision_recall_density_coverage(real, collapsed, 5)
+    assert precision == 1 and recall <= 6 / 60 and coverage < 1
+    with pytest.raises(metrics.UserError, match="more than 5 samples"):
+        metrics.precision_recall_density_coverage(real[:5], real, 5)
+
+
+def test_prdc_in_the_registry_takes_as_many_real_as_generated_samples():
+    from types import SimpleNamespace
+    rng = np.random.default_rng(2)
+    generated = SimpleNamespace(pool3=rng.normal(size=(30, 8)))
+    reference = SimpleNamespace(pool3=rng.normal(size=(80, 8)), cache={})
+    got = metrics.METRICS["prdc"].compute(generated, reference, "cpu", {})
+    real = reference.pool3[np.sort(np.random.default_rng(0).choice(80, 30, replace=False))]
+    np.testing.assert_allclose(got, peer_prdc(real, generated.pool3, 5), rtol=1e-12)
+    assert list(reference.cache) == [("prdc", 30, 5)]  # the real radii, kept for the next evaluation
+    assert metrics.METRICS["prdc"].compute(generated, reference, "cpu", {}) == got
+    # fewer real samples than generated: the first generated ones, as many as the real
+    few = SimpleNamespace(pool3=reference.pool3[:20], cache={})
+    got = metrics.METRICS["prdc"].compute(generated, few, "cpu", {"prdc_k": 3})
+    np.testing.assert_allclose(got, peer_prdc(few.pool3, generated.pool3[:20], 3), rtol=1e-12)
+    assert metrics.higher_is_better("recall_ema") and metrics.higher_is_better("is")
+    assert not metrics.higher_is_better("fid") and not metrics.higher_is_better("kid")
 
 
 def test_inception_score_closed_form():

@@ -1,11 +1,14 @@
 """metrics.csv and the stop signals: rows of an uninterrupted run after a stop between log
 steps, r_t per interval, a rewrite that never loses rows, broken lines dropped, another
-network's log refused, a signal during FID."""
+network's log refused, a signal during FID; status.json, how a run ended."""
+import contextlib
 import csv
 import errno
+import json
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,6 +34,7 @@ def test_a_stop_between_log_steps_leaves_the_metrics_of_an_uninterrupted_run(tmp
     monkeypatch.setattr(trainer.Trainer, "train_step", signalled_at_6)
     stopped = run_main([*args, *out_dirs(b)], cwd=b)
     assert stopped.returncode == 0 and "stopped by signal at step 6" in stopped.stdout
+    assert json.loads((b / "logs/v/status.json").read_text())["status"] == "stopped"
     monkeypatch.setattr(trainer.Trainer, "train_step", step)
     assert run_main([*args, *out_dirs(b), "--resume"], cwd=b).returncode == 0
     keys = ["step", "d_loss", "g_loss", "d_real", "d_fake", "rt", "g_attn8_gamma", "d_attn4_gamma"]
@@ -118,3 +122,49 @@ def test_rt_is_logged_per_interval(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == ["3", "6"] and len(signs) == 6
     for row, interval in zip(rows, (signs[:3], signs[3:])):
         assert float(row["rt"]) == pytest.approx(sum(interval) / 3, abs=1e-5)
+
+
+def test_status_json_records_how_the_run_ended(tmp_path):
+    from runlog import Diverged, RunStatus, read_status
+    t = SimpleNamespace(dirs={"log": tmp_path}, is_main=True, step=4, cfg=SimpleNamespace(total_step=10))
+    ends = []
+    for error, step in ((None, 10), (None, 6), (Diverged("a loss became NaN/inf by step 7; ..."), 7),
+                        (OSError(28, "No space left on device"), 8)):
+        with pytest.raises(type(error)) if error else contextlib.nullcontext():
+            with RunStatus(t):
+                assert read_status(tmp_path)["status"] == "running"  # what a kill -9 leaves
+                t.step = step
+                if error:
+                    raise error
+        ends.append(read_status(tmp_path))
+    assert [(e["status"], e["step"], e["total_step"]) for e in ends] == [
+        ("finished", 10, 10), ("stopped", 6, 10), ("diverged", 7, 10), ("failed", 8, 10)]
+    assert ends[2]["reason"] == "a loss became NaN/inf by step 7; ..." and "No space left" in ends[3]["reason"]
+    t.is_main = False  # other ranks write nothing
+    (tmp_path / "status.json").unlink()
+    with RunStatus(t):
+        pass
+    assert not (tmp_path / "status.json").exists() and read_status(tmp_path) == {}
+    (tmp_path / "status.json").write_text("{not json")
+    assert read_status(tmp_path) == {}
+
+
+def test_attention_log_continues_an_older_file_and_compare_reads_both(tmp_path):
+    # attention.csv files from before the share and fixed columns: a resumed run keeps their
+    # rows (the new columns empty) and the report reads old and new rows alike
+    import fid
+    from runlog import AttentionLog
+    from sagan_models import LayerAttention
+    from test_compare import make_run
+    d = make_run(tmp_path, "r", {10: 50.0, 20: 40.0})
+    (d / "attention.csv").write_text("step,network,layer,map,distance,uniform\n10,G,attn8,8x8,2.5,3\n"
+                                     "20,G,attn8,8x8,9,9\n")
+    log = AttentionLog(d / "attention.csv", 10)  # resumed at step 10: the step-20 row goes
+    log.write(20, {"G": [LayerAttention("attn8", "8x8", 2.75, 3.0, 0.125, 0.0)],
+                   "D": [LayerAttention("attn4", "4x4", float("nan"), float("nan"), 0.0, 1.0)]})
+    rows = read_csv(d / "attention.csv")
+    assert [(r["step"], r["layer"], r["distance"], r["share"], r["fixed"]) for r in rows] == [
+        ("10", "attn8", "2.5", "", ""), ("20", "attn8", "2.75", "0.125", "0"), ("20", "attn4", "nan", "0", "1")]
+    r = run_main(["compare", d, "--out", tmp_path / "c.png"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c_attention.png").stat().st_size > 1000

@@ -369,21 +369,113 @@ def test_attention_distance_matches_a_double_loop():
     h, w = 3, 5
     weights = torch.rand(2, h * w, h * w, generator=g)
     weights /= weights.sum(-1, keepdim=True)
+    weights[1] *= torch.rand(h * w, 1, generator=g)  # rows keeping part of their weight, as in post mode
+    weights[1, 4] = 0  # a query with no weight at all
     expected = []
     for b in range(2):
-        total = 0.0
+        per_query = []
         for q in range(h * w):
             qi, qj = divmod(q, w)
+            mass = weights[b, q].sum().item()
+            if mass == 0:
+                continue
+            total = 0.0
             for k in range(h * w):
                 ki, kj = divmod(k, w)
                 total += weights[b, q, k].item() * math.hypot(qi - ki, qj - kj)
-        expected.append(total / (h * w))
+            per_query.append(total / mass)
+        expected.append(sum(per_query) / len(per_query))
     torch.testing.assert_close(attention_distance(weights, h, w), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     # closed forms: attending to itself is distance 0; to the right-hand neighbour, 1
     assert attention_distance(torch.eye(h * w)[None], h, w).item() == 0
     right = torch.zeros(1, 2, 2)
     right[0, 0, 1] = right[0, 1, 0] = 1
     assert attention_distance(right, 1, 2).item() == 1
+    assert attention_distance(0.3 * right, 1, 2).item() == pytest.approx(1)  # half-kept weight, same place
+    assert math.isnan(attention_distance(torch.zeros(1, 4, 4), 2, 2).item())  # no query attends
+
+
+def keys_left(h, w, span):
+    """{query: [keys]} by the definition: keys outside the (2·span+1)² square (span 0: all)."""
+    return {(i, j): [(r, c) for r in range(h) for c in range(w) if span == 0 or max(abs(r - i), abs(c - j)) > span]
+            for i in range(h) for j in range(w)}
+
+
+ATTENTION_MODES = [("pre", "mean"), ("pre", "skip"), ("post", "mean")]
+
+
+@pytest.mark.parametrize("mode,fully_masked", ATTENTION_MODES)
+def test_layer_distances_share_and_uniform_reference_against_brute_force(mode, fully_masked):
+    from collections import OrderedDict
+
+    from sagan_models import layer_distances
+    for (h, w), span in itertools.product([(4, 4), (5, 3)], range(4)):
+        layer = random_layer(16, span, mode, seed=span, fully_masked=fully_masked)
+        x = torch.randn(2, 16, h, w, generator=torch.Generator().manual_seed(span))
+        (row,) = layer_distances(nn.Sequential(OrderedDict(attn=layer)), {"attn": x})
+        out, weights = brute_force_attention(layer, x, span, mode, fully_masked)
+        keys, xd = keys_left(h, w, span), x.double().numpy()
+        dist = lambda q, k: math.hypot(q[0] - k[0], q[1] - k[1])
+        distance, share = [], []
+        for b in range(2):
+            per_query = []
+            for qi, q in enumerate(keys):
+                row_w = weights[b, qi]
+                if row_w.sum() > 0:
+                    per_query.append(sum(row_w[r * w + c] * dist(q, (r, c)) for r in range(h) for c in range(w))
+                                     / row_w.sum())
+            distance.append(np.mean(per_query) if per_query else math.nan)
+            attended = np.linalg.norm(out[b] - xd[b])
+            share.append(attended / (attended + np.linalg.norm(xd[b])))
+        # the reference: equal weights on the keys each query keeps (post mode too: the
+        # distance renormalises every row), the layer's own answer where none are left
+        uniform = []
+        for q, ks in keys.items():
+            if ks:
+                uniform.append(np.mean([dist(q, k) for k in ks]))
+            elif mode == "pre" and fully_masked == "mean":
+                uniform.append(np.mean([dist(q, k) for k in itertools.product(range(h), range(w))]))
+        uniform = np.mean(uniform) if uniform else math.nan
+        case = (h, w, span)
+        assert row.name == "attn" and row.map == f"{h}x{w}", case
+        np.testing.assert_allclose(row.distance, np.mean(distance), rtol=1e-5, err_msg=str(case))
+        np.testing.assert_allclose(row.uniform, uniform, rtol=1e-6, err_msg=str(case))
+        np.testing.assert_allclose(row.share, np.mean(share), rtol=1e-5, err_msg=str(case))
+        assert (0 < row.share < 1) == (not math.isnan(row.distance)), case  # "skip" 4x4 at span 3: no attention
+    # γ = 0: the layer passes x through, however far its weights look
+    with torch.no_grad():
+        layer.gamma.zero_()
+    assert layer_distances(nn.Sequential(OrderedDict(attn=layer)), {"attn": x})[0].share == 0
+    # no attention layers: no rows
+    assert layer_distances(nn.Sequential(nn.Conv2d(3, 3, 1)), {}) == []
+
+
+@pytest.mark.parametrize("mode,fully_masked", ATTENTION_MODES)
+def test_fixed_rows_are_those_whose_weights_no_energy_moves(mode, fully_masked):
+    # by the definition (key counts) and by experiment (two very different energies give
+    # the same weights exactly on those rows and on no other)
+    g = torch.Generator().manual_seed(0)
+    whole = {}
+    for (h, w), span in itertools.product([(4, 4), (8, 8), (1, 4)], range(5)):
+        layer = Self_Attn(16, span, mode, fully_masked=fully_masked)
+        fixed = layer.fixed_rows(h, w)
+        counts = [len(ks) for ks in keys_left(h, w, span).values()]
+        if mode == "pre" or span == 0:
+            expected = [c == 1 or (c == 0 and fully_masked in ("mean", "skip")) for c in counts]
+        else:
+            expected = [c == 0 for c in counts]
+        assert fixed.tolist() == expected, (h, w, span)
+        e1, e2 = (5 * torch.randn(1, h * w, h * w, generator=g) for _ in range(2))  # no weight underflows to 0
+        same = (layer.attention_weights(e1, h, w) == layer.attention_weights(e2, h, w)).all(-1)[0]
+        assert same.tolist() == fixed.tolist(), (h, w, span)
+        whole[(h, w, span)] = fixed.float().mean().item()
+    # D's 4x4 map at span >= 3 is uniform by construction (no query keeps a key), at span 2
+    # its 4 centre queries; the 8x8 map at span 4 has its 4 centre queries fixed; a 1x4 map
+    # at span 2 leaves its two middle queries no key and each end query one key (fixed in
+    # pre mode only: in post mode its weight is a share of a softmax over all four)
+    assert [whole[(4, 4, s)] for s in range(5)] == [0, 0, 0.25, 1, 1]
+    assert [whole[(8, 8, s)] for s in range(5)] == [0, 0, 0, 0, 4 / 64]
+    assert whole[(1, 4, 2)] == (1 if mode == "pre" else 0.5)
 
 
 @pytest.mark.parametrize("mode", ["pre", "post"])
@@ -543,6 +635,16 @@ def test_mean_mode_freezes_q_and_k_of_fully_masked_rows_and_seed_mode_does_not()
             torch.testing.assert_close(g_seed[name], g_ref[name], rtol=1e-4, atol=1e-5 * g_ref[name].abs().max().item())
 
 
+def test_seed_mode_fixes_no_row_without_keys():
+    # fully masked rows of seed mode are uniform while |e| < 32 but follow larger energies:
+    # not fixed (Self_Attn.fixed_rows), unlike mean's and skip's
+    g = torch.Generator().manual_seed(0)
+    layer = Self_Attn(16, 3, fully_masked="seed")
+    assert not layer.fixed_rows(4, 4).any() and Self_Attn(16, 3, fully_masked="mean").fixed_rows(4, 4).all()
+    e1, e2 = (200 * torch.randn(1, 16, 16, generator=g) for _ in range(2))
+    assert not (layer.attention_weights(e1, 4, 4) == layer.attention_weights(e2, 4, 4)).all(-1).any()
+
+
 def test_seed_mode_keeps_float32_under_autocast():
     # q, k exact in bfloat16 (multiples of 4 up to 64), energies exact in float32 only: the
     # layer must add −1e9 and take the softmax in float32 to give the seed's weights (in
@@ -619,3 +721,13 @@ def test_a_tiny_discriminator_trains_as_the_seeds_over_adam_steps():
         torch.testing.assert_close(p, ref_params[name], rtol=0, atol=1e-5, msg=name)
     moved = max((p - ref_params[n]).abs().max().item() for n, p in mean.named_parameters() if "attn4.query" in n)
     assert moved > 1e-3
+
+
+def test_the_networks_take_the_attention_settings_of_the_config():
+    from run import configure
+    from sagan_models import build_discriminator, build_generator
+    for flags, want in ((["--original_attention"], (True, "seed")), (["--fully_masked", "mean"], (False, "mean")),
+                        ([], (False, "seed"))):
+        cfg = configure(["--device", "cpu", "--imsize", "32", "--span", "2", *flags])
+        layers = attention_layers(build_generator(cfg)) + attention_layers(build_discriminator(cfg))
+        assert len(layers) == 4 and {(m.original, m.fully_masked, m.span) for _, m in layers} == {(*want, 2)}

@@ -126,6 +126,9 @@ def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path,
     assert "2/2 cells finished" in first.stdout and "best fid" in first.stdout
     assert len(list((tmp_path / "logs/fid_stats").glob("*.npz"))) == 1
     assert (tmp_path / "logs/sagan_emoji_sweep_fid_compare.png").stat().st_size > 1000
+    # and its page beside it, showing each cell's sample grid and attention picture of step 4
+    page = (tmp_path / "logs/sagan_emoji_sweep_report.html").read_text(encoding="utf-8")
+    assert "Sample grids at step 4" in page and page.count('class="sample"') == page.count('class="attention"') == 2
     # Interrupt the span-2 cell after its step-2 checkpoint: what it wrote later is gone.
     done = torch.load(tmp_path / f"models/{cells[1]}/4.pt", weights_only=False)
     (tmp_path / f"models/{cells[1]}/4.pt").unlink()

@@ -46,6 +46,10 @@ def test_tiny_run_on_bundled_data_writes_every_output(tmp_path):
     assert [(r["step"], r["network"], r["layer"], r["map"]) for r in attn[:4]] == [
         ("10", "G", "attn8", "8x8"), ("10", "G", "attn16", "16x16"), ("10", "D", "attn8", "8x8"), ("10", "D", "attn4", "4x4")]
     assert len(attn) == 8 and all(0 < float(r["distance"]) < 16 * 2 ** 0.5 for r in attn)
+    # γ has moved from 0 in 10 steps; at span 2 D's 4 centre queries of 4x4 keep no key, and
+    # under the default --fully_masked seed their weights still follow the energies: none fixed
+    assert all(0 < float(r["share"]) < 1 for r in attn)
+    assert [r["fixed"] for r in attn[:4]] == ["0", "0", "0", "0"]
     cfg = json.loads((tmp_path / f"logs/{v}/config.json").read_text())
     assert cfg["dataset_size"] == 1432 and cfg["g_span"] == 2 and cfg["seed"] == 3
     assert {"package_version", "git_commit", "g_lr", "batch_size", "mask_mode", "fid_step"} <= set(cfg)
@@ -193,6 +197,9 @@ def test_a_diverged_step_writes_no_checkpoint(tmp_path, capsys):
                                                    "--d_lr", "1e8"))
     assert "a weight became NaN/inf by step 1; no checkpoint was saved yet" in err
     assert not list((tmp_path / "models").glob("*/*.pt"))
+    status = json.loads((tmp_path / "logs/d/status.json").read_text())  # what the compare report counts
+    assert (status["status"], status["step"], status["total_step"]) == ("diverged", 1, 10)
+    assert status["reason"].startswith("a weight became NaN/inf by step 1")
 
 
 @pytest.mark.slow

@@ -21,8 +21,13 @@ set -x
 "$py" "$repo/main.py" --version smoke --train false --n_samples 8 --device cpu
 "$py" "$repo/main.py" "${tiny[@]}" "${fid[@]}" --total_step 2 --span 0,3 --seed 0,1 --version sweep
 "$py" "$repo/fid.py" compare logs/sweep_span0_seed0 logs/sweep_span0_seed1 logs/sweep_span3_seed0 \
-    logs/sweep_span3_seed1 --csv compare.csv --out compare.png
+    logs/sweep_span3_seed1 --csv compare.csv --out compare.png --html report.html
 "$py" "$repo/fid.py" samples/smoke/eval_6 logs/fid_stats/*.npz --fid_weights w.pth
 "$py" "$repo/fid.py" models/smoke/6.pt samples/smoke/eval_6 --fid_samples 8 --fid_weights w.pth
 "$py" "$repo/bench.py" --device cpu --steps 2 --out bench.json
 test -f models/smoke/6.pt && test "$(ls samples/smoke/eval_6 | wc -l)" = 8 && test -s compare.csv
+# both pages (the sweep's own and --html's) hold each of the 4 cells' sample grid and attention picture
+for page in logs/sweep_sweep_report.html report.html; do
+    test "$(grep -o 'class="sample" src="data:image/png' "$page" | wc -l)" = 4
+    test "$(grep -o 'class="attention" src="data:image/png' "$page" | wc -l)" = 4
+done
