@@ -91,18 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Non-local span: attention ignores keys within the (2·span+1)² square around "
                         "each query; 0 = plain SAGAN; none = no attention layers (plain SN-DCGAN). A comma list "
                         "(with --seed) runs a sweep, see --jobs")
-    g.add_argument("--g_span", type=span_list, default=None,
-                   help="span of the generator (default: --span); a comma list sweeps it: the cells are the product "
-                        "of the --g_span and --d_span lists, the one not given following --span")
-    g.add_argument("--d_span", type=span_list, default=None, help="span of the discriminator (default: --span); "
-                                                                   "a comma list sweeps it, see --g_span")
+    for net, name in (("g", "generator"), ("d", "discriminator")):
+        g.add_argument(f"--{net}_span", type=span_list, default=None, help=f"span of the {name} (default: --span); "
+                       "a list sweeps the product of the G and D lists, the one not given following --span")
     g.add_argument("--mask_mode", default="pre", choices=MASK_MODES,
                    help="pre: masked keys leave the softmax (seed code); post: softmax, then zero them (seed README)")
     g.add_argument("--fully_masked", default=FULLY_MASKED[0], choices=FULLY_MASKED,
-                   help="pre mode, a query whose masked square covers the whole map: seed = the seed's float32 "
-                        "arithmetic (-1e9 added to the energy, softmax; q and k keep training); mean = equal weight "
-                        "on every key (the seed's forward pass while |energy| < 32, no gradient to q and k); "
-                        "skip = attend to nothing (x passes through)")
+                   help="pre mode, a query with no key left: seed = the seed's float32 -1e9 arithmetic (q, k keep "
+                        "training); mean = equal weight on every key (the seed's forward pass while |energy| < 32, "
+                        "no gradient to q, k); skip = attend to nothing (x passes through)")
     _flag(g, "--original_attention",
           help="every attention layer computes as the seed's code did: -1e9 added to masked energies, dense, "
                "float32 softmax, and at span 0 each query's own pixel masked (to re-run the seed's table)")
@@ -212,10 +209,10 @@ def validate(cfg, world=1):
         raise UserError(message)
     if cfg.imsize not in IMAGE_SIZES:
         err(f"--imsize {cfg.imsize} is not supported; use 32, 64 or 128")
-    if cfg.original_attention and cfg.mask_mode != "pre":
-        err("--original_attention computes the seed code's masking (pre); drop --mask_mode post")
-    if cfg.original_attention and cfg.fully_masked != "seed":
-        err(f"--original_attention computes every query as the seed did; drop --fully_masked {cfg.fully_masked}")
+    seed_code = {"mask_mode": "pre", "fully_masked": "seed"}  # its one masking, its one answer for keyless rows
+    bad = [f"--{k} {getattr(cfg, k)}" for k, v in seed_code.items() if getattr(cfg, k) != v]
+    if cfg.original_attention and bad:
+        err(f"--original_attention computes attention as the seed's code did; drop {' and '.join(bad)}")
     if cfg.jobs < 1:
         err(f"--jobs must be >= 1, got {cfg.jobs}")
     positive = ("batch_size", "total_step", "d_iters", "z_dim", "g_conv_dim", "d_conv_dim", "log_step",
@@ -323,10 +320,9 @@ def _span_part(g_span, d_span) -> str:
 def parse_flags(argv=None, world=None):
     """The command line as an argparse Namespace, validated (UserError otherwise), with
     `given` (the flags the command line gave) and `sweep` (the grid's cells, or None for
-    one run). One run: g_span and d_span are ints, NO_ATTENTION (-1) for a network without
-    attention layers; span is their common value, or None when G and D differ (so "no
-    attention" is never None); seed an int or None, version its name. A sweep keeps its
-    lists in its cells."""
+    one run). One run: g_span, d_span ints (NO_ATTENTION, -1: no attention layers), span
+    their common value or None when G and D differ (never "no attention"); seed an int or
+    None, version its name. A sweep keeps its lists in its cells."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     parser = build_parser()
     # argparse leaves attributes it finds on the namespace alone unless the flag is given:
@@ -349,12 +345,12 @@ def parse_flags(argv=None, world=None):
 
 
 def sweep_cells(cfg):
-    """The --span, --g_span, --d_span and --seed lists as the grid's cells,
-    [(g_span, d_span, seed, version), ...], or None for one run (then span, g_span, d_span
-    and seed become plain values, see parse_flags). The (g_span, d_span) pairs: each --span
-    value for both networks; with --g_span or --d_span given, the product of the two lists,
-    the one not given following --span. Cells are named after the run's --version (or the
-    default name) with _span<S> (or _g<G>_d<D>) and _seed<N> where those vary."""
+    """The span and seed lists as the grid's cells, [(g_span, d_span, seed, version), ...], or
+    None for one run (then span, g_span, d_span and seed become plain values, see
+    parse_flags). The (g_span, d_span) pairs: each --span value for both networks; with
+    --g_span or --d_span given, the product of the two lists, the one not given following
+    --span. Cells are named after --version (or the default name) with _span<S> (or
+    _g<G>_d<D>) and _seed<N> where those vary."""
     seeds = cfg.seed if cfg.seed is not None else [None]
     if cfg.g_span is not None and cfg.d_span is not None and "span" in cfg.given:
         raise UserError("--g_span and --d_span set both networks' spans, so --span would go unused; drop --span")

@@ -136,8 +136,8 @@ def run_sweep(cfg, argv, main_py) -> int:
                 cell, resume = todo.pop(0)
                 cell.slot = min(set(range(cfg.jobs)) - {c.slot for c in running})
                 running.append(cell)  # before it starts: a signal from now on reaches it (on_signal)
-                _launch(cell, cell_argv(argv, cell.g_span, cell.d_span, cell.seed, cell.version, resume), main_py, cfg, gpus,
-                        prefix=cfg.jobs > 1)
+                args = cell_argv(argv, cell.g_span, cell.d_span, cell.seed, cell.version, resume)
+                _launch(cell, args, main_py, cfg, gpus, prefix=cfg.jobs > 1)
                 if stop["signal"] is not None:  # the signal came while it was starting
                     cell.proc.send_signal(stop["signal"])
                 print(f"sweep: {'continuing' if resume else 'starting'} {cell.version}", flush=True)
