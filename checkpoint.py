@@ -18,8 +18,9 @@ from sagan_models import build_generator
 from utils import TRUST_FLAG, UserError, __version__
 
 # Run settings that checkpoints and config.json files saved before the flag existed lack:
-# what those runs trained with.
-LEGACY_SETTINGS = {"fully_masked": "skip", "diffaug": ""}
+# what those runs trained with. (fully_masked: runs from before the flag attended to nothing;
+# runs that recorded "mean", the default before "seed", keep "mean" since it is recorded.)
+LEGACY_SETTINGS = {"fully_masked": "skip", "diffaug": "", "original_attention": False}
 
 
 @dataclass

@@ -6,7 +6,11 @@ from argparse import ArgumentTypeError
 
 IMAGE_SIZES = (32, 64, 128)  # sagan_models builds these
 MASK_MODES = ("pre", "post")  # see sagan_models.Self_Attn
-FULLY_MASKED = ("mean", "skip")
+FULLY_MASKED = ("seed", "mean", "skip")  # the first is the default of a new run
+# A span value that builds a network without its attention layers (`--span none`). Configs and
+# checkpoints hold spans as ints, so "no attention" is this int, never None (which
+# parameter.Config's `span` uses for "G and D differ").
+NO_ATTENTION = -1
 TRANSFORMS = ("color", "translation", "cutout")  # DiffAugment (diffaug.py), in the paper's order of application
 RESIZE_MODES = ("tf1", "pytorch")  # the FID input pipelines (inception.FIDInception)
 PRECISIONS = ("fp32", "tf32")  # the FID network's arithmetic on CUDA
@@ -91,3 +95,67 @@ def sbatch_options(text) -> dict:
             raise ArgumentTypeError(f"--{name} is set by " + (f"{owner}; use that" if owner else "the launcher"))
         options[name] = value if eq else True
     return options
+
+
+def parse_span(text) -> int:
+    """'3' -> 3, 'none' -> NO_ATTENTION; ValueError for anything else (negative numbers too)."""
+    word = str(text).strip().lower()
+    if word == "none":
+        return NO_ATTENTION
+    if not (word.isascii() and word.isdigit()):
+        raise ValueError(f"expected a span >= 0 or none, got {text!r}")
+    return int(word)
+
+
+def span_text(span) -> str:
+    """A span as the command line writes it: 'none' for NO_ATTENTION, the number otherwise."""
+    return "none" if span == NO_ATTENTION else str(span)
+
+
+# ---------------------------------------------------------------------------- flag value types
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if v.lower() in ("false", "0", "no", "n", "off"):
+        return False
+    raise ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def str2auto(v):
+    """auto, true or false (speed flags: auto means on where it pays, i.e. on CUDA)."""
+    return "auto" if str(v).lower() == "auto" else str2bool(v)
+
+
+def int_list(v):
+    """'3' -> [3]; '0,1,2' -> [0, 1, 2] (a sweep over the values)."""
+    try:
+        values = [int(x) for x in str(v).split(",")]
+    except ValueError:
+        raise ArgumentTypeError(f"expected an integer or a comma list of integers, got {v!r}") from None
+    if len(set(values)) != len(values):
+        raise ArgumentTypeError(f"{v!r} repeats a value")
+    return values
+
+
+def span_list(v):
+    """'3' -> [3]; 'none,0,3' -> [NO_ATTENTION, 0, 3] (choices.parse_span; a sweep over the values)."""
+    try:
+        values = [parse_span(x) for x in str(v).split(",")]
+    except ValueError:
+        raise ArgumentTypeError(f"expected a span (an integer >= 0, 0 = plain SAGAN, or none = no "
+                                         f"attention layers) or a comma list of them, got {v!r}") from None
+    if len(set(values)) != len(values):
+        raise ArgumentTypeError(f"{v!r} repeats a value")
+    return values
+
+
+def count_or_all(v):
+    """'50000' -> 50000; 'all' (or 0) -> 0, which stands for every image (--fid_ref_samples)."""
+    if str(v).strip().lower() == "all":
+        return 0
+    try:
+        return int(v)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a count or 'all', got {v!r}") from None

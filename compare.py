@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoint import migrate_config
+from choices import span_text
 from files import atomic_open, check_output_file, csv_header, csv_rows_until
 from metrics import METRICS, higher_is_better
 from plots import figure_path, plot_attention, plot_groups
@@ -198,9 +199,9 @@ def group_runs(runs) -> list:
     for g in groups:
         parts, s = [], g.settings
         if "g_span" in s and s.get("g_span") == s.get("d_span"):
-            parts.append(f"span {s['g_span']}")
+            parts.append(f"span {span_text(s['g_span'])}")
         elif "g_span" in s:
-            parts.append(f"span G{s['g_span']}/D{s.get('d_span')}")
+            parts.append(f"span G{span_text(s['g_span'])}/D{span_text(s.get('d_span'))}")
         parts += [f"{k}={s.get(k)}" for k in varying if k not in ("g_span", "d_span")]
         if not g.runs[0].config:
             g.label = g.runs[0].folder.name
@@ -340,6 +341,7 @@ def write_csv(groups, path, reach=None, tests=None, higher=False):
                               ";".join(f"{run.name}:{'failed' if run.outcome.failed else 'never' if s is None else s}"
                                        for run, s in zip(g.runs, per_run))]
             runs = [len(g.failed()), ends(g.failed()), len(g.stopped_early()), ends(g.stopped_early())]
+            spans = [span_text(g.settings[k]) if k in g.settings else "" for k in ("g_span", "d_span")]
             for step, m in g.table().items() or [("", None)]:
                 c = tests.get((i, step))
                 stat = [m.n, f"{m.mean:.6g}", opt(m.std), opt(m.ci95[0]), opt(m.ci95[1]),
@@ -347,7 +349,7 @@ def write_csv(groups, path, reach=None, tests=None, higher=False):
                 test = [base.label if base else "", c.kind, c.n_base, opt(c.p), opt(c.p_holm), c.m or "",
                         opt(c.diff), opt(c.boot[0]), opt(c.boot[1])] if c else \
                     [base.label, "none: n < 2 in an arm"] + [""] * 7 if base else [""] * 9
-                w.writerow([g.label, g.settings.get("g_span", ""), g.settings.get("d_span", ""), step, len(g.runs),
+                w.writerow([g.label, *spans, step, len(g.runs),
                             *stat, *runs, *test, *reach_cols])
 
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRDC_K, PRECISIONS, RESIZE_MODES, TRANSFORMS
-from choices import parse_metrics, parse_policy, sbatch_options, slurm_mem, slurm_time
+from choices import count_or_all, parse_metrics, parse_policy, sbatch_options, slurm_mem, slurm_time, span_list
+from choices import int_list, span_text, str2auto, str2bool
 from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
 
 # Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
@@ -20,42 +21,6 @@ DATASETS = ("emoji", "celeb", "lsun", "folder")
 # --diffaug when not given: on for the small bundled set, where it measurably helps (README,
 # "Small data"); off for the rest, as in the seed's experiment.
 DIFFAUG_DEFAULT = {"emoji": "color,translation,cutout"}
-
-
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("true", "1", "yes", "y", "on"):
-        return True
-    if v.lower() in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def str2auto(v):
-    """auto, true or false (speed flags: auto means on where it pays, i.e. on CUDA)."""
-    return "auto" if str(v).lower() == "auto" else str2bool(v)
-
-
-def int_list(v):
-    """'3' -> [3]; '0,1,2' -> [0, 1, 2] (a sweep over the values)."""
-    try:
-        values = [int(x) for x in str(v).split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or a comma list of integers, got {v!r}") from None
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"{v!r} repeats a value")
-    return values
-
-
-def count_or_all(v):
-    """'50000' -> 50000; 'all' (or 0) -> 0, which stands for every image (--fid_ref_samples)."""
-    if str(v).strip().lower() == "all":
-        return 0
-    try:
-        return int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {v!r}") from None
 
 
 def _flag(p, name, **kw):
@@ -75,16 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--z_dim", type=int, default=128)
     g.add_argument("--g_conv_dim", type=int, default=64)
     g.add_argument("--d_conv_dim", type=int, default=64)
-    g.add_argument("--span", type=int_list, default=[0],
+    g.add_argument("--span", type=span_list, default=[0],
                    help="Non-local span: attention ignores keys within the (2·span+1)² square around "
-                        "each query; 0 = plain SAGAN. A comma list (with --seed) runs a sweep, see --jobs")
-    g.add_argument("--g_span", type=int, default=None, help="span of the generator (default: --span)")
-    g.add_argument("--d_span", type=int, default=None, help="span of the discriminator (default: --span)")
+                        "each query; 0 = plain SAGAN; none = no attention layers (plain SN-DCGAN). A comma list "
+                        "(with --seed) runs a sweep, see --jobs")
+    for net, name in (("g", "generator"), ("d", "discriminator")):
+        g.add_argument(f"--{net}_span", type=span_list, default=None, help=f"span of the {name} (default: --span); "
+                       "a list sweeps the product of the G and D lists, the one not given following --span")
     g.add_argument("--mask_mode", default="pre", choices=MASK_MODES,
                    help="pre: masked keys leave the softmax (seed code); post: softmax, then zero them (seed README)")
-    g.add_argument("--fully_masked", default="mean", choices=FULLY_MASKED,
-                   help="pre mode, a query whose masked square covers the whole map: mean = equal weight on every "
-                        "key (the seed's -1e9 arithmetic); skip = attend to nothing (x passes through)")
+    g.add_argument("--fully_masked", default=FULLY_MASKED[0], choices=FULLY_MASKED,
+                   help="pre mode, a query with no key left: seed = the seed's float32 -1e9 arithmetic (q, k keep "
+                        "training); mean = equal weight on every key (the seed's forward pass while |energy| < 32, "
+                        "no gradient to q, k); skip = attend to nothing (x passes through)")
+    _flag(g, "--original_attention",
+          help="every attention layer computes as the seed's code did: -1e9 added to masked energies, dense, "
+               "float32 softmax, and at span 0 each query's own pixel masked (to re-run the seed's table)")
 
     g = p.add_argument_group("training")
     g.add_argument("--adv_loss", default="hinge", choices=["hinge", "wgan-gp"])
@@ -219,10 +190,10 @@ def validate(cfg, world=1):
         raise UserError(message)
     if cfg.imsize not in IMAGE_SIZES:
         err(f"--imsize {cfg.imsize} is not supported; use 32, 64 or 128")
-    for name in ("span", "g_span", "d_span"):
-        for v in getattr(cfg, name) if name == "span" else [getattr(cfg, name)]:
-            if v is not None and v < 0:
-                err(f"--{name} must be >= 0 (0 is plain SAGAN), got {v}")
+    seed_code = {"mask_mode": "pre", "fully_masked": "seed"}  # its one masking, its one answer for keyless rows
+    bad = [f"--{k} {getattr(cfg, k)}" for k, v in seed_code.items() if getattr(cfg, k) != v]
+    if cfg.original_attention and bad:
+        err(f"--original_attention computes attention as the seed's code did; drop {' and '.join(bad)}")
     if cfg.jobs < 1:
         err(f"--jobs must be >= 1, got {cfg.jobs}")
     positive = ("batch_size", "total_step", "d_iters", "z_dim", "g_conv_dim", "d_conv_dim", "log_step",
@@ -304,16 +275,18 @@ def resolve_device_defaults(cfg, device: str, world: int = 1):
 
 
 def run_name(cfg) -> str:
-    """--version, or the default name: sagan_<dataset>_span<N>, and whatever else differs
+    """--version, or the default name: sagan_<dataset>_span<N> (span<G> when G and D agree,
+    g<G>_d<D> otherwise; N is "none" without attention layers), and whatever else differs
     from the defaults in the network or its training."""
     if cfg.version is not None:
         return cfg.version
-    span = f"span{cfg.g_span}" if cfg.g_span == cfg.d_span else f"g{cfg.g_span}_d{cfg.d_span}"
-    name = f"sagan_{cfg.dataset}_{span}"
+    name = f"sagan_{cfg.dataset}_{_span_part(cfg.g_span, cfg.d_span)}"
     if cfg.mask_mode != "pre":
         name += f"_{cfg.mask_mode}"
-    if cfg.fully_masked != "mean":
+    if cfg.fully_masked != FULLY_MASKED[0]:
         name += f"_{cfg.fully_masked}"
+    if cfg.original_attention:
+        name += "_original"
     if cfg.diffaug not in (None, default_diffaug(cfg)):
         name += f"_diffaug-{cfg.diffaug.replace(',', '-')}" if cfg.diffaug else "_nodiffaug"
     if cfg.imsize != 64:
@@ -321,11 +294,16 @@ def run_name(cfg) -> str:
     return name
 
 
+def _span_part(g_span, d_span) -> str:
+    return f"span{span_text(g_span)}" if g_span == d_span else f"g{span_text(g_span)}_d{span_text(d_span)}"
+
+
 def parse_flags(argv=None, world=None):
     """The command line as an argparse Namespace, validated (UserError otherwise), with
     `given` (the flags the command line gave) and `sweep` (the grid's cells, or None for
-    one run). One run: span, g_span and d_span are ints (span None when G and D differ),
-    seed an int or None, version its name; a sweep keeps its lists in its cells."""
+    one run). One run: g_span, d_span ints (NO_ATTENTION, -1: no attention layers), span
+    their common value or None when G and D differ (never "no attention"); seed an int or
+    None, version its name. A sweep keeps its lists in its cells."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     parser = build_parser()
     # argparse leaves attributes it finds on the namespace alone unless the flag is given:
@@ -343,37 +321,43 @@ def parse_flags(argv=None, world=None):
     validate(cfg, world)
     cfg.sweep = sweep_cells(cfg)
     check_launcher(cfg)
-    cfg.g_span = cfg.span if cfg.g_span is None else cfg.g_span
-    cfg.d_span = cfg.span if cfg.d_span is None else cfg.d_span
-    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None  # never disagrees with them
     if not cfg.sweep:
         cfg.version = run_name(cfg)
     return cfg
 
 
 def sweep_cells(cfg):
-    """--span and --seed lists: [(span, seed, version), ...] of the grid, or None for one run
-    (then cfg.span and cfg.seed become plain values). Cells are named after the run's
-    --version (or the default name) with _span<S> and _seed<N> where those vary."""
-    spans, seeds = cfg.span, cfg.seed if cfg.seed is not None else [None]
-    cfg.span, cfg.seed = spans[0], seeds[0]
-    if len(spans) == 1 and len(seeds) == 1:
+    """The span and seed lists as the grid's cells, [(g_span, d_span, seed, version), ...], or
+    None for one run (then span, g_span, d_span and seed become plain values, see
+    parse_flags). The (g_span, d_span) pairs: each --span value for both networks; with
+    --g_span or --d_span given, the product of the two lists, the one not given following
+    --span. Cells are named after --version (or the default name) with _span<S> (or
+    _g<G>_d<D>) and _seed<N> where those vary."""
+    seeds = cfg.seed if cfg.seed is not None else [None]
+    if cfg.g_span is not None and cfg.d_span is not None and "span" in cfg.given:
+        raise UserError("--g_span and --d_span set both networks' spans, so --span would go unused; drop --span")
+    if cfg.g_span is None and cfg.d_span is None:
+        pairs = [(s, s) for s in cfg.span]
+    else:
+        pairs = [(g, d) for g in cfg.g_span or cfg.span for d in cfg.d_span or cfg.span]
+    (cfg.g_span, cfg.d_span), cfg.seed = pairs[0], seeds[0]
+    cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None  # never disagrees with them
+    if len(pairs) == 1 and len(seeds) == 1:
         if cfg.jobs != 1:
-            raise UserError("--jobs runs the cells of a sweep at once; give --span or --seed a comma list, or "
-                            "drop --jobs")
+            raise UserError("--jobs runs the cells of a sweep at once; give --span (--g_span, --d_span) or --seed a "
+                            "comma list, or drop --jobs")
         return None
-    if len(spans) > 1 and (cfg.g_span is not None or cfg.d_span is not None):
-        raise UserError("a --span list sweeps the spans of both networks; drop --g_span/--d_span")
     if not cfg.train or cfg.resume or cfg.pretrained_model is not None:
         raise UserError("a sweep starts, continues or skips each of its cells by itself: drop --train false, "
                         "--resume and --pretrained_model (run the same command again to continue it)")
     cfg.sweep_name = (cfg.version or f"sagan_{cfg.dataset}") + "_sweep"
     cells = []
-    for span in spans:
+    for g_span, d_span in pairs:
         for seed in seeds:
-            name = cfg.version + (f"_span{span}" if len(spans) > 1 else "") if cfg.version is not None else \
-                run_name(argparse.Namespace(**{**vars(cfg), "g_span": span, "d_span": span}))
-            cells.append((span, seed, name + (f"_seed{seed}" if seed is not None else "")))
+            name = cfg.version + (f"_{_span_part(g_span, d_span)}" if len(pairs) > 1 else "") \
+                if cfg.version is not None else \
+                run_name(argparse.Namespace(**{**vars(cfg), "g_span": g_span, "d_span": d_span}))
+            cells.append((g_span, d_span, seed, name + (f"_seed{seed}" if seed is not None else "")))
     return cells
 
 
@@ -398,6 +382,8 @@ def resume_command(cfg, world=1) -> str:
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
+        elif dest in ("span", "g_span", "d_span"):
+            value = span_text(value)
         elif isinstance(value, (list, tuple)):
             value = ",".join(map(str, value))
         elif dest == "diffaug" and value == "":

@@ -58,7 +58,7 @@ def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25,
             ax.imshow(np.kron(heat, np.ones((int(cell), int(cell)))), cmap="inferno", alpha=0.65)
             ax.plot((j + 0.5) * cell - 0.5, (i + 0.5) * cell - 0.5, "c+", ms=9, mew=2)
             axes[row, 0].plot((j + 0.5) * cell - 0.5, (i + 0.5) * cell - 0.5, "c+", ms=7, mew=1.5)
-            if span > 0:
+            if layers[name].masked:  # span 0 of --original_attention masks the query itself
                 r0, r1, c0, c1 = max(i - span, 0), min(i + span, H - 1), max(j - span, 0), min(j + span, W - 1)
                 ax.add_patch(Rectangle((c0 * cell - 0.5, r0 * cell - 0.5), (c1 - c0 + 1) * cell,
                                        (r1 - r0 + 1) * cell, fill=False, ec="cyan", lw=1.2, ls="--"))

@@ -70,7 +70,7 @@ def unlock_run() -> None:
 
 # Settings that define a run: on resume they come from the checkpoint.
 RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d_span", "mask_mode",
-            "fully_masked", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
+            "fully_masked", "original_attention", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
 
 
 def configure(argv=None, flags=None) -> Config:

@@ -2,7 +2,8 @@
 
 The Non-local idea: a query pixel may not attend to keys inside the (2·span+1)² square
 around itself, because the convolutions already see that neighbourhood; attention is
-left for far pixels. span 0 is plain SAGAN (no mask at all).
+left for far pixels. span 0 is plain SAGAN (no mask at all); span NO_ATTENTION builds the
+networks without attention layers.
 """
 import functools
 from collections import OrderedDict
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES
+from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, NO_ATTENTION
 from spectral import SpectralNorm, sn_conv, sn_deconv
 
 
@@ -31,6 +32,13 @@ def _pixel_offsets(h: int, w: int, device=None):
     return r[:, None] - r[None, :], c[:, None] - c[None, :]
 
 
+def has_keyless_queries(h: int, w: int, span: int) -> bool:
+    """Whether some query of an h×w map has no key left at this span: a query's square
+    covers the map when span reaches every border from it, and the centre pixel is nearest
+    to all of them (span >= h//2 and >= w//2). Plain Python: decided without a device sync."""
+    return span >= h // 2 and span >= w // 2
+
+
 class Self_Attn(nn.Module):
     """SAGAN self-attention (seed layout: C/8 query/key, C value, no score scaling,
     out = γ·attended + x with γ initialised to 0), with the span mask.
@@ -41,15 +49,25 @@ class Self_Attn(nn.Module):
 
     A query whose square covers the whole map (the discriminator's 4×4 map at span ≥ 2, its
     8×8 map at span ≥ 4) has no key left. fully_masked (pre mode) says what it attends to:
-    "mean" (default): every key of the map with equal weight, i.e. the mean of v — what the
-    seed computes, since it adds −1e9 to masked energies and float32 rounds −1e9 + e to the
-    same number for every |e| < 32, so its softmax is uniform; "skip": nothing (attended
-    value 0, x passes through). Post mode zeroes every weight of such a row. No NaN either
-    way: such rows are opened for the softmax and their result replaced after.
+    "seed" (default): the seed's float32 arithmetic, energy + (−1e9 on every masked key),
+    softmax, with autograd through it as in the seed. While |energy| < 32 float32 rounds
+    −1e9 + e to one number, so the row is uniform (the mean of v) yet q and k get gradients;
+    beyond that the row is a softmax over energies quantised to multiples of 64. A layer
+    whose map has such a query computes all its rows this way (dense, fp32 even under
+    autocast: only D's small maps have them); its rows that keep keys equal the other modes'
+    (exp(−1e9 + e − max) is exactly 0). "mean": every key with equal weight, i.e. the mean
+    of v: the seed's forward pass only while |e| < 32, and q, k get no gradient from such
+    rows. "skip": nothing (attended value 0, x passes through). Post mode zeroes every
+    weight of such a row. No NaN either way: such rows are opened for the softmax and their
+    result replaced after.
+
+    original=True: the whole layer as the seed code computes it (--original_attention):
+    the additive −1e9 mask, dense, fp32 softmax, and at span 0 the query's own pixel masked
+    (its (2·0+1)² square is the pixel itself); pre mode only.
     """
 
     def __init__(self, in_dim: int, span: int = 0, mask_mode: str = "pre", fused: bool = True,
-                 fully_masked: str = "mean"):
+                 fully_masked: str = FULLY_MASKED[0], original: bool = False):
         super().__init__()
         if span < 0:
             raise ValueError(f"span must be >= 0, got {span}")
@@ -57,23 +75,33 @@ class Self_Attn(nn.Module):
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if fully_masked not in FULLY_MASKED:
             raise ValueError(f"fully_masked must be one of {FULLY_MASKED}, got {fully_masked!r}")
+        if original and mask_mode != "pre":
+            raise ValueError("original=True computes the seed code's masking, mask_mode 'pre'")
         self.query_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
         self.key_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
         self.value_conv = nn.Conv2d(in_dim, in_dim, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
-        self.span, self.mask_mode, self.fully_masked = span, mask_mode, fully_masked
+        self.span, self.mask_mode, self.fully_masked, self.original = span, mask_mode, fully_masked, original
+        self.masked = span > 0 or original  # the seed masks the query's own pixel at span 0
         # fused: pre-mode attention through scaled_dot_product_attention (no N×N weights
         # kept for backward when a fused kernel applies). False: the dense reference path.
         self.fused = fused
 
     def extra_repr(self):
-        return f"span={self.span}, mask_mode={self.mask_mode!r}, fully_masked={self.fully_masked!r}, fused={self.fused}"
+        return (f"span={self.span}, mask_mode={self.mask_mode!r}, fully_masked={self.fully_masked!r}, "
+                f"original={self.original}, fused={self.fused}")
+
+    def seed_arithmetic(self, h: int, w: int) -> bool:
+        """Whether this layer computes an h×w map with the seed's additive mask (class doc)."""
+        return self.original or (self.mask_mode == "pre" and self.fully_masked == "seed" and self.span > 0
+                                 and has_keyless_queries(h, w, self.span))
 
     def masks(self, h: int, w: int, device=None):
         """(allowed, softmax_allowed, live) for an h×w map, built once and kept as
         non-persistent buffers so they follow .to() and are never copied per forward.
         allowed (N,N): the span mask; softmax_allowed: allowed with fully masked rows
-        opened (see class doc); live (N,1): rows that keep at least one key."""
+        opened (see class doc); live (N,1): rows that keep at least one key. A map with the
+        seed's arithmetic also keeps its additive mask (float32: 0, or −1e9 where masked)."""
         name = f"mask_{h}x{w}"
         if not hasattr(self, name):
             allowed = span_mask(h, w, self.span, device)
@@ -81,11 +109,19 @@ class Self_Attn(nn.Module):
             self.register_buffer(name, allowed, persistent=False)
             self.register_buffer(name + "_softmax", allowed | ~live, persistent=False)
             self.register_buffer(name + "_live", live, persistent=False)
+        if self.seed_arithmetic(h, w) and not hasattr(self, name + "_add"):
+            allowed = getattr(self, name)
+            self.register_buffer(name + "_add", torch.zeros(allowed.shape, device=allowed.device)
+                                 .masked_fill(~allowed, -1e9), persistent=False)
         return getattr(self, name), getattr(self, name + "_softmax"), getattr(self, name + "_live")
 
     def attention_weights(self, energy, h: int, w: int):
         """(B, N, N) energies of an h×w map → the attention weights (dense path): softmax
         with the span mask as mask_mode says, fully masked rows as fully_masked says."""
+        if self.seed_arithmetic(h, w):
+            self.masks(h, w, energy.device)
+            # .float(): a no-op on the float32 buffer (cast only if the module itself was)
+            return (energy.float() + getattr(self, f"mask_{h}x{w}_add").float()).softmax(dim=-1)
         if self.span == 0:
             return energy.softmax(dim=-1)
         allowed, softmax_allowed, live = self.masks(h, w, energy.device)
@@ -99,13 +135,14 @@ class Self_Attn(nn.Module):
     def fixed_rows(self, h: int, w: int, device=None) -> torch.Tensor:
         """(N,) bool for an h×w map: the queries whose weights cannot depend on the energies,
         whatever they are. Pre mode: a query left with one key (weight 1), or with none when
-        fully_masked answers such rows with constants ("mean": 1/N on every key; "skip": 0).
+        fully_masked answers such rows with constants ("mean": 1/N on every key; "skip": 0;
+        not "seed", whose rows follow the energies once |e| > 32).
         Post mode: a query left with no key (all weights 0); one key left still gets a
         softmax share that moves with every energy of the row. A layer whose queries are all
         fixed (D's 4×4 map at span ≥ 3) cannot learn where to look: its attention is uniform
         by construction, whatever its distance says."""
         n = h * w
-        keys = self.masks(h, w, device)[0].sum(dim=1) if self.span > 0 else torch.full((n,), n, device=device)
+        keys = self.masks(h, w, device)[0].sum(dim=1) if self.masked else torch.full((n,), n, device=device)
         if self.span > 0 and self.mask_mode == "post":
             return keys == 0
         return (keys == 1) | ((keys == 0) & (self.fully_masked in ("mean", "skip")))
@@ -121,16 +158,19 @@ class Self_Attn(nn.Module):
         bias = torch.cat([c.bias for c in convs])
         qkv = F.linear(x.flatten(2).transpose(1, 2), weight, bias)  # B, N, C/8 + C/8 + C
         q, k, v = qkv.split([C // 8, C // 8, C], dim=-1)
-        masked = self.span > 0
-        if masked:
-            _, softmax_allowed, live = self.masks(H, W, x.device)
 
-        if self.fused and self.mask_mode == "pre" and not return_attention:
+        if self.seed_arithmetic(H, W):
+            # The seed ran in float32: under autocast −1e9 + e would round away every energy.
+            with torch.autocast(x.device.type, enabled=False):
+                attn = self.attention_weights(q.float() @ k.float().transpose(1, 2), H, W)
+                out = attn @ v.float()
+        elif self.fused and self.mask_mode == "pre" and not return_attention:
+            softmax_allowed = self.masks(H, W, x.device)[1] if self.span > 0 else None
             out = F.scaled_dot_product_attention(
-                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
-                attn_mask=softmax_allowed if masked else None, scale=1.0).squeeze(1)  # B, N, C
+                q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=softmax_allowed, scale=1.0).squeeze(1)
             attn = None
-            if masked:  # rows with no key left (see class doc)
+            if self.span > 0 and has_keyless_queries(H, W, self.span):  # rows with no key left (class doc)
+                live = self.masks(H, W, x.device)[2]
                 out = torch.where(live, out, v.mean(dim=1, keepdim=True)) if self.fully_masked == "mean" else out * live
         else:
             attn = self.attention_weights(q @ k.transpose(1, 2), H, W)  # B, N(query), N(key)
@@ -181,13 +221,24 @@ def _forward_collecting_attention(net: nn.Sequential, x):
     return x, maps
 
 
+def _add_attention(layers, res, ch, span, *options):
+    """layers["attn<res>"]: an attention layer of a res×res map, its masks built here (never
+    in forward); none at span NO_ATTENTION, which leaves the plain SN-DCGAN of the blocks."""
+    if span == NO_ATTENTION:
+        return
+    layers[f"attn{res}"] = layer = Self_Attn(ch, span, *options)
+    if layer.masked:
+        layer.masks(res, res)
+
+
 class Generator(nn.Module):
     """z → 4×4 → … → image. Channels start at conv_dim·image_size/8 and halve at each
-    doubling; attention after the image_size/4 and image_size/2 maps. At 64:
-    512@4 → 256@8 → 128@16 → attn → 64@32 → attn → 3@64 (the seed's network)."""
+    doubling; attention after the image_size/4 and image_size/2 maps (none at span
+    NO_ATTENTION). At 64: 512@4 → 256@8 → 128@16 → attn → 64@32 → attn → 3@64 (the seed's
+    network)."""
 
     def __init__(self, image_size=64, z_dim=128, conv_dim=64, span=0, mask_mode="pre", fused=True,
-                 fully_masked="mean"):
+                 fully_masked=FULLY_MASKED[0], original=False):
         super().__init__()
         _check_size(image_size)
         self.image_size, self.z_dim = image_size, z_dim
@@ -200,9 +251,7 @@ class Generator(nn.Module):
                 sn_deconv(ch, ch // 2, 4, 2, 1), nn.BatchNorm2d(ch // 2), nn.ReLU())
             ch //= 2
             if res in (image_size // 4, image_size // 2):
-                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused, fully_masked)
-                if span > 0:  # built once here, never in forward
-                    layers[f"attn{res}"].masks(res, res)
+                _add_attention(layers, res, ch, span, mask_mode, fused, fully_masked, original)
         layers["to_rgb"] = nn.Sequential(nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh())
         self.net = nn.Sequential(layers)
 
@@ -212,10 +261,11 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """image → one logit per image. Stride-2 convs 3 → conv_dim, doubling at each halving
-    down to 4×4; attention after the 8×8 and 4×4 stages. At 64:
+    down to 4×4; attention after the 8×8 and 4×4 stages (none at span NO_ATTENTION). At 64:
     64@32 → 128@16 → 256@8 → attn → 512@4 → attn → logit (the seed's network)."""
 
-    def __init__(self, image_size=64, conv_dim=64, span=0, mask_mode="pre", fused=True, fully_masked="mean"):
+    def __init__(self, image_size=64, conv_dim=64, span=0, mask_mode="pre", fused=True, fully_masked=FULLY_MASKED[0],
+                 original=False):
         super().__init__()
         _check_size(image_size)
         layers = OrderedDict()
@@ -224,9 +274,7 @@ class Discriminator(nn.Module):
             res //= 2
             layers[f"block{res}"] = nn.Sequential(sn_conv(in_ch, ch, 4, 2, 1), nn.LeakyReLU(0.1))
             if res in (8, 4):
-                layers[f"attn{res}"] = Self_Attn(ch, span, mask_mode, fused, fully_masked)
-                if span > 0:
-                    layers[f"attn{res}"].masks(res, res)
+                _add_attention(layers, res, ch, span, mask_mode, fused, fully_masked, original)
             in_ch, ch = ch, ch * 2
         layers["to_logit"] = MapToLogit(in_ch, 1, 4)
         self.net = nn.Sequential(layers)
@@ -241,7 +289,7 @@ class Discriminator(nn.Module):
 def build_generator(cfg) -> Generator:
     """G as the config describes it (also a checkpoint's saved config)."""
     return Generator(cfg.imsize, cfg.z_dim, cfg.g_conv_dim, cfg.g_span, cfg.mask_mode,
-                     fused=cfg.attn_impl == "fused", fully_masked=cfg.fully_masked)
+                     fused=cfg.attn_impl == "fused", fully_masked=cfg.fully_masked, original=cfg.original_attention)
 
 
 def build_discriminator(cfg) -> Discriminator:
@@ -249,7 +297,7 @@ def build_discriminator(cfg) -> Discriminator:
     # double backward on CUDA, so D keeps the dense path there.
     fused = cfg.attn_impl == "fused" and cfg.adv_loss != "wgan-gp"
     return Discriminator(cfg.imsize, cfg.d_conv_dim, cfg.d_span, cfg.mask_mode, fused=fused,
-                         fully_masked=cfg.fully_masked)
+                         fully_masked=cfg.fully_masked, original=cfg.original_attention)
 
 
 def attention_layers(model: nn.Module):

@@ -50,9 +50,9 @@ class CellJob:
     failure). checkpoint() is what submitit calls on the warning signal: the cell stops at
     a checkpoint, and the same CellJob is requeued."""
 
-    def __init__(self, cfg, argv, main_py, span, seed, version):
+    def __init__(self, cfg, argv, main_py, g_span, d_span, seed, version):
         self.cfg, self.argv, self.main_py = cfg, list(argv), main_py
-        self.span, self.seed, self.version = span, seed, version
+        self.g_span, self.d_span, self.seed, self.version = g_span, d_span, seed, version
         self.proc = None
 
     def __getstate__(self):  # the child process stays behind: a requeued job starts its own
@@ -63,7 +63,7 @@ class CellJob:
         state = cell_state(self.cfg, self.version)
         if state == "done":
             return "ok"
-        args = cell_argv(self.argv, self.span, self.seed, self.version, resume=state == "started")
+        args = cell_argv(self.argv, self.g_span, self.d_span, self.seed, self.version, resume=state == "started")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if "OMP_NUM_THREADS" not in env and "SLURM_CPUS_PER_TASK" in env:  # the job's CPUs, not the node's
             env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
@@ -107,13 +107,14 @@ def submit_sweep(cfg, argv, main_py) -> int:
         record = _read_record(record_path)
         queue = _queue(cfg.sweep_name)
         done, waiting, todo = [], {}, []
-        for span, seed, version in cfg.sweep:
+        for cell in cfg.sweep:
+            version = cell[-1]
             if record["jobs"].get(version) in queue:  # first: a job may still run after the last checkpoint
                 waiting[version] = record["jobs"][version]
             elif cell_state(cfg, version) == "done":
                 done.append(version)
             else:
-                todo.append((span, seed, version))
+                todo.append(cell)
         print(f"sweep: {grid(cfg.sweep)} on Slurm, {len(done)} already finished, {len(waiting)} queued or "
               f"running, {len(todo)} to submit", flush=True)
         submitted = _submit(submitit, cfg, argv, main_py, folder, todo) if todo else {}
@@ -141,7 +142,7 @@ def submit_sweep(cfg, argv, main_py) -> int:
               f"at a checkpoint). The same command with --wait waits again", flush=True)
         return 130
     failed = [f"{v}: {_log(folder, jobs[v])}" for v, r in results.items() if r.startswith("failed")]
-    return report(cfg, [(v, "done before" if v in done else results[v]) for _, _, v in cfg.sweep],
+    return report(cfg, [(v, "done before" if v in done else results[v]) for *_, v in cfg.sweep],
                   why="their logs: " + ", ".join(failed))
 
 
@@ -161,7 +162,7 @@ def _resources(cfg) -> dict:
 
 
 def _submit(submitit, cfg, argv, main_py, folder, cells) -> dict:
-    """One job array for `cells` [(span, seed, version)]; {version: job id}."""
+    """One job array for `cells` [(g_span, d_span, seed, version)]; {version: job id}."""
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUTS)
     setup = [cfg.slurm_setup] if cfg.slurm_setup else []
     # the node unpickles CellJob: this repository on its path, whatever the job's folder
@@ -179,7 +180,7 @@ def _submit(submitit, cfg, argv, main_py, folder, cells) -> dict:
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
         why = (str(e).strip() or errors.getvalue().strip() or type(e).__name__).splitlines()[-1]
         raise UserError(f"Slurm refused the sweep's jobs ({why}); check the --slurm_* flags") from None
-    return {cell[2]: job.job_id for cell, job in zip(cells, jobs)}
+    return {cell[-1]: job.job_id for cell, job in zip(cells, jobs)}
 
 
 def _log(folder, job_id) -> Path:

@@ -1,6 +1,6 @@
-"""The span experiment as one command: `python main.py --span 0,3 --seed 0,1` runs every
-(span, seed) cell as an ordinary run in its own process, skips finished cells, resumes
-started ones, and ends with the compare report."""
+"""The span experiment as one command: `python main.py --span none,0,3 --seed 0,1` runs every
+(span, seed) cell (G's and D's span, see parameter.sweep_cells) as an ordinary run in its
+own process, skips finished cells, resumes started ones, and ends with the compare report."""
 import argparse
 import ctypes
 import os
@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 
 from checkpoint import checkpoints
+from choices import span_text
 from compare import group_runs, load_run, show
 from run import run_started
 
-SWEEP_FLAGS = ("--span", "--seed", "--version", "--jobs",  # what each cell sets for itself
+SWEEP_FLAGS = ("--span", "--g_span", "--d_span", "--seed", "--version", "--jobs",  # what each cell sets for itself
                "--launcher", "--slurm_partition", "--slurm_time", "--slurm_gpus", "--slurm_cpus",  # the sweep's
                "--slurm_mem", "--slurm_account", "--slurm_qos", "--slurm_sbatch", "--slurm_setup")
 SWEEP_SWITCHES = ("--wait",)  # the sweep's too, without a value
 
 
-def cell_argv(argv, span, seed, version, resume):
-    """The sweep's command line for one cell: its own span, seed and name, the rest as given."""
+def cell_argv(argv, g_span, d_span, seed, version, resume):
+    """The sweep's command line for one cell: its own spans, seed and name, the rest as given."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -36,7 +37,9 @@ def cell_argv(argv, span, seed, version, resume):
             skip = True
         elif not a.startswith(tuple(f + "=" for f in SWEEP_FLAGS)):
             out.append(a)
-    out += ["--span", str(span), "--version", version] + (["--seed", str(seed)] if seed is not None else [])
+    spans = ["--span", span_text(g_span)] if g_span == d_span else \
+        ["--g_span", span_text(g_span), "--d_span", span_text(d_span)]
+    out += [*spans, "--version", version] + (["--seed", str(seed)] if seed is not None else [])
     return out + (["--resume"] if resume else [])
 
 
@@ -48,15 +51,20 @@ def cell_state(cfg, version):
     return "started" if run_started(argparse.Namespace(**{**vars(cfg), "version": version})) else "new"
 
 
+def cell_spans(g_span, d_span) -> str:
+    """A cell's spans as the sweep prints them: '3', 'none', or 'G3/Dnone' when they differ."""
+    return span_text(g_span) if g_span == d_span else f"G{span_text(g_span)}/D{span_text(d_span)}"
+
+
 def grid(cells) -> str:
-    """'4 cells (span [0, 3] × seed ['1', '2'])' of cfg.sweep's [(span, seed, version)]."""
-    return (f"{len(cells)} cells (span {sorted({span for span, _, _ in cells})} × seed "
-            f"{sorted({str(seed) for _, seed, _ in cells})})")
+    """'6 cells (span [none, 0, 3] × seed ['1', '2'])' of cfg.sweep's [(g_span, d_span, seed, version)]."""
+    spans = dict.fromkeys(cell_spans(g, d) for g, d, _, _ in cells)
+    return f"{len(cells)} cells (span [{', '.join(spans)}] × seed {sorted({str(seed) for _, _, seed, _ in cells})})"
 
 
 class _Cell:
-    def __init__(self, span, seed, version):
-        self.span, self.seed, self.version = span, seed, version
+    def __init__(self, g_span, d_span, seed, version):
+        self.g_span, self.d_span, self.seed, self.version = g_span, d_span, seed, version
         self.proc, self.slot, self.result, self.reader = None, None, None, None
 
 
@@ -138,8 +146,8 @@ def run_sweep(cfg, argv, main_py) -> int:
                 cell, resume = todo.pop(0)
                 cell.slot = min(set(range(cfg.jobs)) - {c.slot for c in running})
                 running.append(cell)  # before it starts: a signal from now on reaches it (on_signal)
-                _launch(cell, cell_argv(argv, cell.span, cell.seed, cell.version, resume), main_py, cfg, gpus,
-                        prefix=cfg.jobs > 1)
+                args = cell_argv(argv, cell.g_span, cell.d_span, cell.seed, cell.version, resume)
+                _launch(cell, args, main_py, cfg, gpus, prefix=cfg.jobs > 1)
                 if stop["signal"] is not None:  # the signal came while it was starting
                     cell.proc.send_signal(stop["signal"])
                 print(f"sweep: {'continuing' if resume else 'starting'} {cell.version}", flush=True)

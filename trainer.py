@@ -84,8 +84,11 @@ class Trainer:
         names = [f"{net} {name}" for net, model in (("G", self.G), ("D", self.D)) for name, m in attention_layers(model)
                  if any(n.endswith("_live") and not live.any() for n, live in m.named_buffers())]
         if names:
-            what = "the mean of the map (--fully_masked mean)" if self.cfg.mask_mode == "pre" and \
-                self.cfg.fully_masked == "mean" else "nothing: x passes through"
+            pre = self.cfg.mask_mode == "pre"
+            what = "the seed's float32 arithmetic (-1e9 added to every energy: uniform while |energy| < 32, " \
+                "q and k still train)" if self.cfg.original_attention or (pre and self.cfg.fully_masked == "seed") \
+                else "the mean of the map (--fully_masked mean)" if pre and self.cfg.fully_masked == "mean" \
+                else "nothing: x passes through"
             print(f"note: the span leaves no key for any query of {', '.join(names)} (maps no larger than "
                   f"2·span+1); there attention takes {what}")
 
@@ -255,8 +258,8 @@ class Trainer:
         if not all(math.isfinite(v) for v in values):
             raise self._diverged("a loss")
         if self.is_main:
-            gammas = torch.cat([m.gamma.detach() for net in (self.G, self.D)
-                                for _, m in attention_layers(net)]).tolist()
+            gammas = [m.gamma.detach() for net in (self.G, self.D) for _, m in attention_layers(net)]
+            gammas = torch.cat(gammas).tolist() if gammas else []  # none without attention layers
             log.write(self.step, self.elapsed, steps / max(train_s, 1e-9), values, gammas)
         return signalled
 
@@ -291,9 +294,10 @@ class Trainer:
                 images, inputs = forward_capturing_attention_inputs(G, self.fixed_z)
                 save_png(image_grid(to_uint8(images)), self.dirs["sample"] / f"{self.step}_fake{name}.png")
                 if not name:
+                    g_inputs = inputs
+                if not name and inputs:  # a G without attention layers has no picture
                     save_attention_picture(G, to_uint8(images[0]), {k: v[:1] for k, v in inputs.items()},
                                            self.dirs["attn"] / f"{self.step}_attn.png", self.cfg.g_span)
-                    g_inputs = inputs
         if self.attn_real is not None:  # set when training starts
             # G on the fixed z, D on a fixed batch of real images (D has no BatchNorm; eval keeps
             # its spectral-norm vectors)

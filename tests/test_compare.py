@@ -324,3 +324,25 @@ def test_compare_on_a_full_disk_is_one_line_and_keeps_the_earlier_file(tmp_path,
     assert out.read_bytes() == b"an earlier file" and sorted(p.name for p in out.parent.iterdir()) == [out.name]
 
 
+
+
+def test_runs_without_attention_layers_group_by_themselves_and_plot(tmp_path):
+    # --span none (-1 in config.json), G without attention only, and span 0; the runs
+    # without attention layers have an attention.csv with no rows
+    header = "step,network,layer,map,distance,uniform\n"
+    runs = [make_run(tmp_path, f"n{i}", {100: 40 + i}, seed=i, g_span=-1, d_span=-1) for i in range(2)]
+    runs += [make_run(tmp_path, f"g{i}", {100: 35 + i}, seed=i, g_span=-1, d_span=3) for i in range(2)]
+    runs += [make_run(tmp_path, f"z{i}", {100: 30 + i}, seed=i) for i in range(2)]
+    for d in runs:
+        rows = "" if d.name.startswith("n") else "100,D,attn4,4x4,1.5,1.6\n"
+        (d / "attention.csv").write_text(header + rows)
+    r = run_main(["compare", *runs, "--out", tmp_path / "a.png", "--csv", tmp_path / "a.csv"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "a.csv")))
+    assert {(row["group"], row["g_span"], row["d_span"]) for row in rows} == {
+        ("span none", "none", "none"), ("span Gnone/D3", "none", "3"), ("span 0", "0", "0")}
+    assert (tmp_path / "a_attention.png").stat().st_size > 1000
+    for d in runs[:2]:  # no attention rows in any run: no attention plot, and no error either
+        (d / "attention.csv").write_text(header)
+    r = run_main(["compare", *runs[:2], "--out", tmp_path / "b.png"], entry=fid.main)
+    assert r.returncode == 0 and not (tmp_path / "b_attention.png").exists(), r.stderr

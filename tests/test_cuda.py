@@ -66,7 +66,9 @@ def test_fused_attention_matches_dense_in_values_and_gradients(dtype, span, hw, 
     set_tf32(False, False)
     rtol, atol = (1e-5, 1e-7) if dtype == torch.float32 else (2e-2, 1e-4)
     torch.manual_seed(span)
-    layer = Self_Attn(64, span).cuda()
+    # mean: the mode with a fused path for maps with fully masked queries (seed mode computes
+    # such a layer densely in float32 on either path; test_seed_mode_on_cuda_is_the_seeds_float32)
+    layer = Self_Attn(64, span, fully_masked="mean").cuda()
     torch.nn.init.constant_(layer.gamma, 0.8)
     x = torch.randn(4, 64, hw, hw, device="cuda")
     if cl:
@@ -97,6 +99,37 @@ def test_fused_attention_matches_dense_in_values_and_gradients(dtype, span, hw, 
     terms = (dense["out"] - x.float()) / 0.8 * up
     for name in dense:
         assert_agree(fused[name], dense[name], rtol, atol + (rtol * terms.norm().item() if name == "gamma" else 0), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_seed_mode_on_cuda_is_the_seeds_float32(dtype):
+    # D's 4x4 map at span 3 (every query fully masked) and its 8x8 map at span 4, energies
+    # beyond 32: on CUDA, autocast or not, the layer's weights and gradients are the seed's
+    # float32 ones (the reference runs on the CPU; q and k exact in both dtypes, see seed_pair)
+    from test_sagan_models import seed_pair, values_and_grads
+    set_tf32(False, False)
+    for hw, span in ((4, 3), (8, 4)):
+        ours, ref, x = seed_pair(16, hw, hw, span, 1)
+        with torch.no_grad():
+            for conv in (ref.query_conv, ref.key_conv):
+                conv.weight.copy_(torch.randint(-1, 2, conv.weight.shape, generator=torch.Generator().manual_seed(hw))
+                                  * 4.0)
+                conv.bias.zero_()
+        ours.load_state_dict(ref.state_dict(), strict=False)
+        x = x.sign()  # -1, 0, 1: q, k multiples of 4 up to 64, exact in bfloat16
+        up = torch.randn(x.shape)
+        _, ref_gx, ref_grads = values_and_grads(ref, x, up)
+        assert ref.energy.abs().max() > 32
+        ours.cuda()
+        with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, w = ours(x.cuda(), return_attention=True)
+        torch.testing.assert_close(w.cpu(), ref.attention, rtol=1e-5, atol=1e-6)
+        if dtype == torch.float32:  # bf16 rounds v and the output: values only above
+            _, gx, grads = values_and_grads(ours, x.cuda(), up.cuda())
+            largest = max(g.abs().max().item() for g in ref_grads.values())
+            torch.testing.assert_close(gx.cpu(), ref_gx, rtol=1e-4, atol=1e-5)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad.cpu(), ref_grads[name], rtol=1e-4, atol=1e-6 * largest, msg=name)
 
 
 def test_graphed_step_equals_eager_step(tmp_path):

@@ -17,7 +17,7 @@ from conftest import main_args, one_line_exit_2, out_dirs
     (["--dataset", "folder", "--image_path", "nowhere"], "no images found under --image_path nowhere"),
     (["--spna", "3"], "unknown argument --spna; did you mean --span?"),
     (["--imsize", "48"], "--imsize 48 is not supported; use 32, 64 or 128"),
-    (["--span", "-1"], "--span must be >= 0"),
+    (["--span", "-1"], "argument --span: expected a span (an integer >= 0, 0 = plain SAGAN, or none"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--adv_loss", "wgan"], "invalid choice"),
     (["--resume"], "no checkpoint"),
@@ -101,7 +101,7 @@ def test_a_span_that_leaves_a_layer_no_key_is_named_once_at_start(tmp_path, caps
     main.main(main_args(tmp_path, "--version", "s", "--total_step", "1", "--span", "3"))
     out = capsys.readouterr().out
     assert out.count("note: the span leaves no key for any query of D attn4 (") == 1
-    assert "the mean of the map" in out
+    assert "the seed's float32 arithmetic" in out
     main.main(main_args(tmp_path, "--version", "s10", "--total_step", "1", "--span", "10", "--fully_masked", "skip"))
     out = capsys.readouterr().out
     # 16x16 keeps keys for its corner queries at span 10; 8x8 and 4x4 keep none

@@ -79,3 +79,33 @@ def test_speed_flag_combinations_that_cannot_run_are_refused_in_one_line(capsys,
         main.main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------- attention settings (issue 22)
+def test_attention_defaults_and_run_names():
+    cfg = configure(["--span", "3"])
+    assert (cfg.fully_masked, cfg.original_attention, cfg.version) == ("seed", False, "sagan_emoji_span3")
+    assert configure(["--span", "3", "--fully_masked", "mean"]).version == "sagan_emoji_span3_mean"
+    cfg = configure(["--original_attention"])
+    assert cfg.original_attention is True and cfg.version == "sagan_emoji_span0_original"
+    assert configure(["--span", "none"]).version == "sagan_emoji_spannone"
+    assert configure(["--g_span", "none", "--d_span", "4"]).version == "sagan_emoji_gnone_d4"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--original_attention", "--mask_mode", "post"], "drop --mask_mode post"),
+    (["--original_attention", "--fully_masked", "mean"], "drop --fully_masked mean"),
+    (["--span", "none,x"], "argument --span: expected a span"),
+    (["--span", "3", "--g_span", "1", "--d_span", "2"], "drop --span"),
+])
+def test_contradictory_attention_flags_are_one_line(tmp_path, args, message):
+    assert message in one_line(run_main(["--device", "cpu", *args], cwd=tmp_path))
+
+
+def test_the_resume_hint_writes_no_attention_as_none():
+    for flags in (["--span", "none"], ["--g_span", "none", "--d_span", "2"]):
+        cfg = configure(["--device", "cpu", *flags])
+        words = shlex.split(resume_command(cfg))
+        again = configure(words[2:-1])  # without --resume: nothing to resume here
+        assert (again.g_span, again.d_span, again.span) == (cfg.g_span, cfg.d_span, cfg.span)
+        assert "none" in words

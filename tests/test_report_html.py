@@ -51,7 +51,7 @@ def attention_picture(path, span):
     from sagan_models import build_generator, forward_capturing_attention_inputs
     torch.manual_seed(span)
     G = build_generator(SimpleNamespace(imsize=32, z_dim=32, g_conv_dim=16, g_span=span, mask_mode="pre",
-                                        attn_impl="dense", fully_masked="mean")).eval()
+                                        attn_impl="dense", fully_masked="mean", original_attention=False)).eval()
     with torch.no_grad():
         images, inputs = forward_capturing_attention_inputs(G, torch.randn(1, 32))
         u8 = ((images[0] + 1) * 127.5).clamp(0, 255).to(torch.uint8)

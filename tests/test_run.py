@@ -110,13 +110,23 @@ def test_pretrained_model_refuses_to_overwrite_later_checkpoints(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_checkpoints_from_before_fully_masked_resume_as_they_trained(tmp_path, capsys):
-    from run import configure
+def test_checkpoints_keep_the_fully_masked_mode_they_trained_with(tmp_path, capsys):
+    from run import unlock_run
     main.main(main_args(tmp_path, "--version", "old", "--total_step", "10", "--span", "3"))
     path = tmp_path / "models" / "old" / "10.pt"
     ck = torch.load(path, weights_only=False)
-    assert ck["config"]["fully_masked"] == "mean"
-    del ck["config"]["fully_masked"]  # as saved before the flag existed
+    # a new run records the new default, in its checkpoint and its config.json
+    assert (ck["config"]["fully_masked"], ck["config"]["original_attention"]) == ("seed", False)
+    saved = json.loads((tmp_path / "logs" / "old" / "config.json").read_text())
+    assert (saved["fully_masked"], saved["original_attention"]) == ("seed", False)
+    # saved before "seed" was the default: "mean" recorded, no original_attention key
+    ck["config"]["fully_masked"] = "mean"
+    del ck["config"]["original_attention"]
+    torch.save(ck, path)
+    cfg = configure(main_args(tmp_path, "--version", "old", "--total_step", "12", "--resume"))
+    assert (cfg.fully_masked, cfg.original_attention, cfg.d_span) == ("mean", False, 3)
+    unlock_run()
+    del ck["config"]["fully_masked"]  # as saved before the flag existed: those runs attended to nothing
     torch.save(ck, path)
     cfg = configure(main_args(tmp_path, "--version", "old", "--total_step", "12", "--resume"))
     assert cfg.fully_masked == "skip" and cfg.d_span == 3

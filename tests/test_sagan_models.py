@@ -1,4 +1,5 @@
 """Attention layer and networks against independent references (issue 2)."""
+import copy
 import itertools
 import math
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sagan_models import Discriminator, Generator, Self_Attn, attention_layers, count_parameters
+from choices import NO_ATTENTION
+from sagan_models import (Discriminator, Generator, Self_Attn, attention_layers, count_parameters, has_keyless_queries,
+                          span_mask)
 from spectral import spectral_normed_layers
 
 
@@ -205,6 +208,22 @@ def test_parameter_counts_match_the_seed():
     assert not any("_u" in n or "_v" in n for n, _ in G.named_parameters())
 
 
+def test_no_attention_networks_are_the_span0_networks_without_their_attention_layers():
+    # closed form of one attention layer on C channels: query and key C -> C/8, value C -> C
+    # (1x1 convs with biases), and gamma
+    attn = lambda C: 2 * (C * C // 8 + C // 8) + C * C + C + 1
+    G, D = Generator(64, span=NO_ATTENTION), Discriminator(64, span=NO_ATTENTION)
+    assert attention_layers(G) == [] and attention_layers(D) == []
+    assert count_parameters(G) == 3_832_885 - attn(128) - attn(64)
+    assert count_parameters(D) == 3_175_299 - attn(256) - attn(512)
+    for net, span0 in ((G, Generator(64)), (D, Discriminator(64))):
+        kept = {k: v.shape for k, v in span0.state_dict().items() if ".attn" not in k}
+        assert {k: v.shape for k, v in net.state_dict().items()} == kept
+    G, D = Generator(32, 32, 16, span=NO_ATTENTION), Discriminator(32, 16, span=NO_ATTENTION)
+    img, maps = G(torch.randn(3, 32), return_attention=True)
+    assert img.shape == (3, 3, 32, 32) and maps == {} and D(img).shape == (3,)
+
+
 def test_seed_architecture_at_64():
     G, D = Generator(64), Discriminator(64)
     g_convs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
@@ -338,6 +357,10 @@ def test_fully_masked_query_counts_of_the_discriminator_maps():
             assert torch.all((sums == 0) | torch.isclose(sums, torch.ones(())))
             rows.append(int((sums == 0).sum()))
         assert rows == counts
+    # the closed form the layers decide their path by (no device sync), on other shapes too
+    for h, w in ((4, 4), (8, 8), (3, 5), (5, 3), (7, 10), (1, 1), (2, 6)):
+        for s in range(1, 7):
+            assert has_keyless_queries(h, w, s) == (dead(h, w, s) > 0), (h, w, s)
 
 
 def test_attention_distance_matches_a_double_loop():
@@ -477,3 +500,234 @@ def test_fused_attention_matches_dense_in_values_and_gradients(mode):
             torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
             for a, b in zip(gp1, gp0):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the seed's arithmetic (issue 22)
+class SeedLayer(nn.Module):
+    """The seed repository's attention layer, written here from its arithmetic and nothing
+    of sagan_models: 1×1 convs q, k, v; energy = qᵀk; energy + mask (float32, −1e9 on every
+    masked key); softmax; out = γ·(v·attnᵀ) + x. A key is masked when it lies in the
+    (2·span+1)² square around the query; at span 0 only with self_masked (the seed code
+    masks the query's own pixel there), else span 0 masks nothing."""
+
+    def __init__(self, C, H, W, span, self_masked=False):
+        super().__init__()
+        self.query_conv = nn.Conv2d(C, C // 8, 1)
+        self.key_conv = nn.Conv2d(C, C // 8, 1)
+        self.value_conv = nn.Conv2d(C, C, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        mask = torch.zeros(H * W, H * W)
+        for i, j, r, c in itertools.product(range(H), range(W), range(H), range(W)):
+            if max(abs(r - i), abs(c - j)) <= span and (span > 0 or self_masked):
+                mask[i * W + j, r * W + c] = -1e9
+        self.register_buffer("mask", mask)
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        B, C, H, W = x.size()
+        proj_query = self.query_conv(x).view(B, -1, H * W).permute(0, 2, 1)
+        proj_key = self.key_conv(x).view(B, -1, H * W)
+        self.energy = torch.bmm(proj_query, proj_key)
+        self.attention = self.softmax(self.energy + self.mask)
+        proj_value = self.value_conv(x).view(B, -1, H * W)
+        out = torch.bmm(proj_value, self.attention.permute(0, 2, 1)).view(B, C, H, W)
+        return self.gamma * out + x
+
+
+def seed_pair(C, H, W, span, scale, original=False, seed=0, B=2):
+    """(ours, the seed's layer, x) with the same weights. q/k weights are small integers ×
+    scale (a power of two) and x multiples of 1/4, so every q, k and energy is exact in
+    float32 whatever the order of summation: both layers then round −1e9 + e alike, also
+    where |e| > 32 (there a last-bit difference could move a rounding by 64)."""
+    g = torch.Generator().manual_seed(seed)
+    ours = Self_Attn(C, span, fully_masked="seed", original=original)
+    ref = SeedLayer(C, H, W, span, self_masked=original)
+    with torch.no_grad():
+        for name in ("query_conv", "key_conv"):
+            getattr(ref, name).weight.copy_(torch.randint(-3, 4, (C // 8, C, 1, 1), generator=g) * scale)
+            getattr(ref, name).bias.copy_(torch.randint(-3, 4, (C // 8,), generator=g) * scale / 4)
+        ref.value_conv.weight.copy_(torch.randn(C, C, 1, 1, generator=g) * 0.3)
+        ref.value_conv.bias.copy_(torch.randn(C, generator=g) * 0.3)
+        ref.gamma.fill_(0.75)  # non-zero: q and k get gradients
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    x = torch.randint(-4, 5, (B, C, H, W), generator=g) / 4
+    return ours, ref, x
+
+
+def values_and_grads(layer, x, upstream):
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def assert_same_layer(ours, ref, x):
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    out, gx, grads = values_and_grads(ours, x, upstream)
+    ref_out, ref_gx, ref_grads = values_and_grads(ref, x, upstream)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-5)
+    assert sorted(grads) == sorted(ref_grads)
+    # absolute tolerance against the layer's largest gradient: the key bias's is 0 up to
+    # rounding (a constant added to a row's energies leaves its softmax as it was)
+    largest = max(g.abs().max().item() for g in ref_grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6 * largest, msg=name)
+    _, weights = ours(x, return_attention=True)
+    torch.testing.assert_close(weights, ref.attention, rtol=1e-5, atol=1e-6)
+    return weights
+
+
+ENERGIES = {"below 32": (1 / 8, 0, 32), "beyond 32": (1 / 2, 32, 512), "beyond 512": (2, 512, float("inf"))}
+
+
+@pytest.mark.parametrize("energies", ENERGIES)
+@pytest.mark.parametrize("hw, span", [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4)])
+def test_seed_mode_computes_the_seeds_layer_in_values_and_gradients(hw, span, energies):
+    # D's 4x4 and 8x8 maps; fully masked rows on the 4x4 map at span >= 2, on the 8x8 at span 4
+    scale, low, high = ENERGIES[energies]
+    ours, ref, x = seed_pair(32, hw, hw, span, scale, seed=hw * 10 + span)
+    weights = assert_same_layer(ours, ref, x)
+    keyless = ~span_mask(hw, hw, span).any(dim=1)
+    if keyless.any():
+        e = ref.energy.detach()[:, keyless]
+        assert low < e.abs().max() < high  # the regime this case is about
+        uniform = (weights[:, keyless] == 1 / hw ** 2).all()
+        # while |e| < 32 float32 rounds −1e9 + e to one number: uniform rows, as --fully_masked mean;
+        # beyond, not (the weights follow energies quantised to multiples of 64)
+        assert bool(uniform) == (energies == "below 32")
+
+
+def test_seed_mode_gives_rows_with_keys_what_the_other_modes_give():
+    # A layer with fully masked rows takes the seed's dense path for all its rows; the rows
+    # that keep keys must equal today's (exp(−1e9 + e − max) is exactly 0 in float32).
+    for hw, span in ((4, 2), (8, 4), (5, 2)):
+        for scale, _, _ in ENERGIES.values():
+            ours, _, x = seed_pair(32, hw, hw, span, scale)
+            live = span_mask(hw, hw, span).any(dim=1)
+            assert live.any() and not live.all()
+            _, seed_w = ours(x, return_attention=True)
+            for mode in ("mean", "skip"):
+                other = Self_Attn(32, span, fully_masked=mode)
+                other.load_state_dict(ours.state_dict())
+                _, w = other(x, return_attention=True)
+                assert torch.equal(seed_w[:, live], w[:, live]), (hw, span, scale, mode)
+                with torch.no_grad():
+                    ys, yo = ours(x).flatten(2)[..., live], other(x).flatten(2)[..., live]
+                torch.testing.assert_close(ys, yo, rtol=1e-6, atol=1e-6)
+
+
+def test_mean_mode_freezes_q_and_k_of_fully_masked_rows_and_seed_mode_does_not():
+    # D's 4x4 map at span 3: every row fully masked. Even with |e| < 32, where both give the
+    # uniform row, the seed's q and k get gradients through its softmax; mean's get exactly 0.
+    for scale in (1 / 8, 2):
+        ours, ref, x = seed_pair(32, 4, 4, 3, scale)
+        mean = Self_Attn(32, 3, fully_masked="mean")
+        mean.load_state_dict(ours.state_dict())
+        upstream = torch.randn(x.shape)
+        _, _, g_mean = values_and_grads(mean, x, upstream)
+        _, _, g_seed = values_and_grads(ours, x, upstream)
+        _, _, g_ref = values_and_grads(ref, x, upstream)
+        for name in ("query_conv.weight", "key_conv.weight"):
+            assert (g_mean[name] == 0).all()
+            assert g_seed[name].abs().max() > 1e-3 and g_ref[name].abs().max() > 1e-3
+            torch.testing.assert_close(g_seed[name], g_ref[name], rtol=1e-4, atol=1e-5 * g_ref[name].abs().max().item())
+
+
+def test_seed_mode_fixes_no_row_without_keys():
+    # fully masked rows of seed mode are uniform while |e| < 32 but follow larger energies:
+    # not fixed (Self_Attn.fixed_rows), unlike mean's and skip's
+    g = torch.Generator().manual_seed(0)
+    layer = Self_Attn(16, 3, fully_masked="seed")
+    assert not layer.fixed_rows(4, 4).any() and Self_Attn(16, 3, fully_masked="mean").fixed_rows(4, 4).all()
+    e1, e2 = (200 * torch.randn(1, 16, 16, generator=g) for _ in range(2))
+    assert not (layer.attention_weights(e1, 4, 4) == layer.attention_weights(e2, 4, 4)).all(-1).any()
+
+
+def test_seed_mode_keeps_float32_under_autocast():
+    # q, k exact in bfloat16 (multiples of 4 up to 64), energies exact in float32 only: the
+    # layer must add −1e9 and take the softmax in float32 to give the seed's weights (in
+    # bfloat16, −1e9 + e is one number for every |e| < 2^21: uniform rows).
+    C, g = 16, torch.Generator().manual_seed(0)
+    ours, ref, _ = seed_pair(C, 4, 4, 3, 1)
+    with torch.no_grad():
+        for name in ("query_conv", "key_conv"):
+            getattr(ref, name).weight.copy_(torch.randint(-1, 2, (C // 8, C, 1, 1), generator=g) * 4.0)
+            getattr(ref, name).bias.zero_()
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    x = torch.randint(-1, 2, (2, C, 4, 4), generator=g).float()
+    ref(x)
+    assert ref.energy.abs().max() > 64
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            y, w = ours(x, return_attention=True)
+        assert w.dtype == torch.float32 and torch.isfinite(y).all()
+        torch.testing.assert_close(w, ref.attention, rtol=1e-5, atol=1e-6)
+        assert not (w == 1 / 16).all()
+
+
+@pytest.mark.parametrize("hw", [8, 16])
+def test_original_attention_is_the_seeds_layer_at_every_span(hw):
+    # --original_attention: the seed's code for the whole layer, the query's own pixel
+    # masked at span 0 (plain attention would give it weight)
+    for span in range(5):
+        ours, ref, x = seed_pair(32, hw, hw, span, 1 / 2, original=True, seed=span)
+        weights = assert_same_layer(ours, ref, x)
+        assert ref.energy.abs().max() > 32
+        with_keys = span_mask(hw, hw, span).any(dim=1)  # at span 0 every row: all but the query itself
+        assert (weights.diagonal(dim1=1, dim2=2)[:, with_keys] == 0).all() and with_keys.any()
+
+
+def test_a_tiny_discriminator_trains_as_the_seeds_over_adam_steps():
+    # D at 32² and span 4: its 8x8 map has 4 fully masked rows, its 4x4 map only such rows.
+    # Dead-row energies stay below 32 here: beyond it, −1e9 + e rounds to multiples of 64,
+    # and a last-bit difference between our q/k (one matrix product) and the seed's (1x1
+    # convs) could move a rounding; the layer tests above cover |e| > 32 with exact energies.
+    torch.manual_seed(0)
+    ours = Discriminator(32, 16, span=4)
+    for _, m in attention_layers(ours):
+        nn.init.constant_(m.gamma, 0.5)
+    ref = copy.deepcopy(ours)
+    for name, m in attention_layers(ours):
+        res = int(name[len("attn"):])
+        seed_layer = SeedLayer(m.value_conv.in_channels, res, res, 4)
+        seed_layer.load_state_dict(m.state_dict(), strict=False)
+        setattr(ref.net, name, seed_layer)
+    mean = copy.deepcopy(ours)
+    for _, m in attention_layers(mean):
+        m.fully_masked = "mean"
+    nets = (ours, ref, mean)
+    opts = [torch.optim.Adam(n.parameters(), lr=4e-4, betas=(0.0, 0.9)) for n in nets]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        real, fake = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            (torch.relu(1 - net(real)).mean() + torch.relu(1 + net(fake)).mean()).backward()
+            opt.step()
+        assert ref.net.attn4.energy.abs().max() < 32
+    # The two compute q, k, v and attn·v by other kernels in other orders: equal up to float32
+    # rounding (~1e-7 relative), which Adam's normalised steps carry on; after 5 steps of
+    # 4e-4 the parameters agree to 1e-5, while the mean-mode D's q and k have not moved
+    # where the seed's moved ~5·4e-4. Not compared: the key biases, whose gradient is 0 but
+    # for rounding (a constant added to a row's energies leaves its softmax as it was), so
+    # Adam's normalised step turns each implementation's own rounding noise into steps of
+    # up to ~lr, in the seed's code as much as here.
+    ref_params = dict(ref.named_parameters())
+    compared = [(n, p) for n, p in ours.named_parameters() if not n.endswith("key_conv.bias")]
+    assert len(compared) == len(ref_params) - 2
+    for name, p in compared:
+        torch.testing.assert_close(p, ref_params[name], rtol=0, atol=1e-5, msg=name)
+    moved = max((p - ref_params[n]).abs().max().item() for n, p in mean.named_parameters() if "attn4.query" in n)
+    assert moved > 1e-3
+
+
+def test_the_networks_take_the_attention_settings_of_the_config():
+    from run import configure
+    from sagan_models import build_discriminator, build_generator
+    for flags, want in ((["--original_attention"], (True, "seed")), (["--fully_masked", "mean"], (False, "mean")),
+                        ([], (False, "seed"))):
+        cfg = configure(["--device", "cpu", "--imsize", "32", "--span", "2", *flags])
+        layers = attention_layers(build_generator(cfg)) + attention_layers(build_discriminator(cfg))
+        assert len(layers) == 4 and {(m.original, m.fully_masked, m.span) for _, m in layers} == {(*want, 2)}

@@ -1,6 +1,7 @@
 """One command for the span experiment: `--span` / `--seed` lists run a grid of ordinary
 runs; the same command again continues unfinished cells and skips finished ones."""
 import csv
+import json
 import os
 import re
 import signal
@@ -12,31 +13,67 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, out_dirs, run_main, small_data
+from conftest import REPO, TINY, out_dirs, read_csv, run_main, small_data
 from run import configure
 from sweep import cell_argv
 
 SWEEP = [a for a in TINY if a not in ("--seed", "3")]
 
 
+def fid_sweep_args(tmp_path, fid_weights, span, seed, total_step, log_step, fid_step):
+    """A tiny sweep on the small emoji set, two cells at a time, samples and checkpoints every
+    2 steps, FID of 8 images against 8."""
+    return [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", span, "--seed", seed, "--total_step", total_step,
+            "--log_step", log_step, "--fid_step", fid_step, "--sample_step", "2", "--model_save_step", "2",
+            "--fid_samples", "8", "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights,
+            "--jobs", "2"]
+
+
 def test_cells_are_named_by_span_and_seed_and_keep_every_other_flag():
     cfg = configure([*SWEEP, "--span", "0,3", "--seed", "1,2"])
-    assert cfg.sweep == [(0, 1, "sagan_emoji_span0_32px_seed1"), (0, 2, "sagan_emoji_span0_32px_seed2"),
-                         (3, 1, "sagan_emoji_span3_32px_seed1"), (3, 2, "sagan_emoji_span3_32px_seed2")]
-    assert configure([*SWEEP, "--span", "2,4", "--version", "x"]).sweep == [(2, None, "x_span2"),
-                                                                                 (4, None, "x_span4")]
-    assert configure([*SWEEP, "--span", "1", "--seed", "0,1"]).sweep[1] == (1, 1, "sagan_emoji_span1_32px_seed1")
+    assert cfg.sweep == [(0, 0, 1, "sagan_emoji_span0_32px_seed1"), (0, 0, 2, "sagan_emoji_span0_32px_seed2"),
+                         (3, 3, 1, "sagan_emoji_span3_32px_seed1"), (3, 3, 2, "sagan_emoji_span3_32px_seed2")]
+    assert configure([*SWEEP, "--span", "2,4", "--version", "x"]).sweep == [(2, 2, None, "x_span2"),
+                                                                                 (4, 4, None, "x_span4")]
+    assert configure([*SWEEP, "--span", "1", "--seed", "0,1"]).sweep[1] == (1, 1, 1, "sagan_emoji_span1_32px_seed1")
     assert configure([*SWEEP, "--span", "3"]).sweep is None
     argv = ["--span=0,3", "--d_lr", "1e-4", "--seed", "1,2", "--jobs", "2", "--version", "v"]
-    assert cell_argv(argv, 3, 2, "v_span3_seed2", resume=True) == [
+    assert cell_argv(argv, 3, 3, 2, "v_span3_seed2", resume=True) == [
         "--d_lr", "1e-4", "--span", "3", "--version", "v_span3_seed2", "--seed", "2", "--resume"]
+
+
+def test_no_attention_and_one_network_sweeps_form_the_documented_cells():
+    none = -1  # choices.NO_ATTENTION, as configs hold it
+    cfg = configure([*SWEEP, "--span", "none,0,3", "--seed", "0,1,2"])
+    assert [c[:3] for c in cfg.sweep] == [(g, g, s) for g in (none, 0, 3) for s in (0, 1, 2)]
+    assert cfg.sweep[0][3] == "sagan_emoji_spannone_32px_seed0" and len({c[3] for c in cfg.sweep}) == 9
+    # --g_span / --d_span lists: their product, the one not given following --span
+    assert [c[:2] for c in configure([*SWEEP, "--g_span", "none,0,3", "--d_span", "3"]).sweep] == \
+        [(none, 3), (0, 3), (3, 3)]
+    cells = configure([*SWEEP, "--span", "0,3", "--d_span", "none", "--version", "v"]).sweep
+    assert [c[:2] for c in cells] == [(0, none), (3, none)] and [c[3] for c in cells] == ["v_g0_dnone", "v_g3_dnone"]
+    assert [c[:2] for c in configure([*SWEEP, "--g_span", "0,2", "--d_span", "1,4"]).sweep] == \
+        [(0, 1), (0, 4), (2, 1), (2, 4)]
+    # one cell: a plain run, G and D spans as plain values; "none" is never the None of "G and D differ"
+    cfg = configure([*SWEEP, "--g_span", "none", "--d_span", "2"])
+    assert (cfg.sweep, cfg.g_span, cfg.d_span, cfg.span) == (None, none, 2, None)
+    assert cfg.version == "sagan_emoji_gnone_d2_32px"
+    cfg = configure([*SWEEP, "--span", "none"])
+    assert (cfg.g_span, cfg.d_span, cfg.span, cfg.version) == (none, none, none, "sagan_emoji_spannone_32px")
+    # a cell's command line names its spans as the user would
+    assert cell_argv(["--g_span", "none,0", "--d_span=3"], none, 3, 1, "c", resume=False) == [
+        "--g_span", "none", "--d_span", "3", "--version", "c", "--seed", "1"]
+    assert cell_argv(["--span", "none,0"], none, none, None, "c", resume=False) == ["--span", "none", "--version", "c"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "2"], "--jobs runs the cells of a sweep at once"),
-    (["--span", "0,3", "--d_span", "1"], "drop --g_span/--d_span"),
+    (["--span", "0,3", "--g_span", "1", "--d_span", "1,2"], "--span would go unused; drop --span"),
+    (["--span", "0,-1"], "expected a span (an integer >= 0, 0 = plain SAGAN, or none"),
+    (["--g_span", "none,nonee"], "argument --g_span: expected a span"),
+    (["--d_span", "2,2"], "repeats a value"),
     (["--span", "0,3", "--resume"], "run the same command again to continue it"),
-    (["--span", "0,x"], "expected an integer or a comma list"),
+    (["--span", "0,x"], "or a comma list of them, got '0,x'"),
     (["--seed", "1,1"], "repeats a value"),
 ])
 def test_sweep_mistakes_are_one_line(tmp_path, args, message):
@@ -45,10 +82,42 @@ def test_sweep_mistakes_are_one_line(tmp_path, args, message):
 
 
 @pytest.mark.slow
+def test_a_no_attention_arm_sweeps_and_compares_as_its_own_group(tmp_path, fid_weights):
+    import fid
+    from checkpoint import generator_from_checkpoint
+    from sagan_models import attention_layers
+    r = run_main(fid_sweep_args(tmp_path, fid_weights, "none,0", "0,1", total_step=2, log_step=1, fid_step=2),
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4/4 cells finished" in r.stdout and "cells (span [none, 0] × seed" in r.stdout
+    none = [tmp_path / f"logs/sagan_emoji_spannone_32px_seed{s}" for s in (0, 1)]
+    span0 = [tmp_path / f"logs/sagan_emoji_span0_32px_seed{s}" for s in (0, 1)]
+    for d in none:  # no attention layer: no gamma columns, no attention rows, no attention picture
+        assert not any("gamma" in k for k in read_csv(d / "metrics.csv")[0])
+        assert read_csv(d / "attention.csv") == []
+        assert json.loads((d / "config.json").read_text())["g_span"] == -1
+    assert not (tmp_path / "attn/sagan_emoji_spannone_32px_seed0").exists() or \
+        not list((tmp_path / "attn/sagan_emoji_spannone_32px_seed0").iterdir())
+    out = run_main(["compare", *none, *span0, "--out", tmp_path / "c.png", "--csv", tmp_path / "c.csv"],
+                   cwd=tmp_path, entry=fid.main)
+    assert out.returncode == 0, out.stderr
+    # (the report's format is not this test's subject: only that the two arms are two groups)
+    groups = {(row["group"], row["g_span"], row["d_span"]) for row in read_csv(tmp_path / "c.csv")}
+    assert groups == {("span none", "none", "none"), ("span 0", "0", "0")}
+    assert "span none" in out.stdout.splitlines()[0] and "span 0" in out.stdout.splitlines()[0]
+    # the checkpoint of a network without attention loads as one, for fid.py and sampling
+    ckpt = tmp_path / "models/sagan_emoji_spannone_32px_seed0/2.pt"
+    G, cfg = generator_from_checkpoint(ckpt)
+    assert attention_layers(G) == [] and cfg.g_span == -1
+    stats = next((tmp_path / "logs/fid_stats").glob("*.npz"))
+    r = run_main([ckpt, stats, "--fid_weights", fid_weights, "--fid_samples", "8", "--batch_size", "8", "--device",
+                  "cpu", "--no_progress"], cwd=tmp_path, entry=fid.main)
+    assert r.returncode == 0 and "fid" in r.stdout.lower(), r.stdout + r.stderr
+
+
+@pytest.mark.slow
 def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path, fid_weights):
-    args = [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,2", "--seed", "5", "--total_step", "4",
-            "--log_step", "2", "--sample_step", "2", "--model_save_step", "2", "--fid_step", "4", "--fid_samples", "8",
-            "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights, "--jobs", "2"]
+    args = fid_sweep_args(tmp_path, fid_weights, "0,2", "5", total_step=4, log_step=2, fid_step=4)
     first = run_main(args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     cells = ["sagan_emoji_span0_32px_seed5", "sagan_emoji_span2_32px_seed5"]
