@@ -223,15 +223,17 @@ class FIDMonitor:
             Path(cfg.log_path) / "fid_stats", with_features="kid" in cfg.metrics, num_workers=cfg.num_workers,
             progress=self.progress, rank=rank, world=world, images=images)
         self.z = fixed_latents(cfg.seed, "fid", cfg.fid_samples, cfg.z_dim)
+        # every column of the registry's metrics, of G and of its EMA: the numbers of a row
+        self.metric_columns = [c + suffix for name in cfg.metrics for suffix in ("", "_ema")
+                               for c in METRICS[name].columns]
         self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]  # fid's always: compare reads them
-        for name in cfg.metrics:
-            if name != "fid":
-                self.columns += [c + suffix for suffix in ("", "_ema") for c in METRICS[name].columns]
+        self.columns += [c for c in self.metric_columns if c not in self.columns]
         self.path = Path(log_dir) / "fid.csv"
         if rank == 0:  # a resumed run drops what was logged after its checkpoint
             self._write(csv_rows_until(self.path, start_step))
 
     def evaluate(self, step, G, G_ema=None):
+        """The row of fid.csv for `step` (rank 0; None on the other ranks), written there."""
         cfg, start = self.cfg, time.perf_counter()
         row = {"step": step, "samples": cfg.fid_samples}
         for suffix, g in (("", G), ("_ema", G_ema)):
@@ -254,6 +256,7 @@ class FIDMonitor:
                                                         for k, v in row.items()}])
         summary = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
         print(f"step {step}: {summary}  ({cfg.fid_samples} samples, {row['seconds']:.1f} s)", flush=True)
+        return row
 
     def _write(self, rows):
         with atomic_open(self.path, "w", newline="") as f:

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: scaled_dot_product_attention (pre mode); dense: materialised reference")
 
     g = p.add_argument_group("outputs")
-    _flag(g, "--use_tensorboard", help="also write TensorBoard scalars (needs tensorboard)")
+    _flag(g, "--use_tensorboard", help="also log to TensorBoard (in the run's log folder; needs tensorboard): "
+                                       "losses, metrics, attention distances, sample grids, attention pictures, config")
     g.add_argument("--log_path", default="./logs")
     g.add_argument("--model_save_path", default="./models")
     g.add_argument("--sample_path", default="./samples")
