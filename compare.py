@@ -19,7 +19,7 @@ from plots import figure_path, plot_attention, plot_groups
 from report_html import write_page
 from runlog import read_status
 from stats import compare_arms, holm_within, reach_summary, summarize
-from utils import OneLineParser, UserError, write_failed
+from utils import OneLineParser, UserError, json_line, write_failed
 
 
 # config.json keys that do not change what a run computes, so runs differing in them belong
@@ -29,7 +29,7 @@ NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path",
                 "package_version", "git_commit", "torch", "device", "world_size", "num_workers", "cache",
                 "resume", "pretrained_model", "start_checkpoint", "train", "n_samples", "parallel",
                 "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step", "fid_batch_size",
-                "jobs", "span", "sweep", "given", "trust_checkpoint"}
+                "jobs", "span", "sweep", "given", "trust_checkpoint", "config"}
 CSV_COLUMNS = ["group", "g_span", "d_span", "step", "n_started", "n", "mean", "std", "ci95_low", "ci95_high", "note",
                "n_failed", "failed_at", "n_stopped_early", "stopped_at", "baseline", "test", "n_baseline", "p",
                "p_holm", "holm_m", "diff", "diff_boot95_low", "diff_boot95_high", "reach_target", "reach_median",
@@ -311,35 +311,42 @@ def format_report(rows, notes) -> str:
     return "\n".join(lines + notes)
 
 
-def write_csv(groups, path, reach=None, tests=None):
-    """One row per group and step (a group none of whose runs logged a value: one row, step
-    empty, so its failures are in the table too)."""
+def statistics_rows(groups, reach=None, tests=None) -> list:
+    """Every number of the report: a dict (CSV_COLUMNS) per group and step (step None for a group with no
+    value: its failures are there too). Undefined or not asked for: None; a median reach never: "never"."""
     tests = comparisons(groups) if tests is None else tests
-    opt = lambda v: "" if v is None or math.isnan(v) else f"{v:.6g}"
-    ends = lambda runs: ";".join(f"{r.name}:{r.outcome.what}@{r.outcome.step}" for r in runs)
+    opt = lambda v: None if v is None or math.isnan(v) else v
+    ends = lambda runs: ";".join(f"{r.name}:{r.outcome.what}@{r.outcome.step}" for r in runs) or None
+    rows = []
+    for i, g in enumerate(groups):
+        base = baseline_of(g, groups)
+        reach_cols = [None] * 6
+        if reach is not None:
+            per_run = g.reach(reach)
+            r = reach_summary(per_run)
+            reach_cols = [reach, "never" if math.isinf(r.median) else opt(r.median), opt(r.low), opt(r.high), r.never,
+                          ";".join(f"{run.name}:{'failed' if run.outcome.failed else 'never' if s is None else s}"
+                                   for run, s in zip(g.runs, per_run))]
+        runs = [len(g.failed()), ends(g.failed()), len(g.stopped_early()), ends(g.stopped_early())]
+        for step, m in g.table().items() or [(None, None)]:
+            c = tests.get((i, step))
+            stat = [m.n, m.mean, opt(m.std), opt(m.ci95[0]), opt(m.ci95[1]), NO_INTERVAL if m.n == 1 else None] \
+                if m else [0] + [None] * 5
+            test = [base.label if base else None, c.kind, c.n_base, opt(c.p), opt(c.p_holm), c.m or None,
+                    opt(c.diff), opt(c.boot[0]), opt(c.boot[1])] if c else \
+                [base.label, "none: n < 2 in an arm"] + [None] * 7 if base else [None] * 9
+            rows.append(dict(zip(CSV_COLUMNS, [g.label, g.settings.get("g_span"), g.settings.get("d_span"), step,
+                                               len(g.runs), *stat, *runs, *test, *reach_cols])))
+    return rows
+
+
+def write_csv(groups, path, reach=None, tests=None):
+    """statistics_rows as CSV: numbers to 6 significant digits, None empty."""
+    cell = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
     with atomic_open(path, "w", newline="") as f:  # a failed write leaves the earlier file whole
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
-        for i, g in enumerate(groups):
-            base = baseline_of(g, groups)
-            reach_cols = [""] * 6
-            if reach is not None:
-                per_run = g.reach(reach)
-                r = reach_summary(per_run)
-                reach_cols = [f"{reach:g}", "never" if math.isinf(r.median) else opt(r.median), opt(r.low),
-                              opt(r.high), r.never,
-                              ";".join(f"{run.name}:{'failed' if run.outcome.failed else 'never' if s is None else s}"
-                                       for run, s in zip(g.runs, per_run))]
-            runs = [len(g.failed()), ends(g.failed()), len(g.stopped_early()), ends(g.stopped_early())]
-            for step, m in g.table().items() or [("", None)]:
-                c = tests.get((i, step))
-                stat = [m.n, f"{m.mean:.6g}", opt(m.std), opt(m.ci95[0]), opt(m.ci95[1]),
-                        NO_INTERVAL if m.n == 1 else ""] if m else [0, "", "", "", "", ""]
-                test = [base.label if base else "", c.kind, c.n_base, opt(c.p), opt(c.p_holm), c.m or "",
-                        opt(c.diff), opt(c.boot[0]), opt(c.boot[1])] if c else \
-                    [base.label, "none: n < 2 in an arm"] + [""] * 7 if base else [""] * 9
-                w.writerow([g.label, g.settings.get("g_span", ""), g.settings.get("d_span", ""), step, len(g.runs),
-                            *stat, *runs, *test, *reach_cols])
+        w.writerows([cell(row[c]) for c in CSV_COLUMNS] for row in statistics_rows(groups, reach, tests))
 
 
 def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html_out=None, html_flag="--html"):
@@ -349,28 +356,41 @@ def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html
     tests = comparisons(groups)
     rows, notes = report_table(groups, column, reach, tests)
     print(format_report(rows, notes))
+    for what, path in write_outputs(groups, out, column, reach, tests, flag, csv_out, html_out, html_flag).items():
+        print(f"{what}: {path}")
+
+
+def write_outputs(groups, out, column, reach, tests, flag="--out", csv_out=None, html_out=None,
+                  html_flag="--html") -> dict:
+    """show's files, without a word: {what: path} of those written."""
     attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
-    path = out  # the file being written, for the message
+    path, written = out, {}  # the file being written, for the message
     try:
         plot_groups(groups, out, column)
-        print(f"plot: {out}")
+        written["plot"] = out
         path = attention_out
         if plot_attention(groups, attention_out):
-            print(f"attention distance: {attention_out}")
+            written["attention distance"] = attention_out
         if csv_out is not None:
             flag, path = "--csv", csv_out
             write_csv(groups, csv_out, reach, tests)
-            print(f"csv: {csv_out}")
+            written["csv"] = csv_out
         if html_out is not None:
             flag, path = html_flag, html_out
             with tempfile.TemporaryDirectory(prefix="sagan_page_") as tmp:  # the plots as PNG, whatever --out is
                 fid_png, attention_png = Path(tmp) / "fid.png", Path(tmp) / "attention.png"
                 plot_groups(groups, fid_png, column)
-                write_page(html_out, groups, rows, notes, fid_png,
+                write_page(html_out, groups, *report_table(groups, column, reach, tests), fid_png,
                            attention_png if plot_attention(groups, attention_png) else None, column)
-            print(f"report page: {html_out}")
+            written["report page"] = html_out
     except OSError as e:
         raise write_failed(flag, path, e) from None
+    return written
+
+
+def load_groups(folders, column="fid") -> list:
+    """The runs of `folders` (<log_path>/<version>; one given twice is one run), grouped."""
+    return group_runs([load_run(d, column) for d in dict.fromkeys(Path(d).resolve() for d in folders)])
 
 
 def compare(argv) -> int:
@@ -390,13 +410,21 @@ def compare(argv) -> int:
     p.add_argument("--html", default=None, metavar="OUT",
                    help="write the report as one HTML page with its images inside: the table, the plots, and "
                         "each run's newest sample grid and attention picture, a row per group, a column per seed")
+    p.add_argument("--json", action="store_true",
+                   help="print, instead of the report, one JSON object: the rows of --csv (as numbers) and the "
+                        "files written")
     args = p.parse_args(argv)
     column = "fid_ema" if args.ema else "fid"
     out = check_output_file(figure_path(args.out, "--out"), "--out")  # before reading any run
     for name in ("csv", "html"):
         if getattr(args, name):
             check_output_file(getattr(args, name), f"--{name}")
-    folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
-    groups = group_runs([load_run(d, column) for d in folders])
-    show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
+    groups = load_groups(args.runs, column)
+    if not args.json:
+        show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
+        return 0
+    tests = comparisons(groups)
+    written = write_outputs(groups, out, column, args.reach, tests, csv_out=args.csv, html_out=args.html)
+    print(json_line({"column": column, "rows": statistics_rows(groups, args.reach, tests),
+                     "files": {what: str(path) for what, path in written.items()}}))
     return 0

@@ -17,7 +17,7 @@ LAYERS = [
     {"sagan_models", "batches", "inception"},
     {"checkpoint", "plots", "metrics", "gan_step", "runlog"},
     {"run", "features", "compare"},
-    {"trainer", "sweep"},
+    {"trainer", "sweep", "api"},
     {"main", "fid", "bench"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
