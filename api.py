@@ -101,12 +101,13 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
     for i, source in enumerate((a, b)):
         _in_memory(source)
         if source is not None and _stats_only(source):
-            what = source if isinstance(source, (str, Path)) else "a dict of statistics"
+            what = source if isinstance(source, (str, Path)) else "the dict"
             for m in names:
                 if METRICS[m].needs == "features":
-                    raise UserError(f"{m.upper()} needs per-image features, but {what} is statistics; pass images")
+                    raise UserError(f"{m.upper()} needs per-image features, but {what} holds only statistics; "
+                                    f"pass images")
                 if METRICS[m].needs == "logits" and i == 0:
-                    raise UserError(f"{m.upper()} needs images, but {what} is statistics")
+                    raise UserError(f"{m.upper()} needs images, but {what} holds only statistics")
     device = pick_device(device)
     network = _Network(fid_weights, fid_resize, fid_precision, device)
     sides = [a] if b is None or all(METRICS[m].needs == "logits" for m in names) else [a, b]
@@ -133,8 +134,8 @@ def statistics(images, out=None, *, fid_weights=None, fid_resize="tf1", fid_prec
             raise UserError(f"--save-stats: {out} is a folder; give a file name, e.g. {Path(out) / 'stats.npz'}")
         check_writable(Path(out).absolute().parent, "--save-stats")
     if _stats_only(images):
-        what = images if isinstance(images, (str, Path)) else "a dict of mu and sigma"
-        raise UserError(f"{what} is statistics already; pass images")
+        what = images if isinstance(images, (str, Path)) else "the dict"
+        raise UserError(f"{what} holds statistics already; pass images")
     network = _Network(fid_weights, fid_resize, fid_precision, pick_device(device))
     r = _resolve(images, network, batch_size, progress, fid_samples, ema, trust_checkpoint)
     if out is not None:

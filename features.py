@@ -152,6 +152,8 @@ class Reference:
     sigma: np.ndarray
     pool3: np.ndarray  # per-image features, only kept when KID needs them
     path: Path
+    n: int = 0  # real images
+    computed: bool = False  # now, by this process (else read from the cache)
 
 
 def reference_stats(dataset, model, weights, resize, cap, batch_size, device, cache_dir, with_features=False,
@@ -172,18 +174,20 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
     feats_path = path.with_suffix(".pool3.npy")
     # runs starting together (a sweep's --jobs) wait for the one computing them instead of repeating it
+    computed = False
     if rank == 0:
         with file_lock(path.with_name(f".{path.name}.lock")):
             if not path.exists() or (with_features and not feats_path.exists()):
                 _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path,
                                    feats_path, key, with_features)
+                computed = True
     if world > 1:
         dist.barrier()
     mu, sigma, meta = load_stats(path)
     if meta["key"] != key:
         raise UserError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
     pool3 = np.load(feats_path).astype(np.float64) if with_features else None
-    return Reference(mu, sigma, pool3, path)
+    return Reference(mu, sigma, pool3, path, n, computed)
 
 
 def _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path, key,
@@ -204,7 +208,6 @@ def _compute_reference(dataset, model, n, batch_size, device, num_workers, progr
     if with_features:
         with atomic_open(feats_path) as f:
             np.save(f, pool3.astype(np.float32))
-    print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
 
 
 class FIDMonitor:
@@ -254,9 +257,12 @@ class FIDMonitor:
         row["seconds"] = time.perf_counter() - start
         self._write(csv_rows_until(self.path, step) + [{k: (f"{v:.8g}" if isinstance(v, float) else v)
                                                         for k, v in row.items()}])
-        summary = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
-        print(f"step {step}: {summary}  ({cfg.fid_samples} samples, {row['seconds']:.1f} s)", flush=True)
         return row
+
+    def summary(self, row) -> str:
+        """A row of evaluate() in one line."""
+        values = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
+        return f"step {row['step']}: {values}  ({row['samples']} samples, {row['seconds']:.1f} s)"
 
     def _write(self, rows):
         with atomic_open(self.path, "w", newline="") as f:

@@ -272,6 +272,7 @@ class Trainer:
         self._share_running_statistics()
         row = monitor.evaluate(self.step, self.G, self.G_ema)
         if row is not None:
+            print(monitor.summary(row), flush=True)
             self.board.scalars(self.step, {k: row[k] for k in monitor.metric_columns if k in row}, "metrics/")
 
     def _share_running_statistics(self):
@@ -364,5 +365,8 @@ class Trainer:
             weights = box[0]
         if weights is None:
             return None
-        return FIDMonitor(cfg, dataset, weights, self.device, self.dirs["log"], self.step, self.rank, self.world,
-                          images=images)
+        monitor = FIDMonitor(cfg, dataset, weights, self.device, self.dirs["log"], self.step, self.rank, self.world,
+                             images=images)
+        if monitor.ref.computed:
+            print(f"FID reference statistics of {monitor.ref.n:,} real images saved to {monitor.ref.path}", flush=True)
+        return monitor

@@ -103,7 +103,7 @@ def test_user_mistakes_raise_user_error_never_exit(two_sets, capsys):
              (lambda: api.metrics(a, a.astype(np.float32), fid_weights="w.pth"), "expected a uint8 image array"),
              (lambda: api.metrics(a, {"mu": np.zeros(8), "sigma": np.eye(8)}, "kid"), "KID needs per-image features"),
              (lambda: api.metrics(a, a, "fid,ssim"), "choose a comma list"),
-             (lambda: api.statistics({"mu": np.zeros(8), "sigma": np.eye(8)}), "statistics already"),
+             (lambda: api.statistics({"mu": np.zeros(8), "sigma": np.eye(8)}), "holds statistics already"),
              (lambda: api.generate(root / "a.npy", 4), "cannot read checkpoint"),
              (lambda: api.generate(root / "a.npy", 0), "n must be at least 1"),
              (lambda: api.compare_runs([root]), "has no fid.csv")]
