@@ -166,10 +166,11 @@ def generate(checkpoint, n=64, *, ema=False, device="auto", batch_size=None, tru
     return torch.cat([b.cpu() for b in batches]).permute(0, 2, 3, 1).numpy()
 
 
-def compare_runs(runs, ema=False) -> list:
-    """The statistics of `fid.py compare RUN...` as rows: runs (<log_path>/<version>
-    folders) whose settings differ only in their seed form a group, and each group has one
-    dict per step: group, g_span, d_span, step, n, mean, std, ci95_low, ci95_high (the
-    columns of its --csv; std and the interval None for a single run). ema=True: of the EMA
-    generators' FID."""
-    return statistics_rows(load_groups(runs, "fid_ema" if ema else "fid"))
+def compare_runs(runs, ema=False, reach=None) -> list:
+    """The numbers of `fid.py compare RUN...` as rows: runs (<log_path>/<version> folders)
+    whose settings differ only in their seed form a group, and each group has one dict per
+    step holding the columns of compare's --csv (compare.CSV_COLUMNS: group, spans, step,
+    runs started, n, mean, std, 95% interval, failures, the test against span 0 and its p,
+    Holm's p, the bootstrap interval, and with reach=F the steps at which FID <= F); None
+    where a number is undefined (std of one run). ema=True: of the EMA generators' FID."""
+    return statistics_rows(load_groups(runs, "fid_ema" if ema else "fid"), reach)

@@ -3,6 +3,7 @@ giving the same number, `fid.py --json` giving the API's numbers, images of a ch
 equal to `main.py --train false`'s, the compare rows, nothing printed and no exit; and the
 README's "From Python" snippets run as written. fid.py is the API's command line, so
 test_fid.py's comparison of its numbers with torch-fidelity covers the API's too."""
+import csv
 import json
 import re
 import shutil
@@ -127,22 +128,33 @@ def test_generate_draws_the_images_of_train_false(tmp_path):
     assert settings["seed"] == 3 and settings["imsize"] == 32 and isinstance(G, torch.nn.Module)
 
 
-def test_compare_runs_gives_the_rows_of_fid_py_compare(tmp_path, capsys):
+def test_compare_runs_gives_the_numbers_of_fid_py_compare(tmp_path, capsys):
     runs = [make_run(tmp_path, f"s0_seed{i}", {500: 40 + 2 * i, 1000: 30 + 2 * i}, seed=i) for i in range(3)]
-    runs.append(make_run(tmp_path, "s3_alone", {1000: 25}, g_span=3, d_span=3, seed=0))
-    rows = api.compare_runs(runs)
+    runs.append(make_run(tmp_path, "s3_alone", {500: 35, 1000: 25}, g_span=3, d_span=3, seed=0))
+    rows = api.compare_runs(runs, reach=41)
+    assert capsys.readouterr().out == ""
     by = {(r["group"], r["step"]): r for r in rows}
     # span 0 at step 1000: 30, 32, 34 -> mean 32, std 2 (ddof 1), CI 32 ± t(0.975, 2)·2/√3
     half = 4.302652729911275 * 2 / 3 ** 0.5
-    assert by[("span 0", 1000)] == {"group": "span 0", "g_span": 0, "d_span": 0, "step": 1000, "n": 3,
-                                    "mean": pytest.approx(32), "std": pytest.approx(2),
-                                    "ci95_low": pytest.approx(32 - half), "ci95_high": pytest.approx(32 + half)}
-    assert by[("s3_alone (span 3)", 1000)]["std"] is None and by[("span 0", 500)]["mean"] == pytest.approx(42)
-    assert capsys.readouterr().out == ""
-    assert fid.main(["compare", *map(str, runs), "--out", str(tmp_path / "c.png"), "--reach", "41", "--json"]) == 0
+    row = by[("span 0", 1000)]
+    assert (row["g_span"], row["d_span"], row["n_started"], row["n"], row["n_failed"]) == (0, 0, 3, 3, 0)
+    assert (row["mean"], row["std"], row["ci95_low"], row["ci95_high"]) == \
+        pytest.approx((32, 2, 32 - half, 32 + half))
+    assert row["reach_target"] == 41 and row["reach_median"] == 1000 and row["reach_never"] == 0
+    alone = by[("s3_alone (span 3)", 1000)]
+    assert alone["n"] == 1 and alone["std"] is None and alone["ci95_low"] is None and alone["p"] is None
+    assert alone["reach_median"] == 500 and by[("span 0", 500)]["mean"] == pytest.approx(42)
+    # the CSV holds the same numbers, and --json the same rows
+    out_csv = tmp_path / "t.csv"
+    assert fid.main(["compare", *map(str, runs), "--out", str(tmp_path / "c.png"), "--reach", "41", "--csv",
+                     str(out_csv), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["rows"] == rows and report["reach"] == {"span 0": 1000, "s3_alone (span 3)": 1000}
-    assert report["plots"] == [str(tmp_path / "c.png")] and (tmp_path / "c.png").stat().st_size > 1000
+    assert report["rows"] == rows and report["column"] == "fid"
+    assert report["files"] == {"plot": str(tmp_path / "c.png"), "csv": str(out_csv)}
+    with open(out_csv, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [{k: "" if v is None else v for k, v in r.items()} for r in written] == \
+        [{k: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in r.items()} for r in rows]
 
 
 # ---------------------------------------------------------------------------- the README runs as written
