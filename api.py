@@ -153,9 +153,10 @@ def load_generator(checkpoint, ema=False, trust_checkpoint=False):
 
 def generate(checkpoint, n=64, *, ema=False, device="auto", batch_size=None, trust_checkpoint=False) -> np.ndarray:
     """n images of a checkpoint's generator (its EMA generator with ema=True) as uint8
-    (n, H, W, 3): the images `main.py --train false --n_samples n` writes (the run's seed,
-    the same latents), drawn in batches of the run's --batch_size unless batch_size is
-    given (with BatchNorm on batch statistics an image depends on its batch)."""
+    (n, H, W, 3), from the latents of `main.py --train false --n_samples n` (the run's seed),
+    drawn in batches of the run's --batch_size unless batch_size is given: with BatchNorm on
+    batch statistics an image depends on its batch, so these are the images --train false
+    writes at that --batch_size."""
     if int(n) < 1:
         raise UserError(f"n must be at least 1, got {n}")
     G, cfg = generator_from_checkpoint(checkpoint, ema, trust_checkpoint)
