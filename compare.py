@@ -1,5 +1,5 @@
 """The compare report: runs whose config.json differ only in their seed (and names, paths
-and bookkeeping, see NOT_SETTINGS) form a group. Every run started counts: a group says how
+and bookkeeping, see runs.NOT_SETTINGS) form a group. Every run started counts: a group says how
 many runs it started, which failed (NaN/inf, a crash) or stopped early and at which step, and
 per step the statistics over the runs that reached it (stats.py). Against the span-0 group
 with otherwise equal settings: a paired t-test where both arms hold the same seeds, else
@@ -8,143 +8,25 @@ the difference. `python fid.py compare RUN...`."""
 import csv
 import json
 import math
-import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import migrate_config
-from choices import span_text
-from files import atomic_open, check_output_file, csv_header, csv_rows_until
+from choices import NO_ATTENTION, span_text
+from files import atomic_open, check_output_file, csv_header
 from metrics import METRICS, higher_is_better
 from plots import figure_path, plot_attention, plot_groups
 from report_html import write_page
-from runlog import read_status
+from runs import load_run
 from stats import compare_arms, holm_within, reach_summary, summarize
-from utils import OneLineParser, UserError, write_failed
+from utils import OneLineParser, UserError, json_line, write_failed
 
 
-# config.json keys that do not change what a run computes, so runs differing in them belong
-# to one group: the seed (what a group varies), names and paths, bookkeeping, speed-only
-# settings that give identical images, and how long it ran.
-NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path", "attn_path", "image_path",
-                "package_version", "git_commit", "torch", "device", "world_size", "num_workers", "cache",
-                "resume", "pretrained_model", "start_checkpoint", "train", "n_samples", "parallel",
-                "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step", "fid_batch_size",
-                "jobs", "span", "sweep", "given", "trust_checkpoint"}
 CSV_COLUMNS = ["group", "g_span", "d_span", "step", "n_started", "n", "mean", "std", "ci95_low", "ci95_high", "note",
                "n_failed", "failed_at", "n_stopped_early", "stopped_at", "baseline", "test", "n_baseline", "p",
                "p_holm", "holm_m", "diff", "diff_boot95_low", "diff_boot95_high", "reach_target", "reach_median",
                "reach_min", "reach_max", "reach_never", "reach_per_run"]
 NO_INTERVAL = "n = 1: no interval"
-
-
-# ---------------------------------------------------------------------------- reading runs
-@dataclass
-class Outcome:
-    """How a run ended, from its status.json (runlog.RunStatus) and its logs."""
-    kind: str  # "finished", "stopped early", "diverged", "failed", or "unknown" (no config.json, no status)
-    step: int  # the step it failed or stopped at; its last logged step otherwise
-    what: str = ""  # in a word or three: "diverged", "interrupted", "running or killed", ...
-    reason: str = ""  # the error's line, where one was recorded
-
-    @property
-    def failed(self) -> bool:
-        return self.kind in ("diverged", "failed")
-
-
-@dataclass
-class Run:
-    folder: Path
-    config: dict
-    fid: dict  # {step: value} of the compared column, finite values only
-    attention: list = field(default_factory=list)  # rows of attention.csv
-    outcome: Outcome = field(default_factory=lambda: Outcome("unknown", 0))
-
-    @property
-    def settings(self) -> dict:
-        return {k: v for k, v in self.config.items() if k not in NOT_SETTINGS}
-
-    @property
-    def seed(self):
-        return self.config.get("seed")
-
-    @property
-    def name(self) -> str:
-        return f"seed{self.seed}" if self.seed is not None else self.folder.name
-
-
-def _read_csv(path: Path) -> list:
-    """The rows of a CSV this package wrote; UserError (one line) for anything else."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error, OSError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}); is it a file this package wrote?") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__})") from None
-
-
-def _number(row, key, path, kind=float):
-    try:
-        value = kind(row[key])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: malformed row {dict(row)!r} (no number in column {key!r}); is it a file this "
-                        f"package wrote?") from None
-    return value
-
-
-def load_run(folder, column="fid") -> Run:
-    """A run folder: one that holds config.json counts as started, even with no fid.csv (it
-    stopped or failed before its first FID)."""
-    d = Path(folder)
-    if not (d / "fid.csv").is_file() and not (d / "config.json").is_file():
-        raise UserError(f"{d} has no fid.csv and no config.json; pass <log_path>/<version> of a run trained with "
-                        f"--fid_step N")
-    config = {}
-    if (d / "config.json").is_file():
-        config = migrate_config(_read_json(d / "config.json"))  # runs from before a setting existed group with their equals
-    path = d / "fid.csv"
-    rows = _read_csv(path) if path.is_file() else []
-    every = {_number(r, "step", path, int): _number(r, column, path) for r in rows if r.get(column) not in (None, "")}
-    attention = _read_csv(d / "attention.csv") if (d / "attention.csv").is_file() else []
-    for r in attention:  # checked here, not half-way through a plot
-        _number(r, "step", d / "attention.csv", int), _number(r, "distance", d / "attention.csv")
-        _number(r, "uniform", d / "attention.csv")
-        for optional in ("share", "fixed"):  # files written before these columns have none
-            if r.get(optional) not in (None, ""):
-                _number(r, optional, d / "attention.csv")
-        if any(r.get(k) in (None, "") for k in ("network", "layer", "map")):
-            raise UserError(f"{d / 'attention.csv'}: malformed row {dict(r)!r}; is it a file this package wrote?")
-    fid = {s: v for s, v in every.items() if math.isfinite(v)}
-    return Run(d, config, fid, attention, _outcome(d, config, every, column))
-
-
-def _outcome(d, config, every, column) -> Outcome:
-    status = read_status(d)
-    logged = [int(r["step"]) for r in csv_rows_until(d / "metrics.csv", sys.maxsize)]
-    last = max([*every, *logged, status.get("step", 0)], default=0)
-    if status.get("status") in ("diverged", "failed"):
-        return Outcome(status["status"], status["step"], status["status"], str(status.get("reason", "")))
-    bad = sorted(s for s, v in every.items() if not math.isfinite(v))
-    if bad:
-        return Outcome("diverged", bad[0], "diverged", f"{column} is {every[bad[0]]} at step {bad[0]}")
-    if status.get("status") == "finished":
-        return Outcome("finished", status["step"])
-    # a resumed run may have raised --total_step: its later config files say so
-    totals = [c.get("total_step") for c in [config] + [_read_json(p) for p in d.glob("config_resumed_at_*.json")]]
-    totals = [t for t in totals if isinstance(t, int)]
-    if not totals and not status:
-        return Outcome("unknown", last)
-    if last >= max(totals + [status.get("total_step") or 0]):
-        return Outcome("finished", last)
-    what = {"stopped": "interrupted", "running": "running or killed"}.get(status.get("status"), "ended early")
-    return Outcome("stopped early", last, what)
 
 
 # ---------------------------------------------------------------------------- groups
@@ -321,36 +203,45 @@ def format_report(rows, notes) -> str:
     return "\n".join(lines + notes)
 
 
-def write_csv(groups, path, reach=None, tests=None, higher=False):
-    """One row per group and step (a group none of whose runs logged a value: one row, step
-    empty, so its failures are in the table too)."""
+def statistics_rows(groups, reach=None, tests=None, higher=False) -> list:
+    """Every number of the report: a dict (CSV_COLUMNS) per group and step (step None for a group with no
+    value: its failures are there too). Undefined or not asked for: None; a median reach never: "never"."""
     tests = comparisons(groups) if tests is None else tests
-    opt = lambda v: "" if v is None or math.isnan(v) else f"{v:.6g}"
-    ends = lambda runs: ";".join(f"{r.name}:{r.outcome.what}@{r.outcome.step}" for r in runs)
+    opt = lambda v: None if v is None or math.isnan(v) else v
+    ends = lambda runs: ";".join(f"{r.name}:{r.outcome.what}@{r.outcome.step}" for r in runs) or None
+    rows = []
+    for i, g in enumerate(groups):
+        base = baseline_of(g, groups)
+        reach_cols = [None] * 6
+        if reach is not None:
+            per_run = g.reach(reach, higher)
+            r = reach_summary(per_run)
+            reach_cols = [reach, "never" if math.isinf(r.median) else opt(r.median), opt(r.low), opt(r.high), r.never,
+                          ";".join(f"{run.name}:{'failed' if run.outcome.failed else 'never' if s is None else s}"
+                                   for run, s in zip(g.runs, per_run))]
+        runs = [len(g.failed()), ends(g.failed()), len(g.stopped_early()), ends(g.stopped_early())]
+        # numbers as numbers (the API, --json), but "none" for a network without attention
+        spans = [None if k not in g.settings else "none" if g.settings[k] == NO_ATTENTION else g.settings[k]
+                 for k in ("g_span", "d_span")]
+        for step, m in g.table().items() or [(None, None)]:
+            c = tests.get((i, step))
+            stat = [m.n, m.mean, opt(m.std), opt(m.ci95[0]), opt(m.ci95[1]), NO_INTERVAL if m.n == 1 else None] \
+                if m else [0] + [None] * 5
+            test = [base.label if base else None, c.kind, c.n_base, opt(c.p), opt(c.p_holm), c.m or None,
+                    opt(c.diff), opt(c.boot[0]), opt(c.boot[1])] if c else \
+                [base.label, "none: n < 2 in an arm"] + [None] * 7 if base else [None] * 9
+            rows.append(dict(zip(CSV_COLUMNS, [g.label, *spans, step,
+                                               len(g.runs), *stat, *runs, *test, *reach_cols])))
+    return rows
+
+
+def write_csv(groups, path, reach=None, tests=None, higher=False):
+    """statistics_rows as CSV: numbers to 6 significant digits, None empty."""
+    cell = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
     with atomic_open(path, "w", newline="") as f:  # a failed write leaves the earlier file whole
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
-        for i, g in enumerate(groups):
-            base = baseline_of(g, groups)
-            reach_cols = [""] * 6
-            if reach is not None:
-                per_run = g.reach(reach, higher)
-                r = reach_summary(per_run)
-                reach_cols = [f"{reach:g}", "never" if math.isinf(r.median) else opt(r.median), opt(r.low),
-                              opt(r.high), r.never,
-                              ";".join(f"{run.name}:{'failed' if run.outcome.failed else 'never' if s is None else s}"
-                                       for run, s in zip(g.runs, per_run))]
-            runs = [len(g.failed()), ends(g.failed()), len(g.stopped_early()), ends(g.stopped_early())]
-            spans = [span_text(g.settings[k]) if k in g.settings else "" for k in ("g_span", "d_span")]
-            for step, m in g.table().items() or [("", None)]:
-                c = tests.get((i, step))
-                stat = [m.n, f"{m.mean:.6g}", opt(m.std), opt(m.ci95[0]), opt(m.ci95[1]),
-                        NO_INTERVAL if m.n == 1 else ""] if m else [0, "", "", "", "", ""]
-                test = [base.label if base else "", c.kind, c.n_base, opt(c.p), opt(c.p_holm), c.m or "",
-                        opt(c.diff), opt(c.boot[0]), opt(c.boot[1])] if c else \
-                    [base.label, "none: n < 2 in an arm"] + [""] * 7 if base else [""] * 9
-                w.writerow([g.label, *spans, step, len(g.runs),
-                            *stat, *runs, *test, *reach_cols])
+        w.writerows([cell(row[c]) for c in CSV_COLUMNS] for row in statistics_rows(groups, reach, tests, higher))
 
 
 def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html_out=None, html_flag="--html"):
@@ -360,28 +251,41 @@ def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html
     tests = comparisons(groups)
     rows, notes = report_table(groups, column, reach, tests)
     print(format_report(rows, notes))
+    for what, path in write_outputs(groups, out, column, reach, tests, flag, csv_out, html_out, html_flag).items():
+        print(f"{what}: {path}")
+
+
+def write_outputs(groups, out, column, reach, tests, flag="--out", csv_out=None, html_out=None,
+                  html_flag="--html") -> dict:
+    """show's files, without a word: {what: path} of those written."""
     attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
-    path = out  # the file being written, for the message
+    path, written = out, {}  # the file being written, for the message
     try:
         plot_groups(groups, out, column, higher_is_better(column))
-        print(f"plot: {out}")
+        written["plot"] = out
         path = attention_out
         if plot_attention(groups, attention_out):
-            print(f"attention distance: {attention_out}")
+            written["attention distance"] = attention_out
         if csv_out is not None:
             flag, path = "--csv", csv_out
             write_csv(groups, csv_out, reach, tests, higher_is_better(column))
-            print(f"csv: {csv_out}")
+            written["csv"] = csv_out
         if html_out is not None:
             flag, path = html_flag, html_out
             with tempfile.TemporaryDirectory(prefix="sagan_page_") as tmp:  # the plots as PNG, whatever --out is
                 fid_png, attention_png = Path(tmp) / "fid.png", Path(tmp) / "attention.png"
                 plot_groups(groups, fid_png, column, higher_is_better(column))
-                write_page(html_out, groups, rows, notes, fid_png,
+                write_page(html_out, groups, *report_table(groups, column, reach, tests), fid_png,
                            attention_png if plot_attention(groups, attention_png) else None, column)
-            print(f"report page: {html_out}")
+            written["report page"] = html_out
     except OSError as e:
         raise write_failed(flag, path, e) from None
+    return written
+
+
+def load_groups(folders, column="fid") -> list:
+    """The runs of `folders` (<log_path>/<version>; one given twice is one run), grouped."""
+    return group_runs([load_run(d, column) for d in dict.fromkeys(Path(d).resolve() for d in folders)])
 
 
 def compare(argv) -> int:
@@ -404,6 +308,9 @@ def compare(argv) -> int:
     p.add_argument("--html", default=None, metavar="OUT",
                    help="write the report as one HTML page with its images inside: the table, the plots, and "
                         "each run's newest sample grid and attention picture, a row per group, a column per seed")
+    p.add_argument("--json", action="store_true",
+                   help="print, instead of the report, one JSON object: the rows of --csv (as numbers) and the "
+                        "files written")
     args = p.parse_args(argv)
     column = args.column + ("_ema" if args.ema else "")
     out = check_output_file(figure_path(args.out, "--out"), "--out")  # before reading any run
@@ -415,6 +322,12 @@ def compare(argv) -> int:
     if headers and not any(column in h for h in headers):  # a metric the runs left off: no empty table
         metric = next(name for name, m in METRICS.items() if args.column in m.columns)
         raise UserError(f"no run logged {column}; runs trained with --metrics fid,{metric} log it")
-    groups = group_runs([load_run(d, column) for d in folders])
-    show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
+    groups = load_groups(folders, column)
+    if not args.json:
+        show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
+        return 0
+    tests = comparisons(groups)
+    written = write_outputs(groups, out, column, args.reach, tests, csv_out=args.csv, html_out=args.html)
+    print(json_line({"column": column, "rows": statistics_rows(groups, args.reach, tests, higher_is_better(column)),
+                     "files": {what: str(path) for what, path in written.items()}}))
     return 0

@@ -155,6 +155,8 @@ class Reference:
     pool3: np.ndarray  # per-image features, only kept when a metric needs them (KID, PRDC)
     path: Path
     cache: dict = field(default_factory=dict)  # what metrics derive from it once (PRDC's k-NN radii)
+    n: int = 0  # real images
+    computed: bool = False  # now, by this process (else read from the cache)
 
 
 def reference_stats(dataset, model, weights, resize, cap, batch_size, device, cache_dir, with_features=False,
@@ -177,18 +179,20 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
     feats_path = path.with_suffix(".pool3.npy")
     # runs starting together (a sweep's --jobs) wait for the one computing them instead of repeating it
+    computed = False
     if rank == 0:
         with file_lock(path.with_name(f".{path.name}.lock")):
             if not path.exists() or (with_features and not feats_path.exists()):
                 _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path,
                                    feats_path, key, with_features)
+                computed = True
     if world > 1:
         dist.barrier()
     mu, sigma, meta = load_stats(path)
     if meta["key"] != key:
         raise UserError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
     pool3 = np.load(feats_path).astype(np.float64) if with_features else None
-    return Reference(mu, sigma, pool3, path)
+    return Reference(mu, sigma, pool3, path, n, computed)
 
 
 def _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path, key,
@@ -209,7 +213,6 @@ def _compute_reference(dataset, model, n, batch_size, device, num_workers, progr
     if with_features:
         with atomic_open(feats_path) as f:
             np.save(f, pool3.astype(np.float32))
-    print(f"FID reference statistics of {n:,} real images saved to {path}", flush=True)
 
 
 class FIDMonitor:
@@ -228,15 +231,17 @@ class FIDMonitor:
             Path(cfg.log_path) / "fid_stats", with_features=any(METRICS[m].needs == "features" for m in cfg.metrics),
             num_workers=cfg.num_workers, progress=self.progress, rank=rank, world=world, images=images)
         self.z = fixed_latents(cfg.seed, "fid", whole_batches(cfg.fid_samples, cfg.batch_size), cfg.z_dim)
+        # every column of the registry's metrics, of G and of its EMA: the numbers of a row
+        self.metric_columns = [c + suffix for name in cfg.metrics for suffix in ("", "_ema")
+                               for c in METRICS[name].columns]
         self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]  # fid's always: compare reads them
-        for name in cfg.metrics:
-            if name != "fid":
-                self.columns += [c + suffix for suffix in ("", "_ema") for c in METRICS[name].columns]
+        self.columns += [c for c in self.metric_columns if c not in self.columns]
         self.path = Path(log_dir) / "fid.csv"
         if rank == 0:  # a resumed run drops what was logged after its checkpoint
             self._write(csv_rows_until(self.path, start_step))
 
     def evaluate(self, step, G, G_ema=None):
+        """The row of fid.csv for `step` (rank 0; None on the other ranks), written there."""
         cfg, start = self.cfg, time.perf_counter()
         row = {"step": step, "samples": cfg.fid_samples}
         for suffix, g in (("", G), ("_ema", G_ema)):
@@ -257,8 +262,12 @@ class FIDMonitor:
         row["seconds"] = time.perf_counter() - start
         self._write(csv_rows_until(self.path, step) + [{k: (f"{v:.8g}" if isinstance(v, float) else v)
                                                         for k, v in row.items()}])
-        summary = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
-        print(f"step {step}: {summary}  ({cfg.fid_samples} samples, {row['seconds']:.1f} s)", flush=True)
+        return row
+
+    def summary(self, row) -> str:
+        """A row of evaluate() in one line."""
+        values = "  ".join(f"{k} {row[k]:.4g}" for k in self.columns if isinstance(row.get(k), float) and k != "seconds")
+        return f"step {row['step']}: {values}  ({row['samples']} samples, {row['seconds']:.1f} s)"
 
     def _write(self, rows):
         with atomic_open(self.path, "w", newline="") as f:

@@ -1,18 +1,17 @@
-"""The `fid.py` command line: FID / IS / KID / precision, recall, density and coverage of
-images, of a trained generator, or of statistics files, against each other.
+"""The `fid.py` command line of api.py: FID / IS / KID / precision, recall, density and
+coverage of images, of a trained generator, or of statistics files, against each other.
 
     python fid.py A B            # A, B: image folder, .npy/.npz images, stats .npz or checkpoint .pt
-    python fid.py A B --metrics fid,is,kid,prdc
+    python fid.py A B --metrics fid,is,kid,prdc [--json]
     python fid.py --save-stats A OUT.npz
     python fid.py compare logs/RUN1 logs/RUN2 ...   # FID per group of seeds over steps + plots
 
 Flags are parsed before torch is imported, so `--help` and a bad flag answer at once."""
+import inspect
 import sys
-from pathlib import Path
 
 from choices import METRICS, PRDC_K, PRECISIONS, RESIZE_MODES
-from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
-
+from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least, json_line
 
 
 def _parse_args(argv):
@@ -42,73 +41,37 @@ def _parse_args(argv):
                    help="checkpoint inputs: load one of a version before 0.2 (pickled numpy RNG state); unpickling "
                         "can run code hidden in a file, so only for checkpoints you made yourself")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as one JSON object (metric columns, e.g. {\"fid\": ...}; with "
+                        "--save-stats the file and its image count)")
     return p.parse_args(argv)
 
 
 def _run(args):
-    # imported here, after the flags: --help and bad flags need no torch
-    from device import pick_device
-    from features import resolve_input
-    from files import check_writable
-    from inception import check_published_weights, load_inception, resolve_weights
-    from metrics import METRICS, _is_stats_file, parse_metrics, save_stats
+    import api  # imported here, after the flags: --help and bad flags need no torch
+    from metrics import METRICS, parse_metrics
     metrics = parse_metrics(args.metrics)
     need = 2 if args.save_stats or any(METRICS[m].needs != "logits" for m in metrics) else 1
     if len(args.inputs) != need:
         raise UserError(f"expected {need} input(s), got {len(args.inputs)}"
                        + ("; usage: --save-stats INPUT OUT.npz" if args.save_stats else ""))
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be >= 1")
-    device = pick_device(args.device)
-    weights, model = None, None
-    if args.fid_weights is not None:
-        weights = resolve_weights(args.fid_weights)  # fail fast on a bad path
-
-    def get_model():
-        nonlocal weights, model
-        if model is None:
-            if weights is None:
-                weights = resolve_weights(quiet=True)  # load_inception's error says the same
-            model = load_inception(weights, args.fid_resize, device, args.fid_precision)
-            check_published_weights(weights)  # after loading: a file that is no weights gets its error alone
-        return model
-
-    key = lambda: {"resize": args.fid_resize, "weights": Path(weights).name if weights else None}
-    resolve = lambda spec: resolve_input(spec, get_model, args.batch_size, device, not args.no_progress,
-                                         args.fid_samples, args.ema, args.trust_checkpoint)
-
     if args.save_stats:
         src, out = args.inputs
-        if Path(out).is_dir():
-            raise UserError(f"--save-stats: {out} is a folder; give a file name, e.g. {Path(out) / 'stats.npz'}")
-        check_writable(Path(out).absolute().parent, "--save-stats")  # before minutes of feature extraction
-        r = resolve(src)
-        if r.pool3 is None:
-            raise UserError(f"{src} is already a statistics file")
-        save_stats(out, r.mu, r.sigma, key=key(), n=len(r.pool3))
-        print(f"saved statistics of {len(r.pool3)} images to {out}")
-        return 0
-
-    # check what needs per-image features before spending time on extraction
-    for i, spec in enumerate(args.inputs):
-        if Path(spec).is_file() and _is_stats_file(spec):
-            for m in metrics:
-                if METRICS[m].needs == "features":
-                    raise UserError(f"{m.upper()} needs per-image features, but {spec} is a statistics file; pass images")
-                if METRICS[m].needs == "logits" and i == 0:
-                    raise UserError(f"{m.upper()} needs images, but {spec} is a statistics file")
-    inputs = [resolve(s) for s in args.inputs]
-    for r in inputs:  # stats from the other resize pipeline are not comparable
-        saved = r.meta.get("key", {}).get("resize")
-        if r.pool3 is None and saved and saved != args.fid_resize:
-            raise UserError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
-    options = {"isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
-               "prdc_k": args.prdc_k}
-    for name in metrics:
-        metric = METRICS[name]
-        values = metric.compute(inputs[0], inputs[-1], device, options)
-        print(f"{name.upper()}: " + metric.text.format(*values))
+        stats = api.statistics(src, out, **_options(args, api.statistics))
+        result, text = {"statistics": out, "n": stats["n"]}, f"saved statistics of {stats['n']} images to {out}"
+    else:
+        result = api.metrics(*args.inputs, metrics=metrics, **_options(args, api.metrics))
+        text = "\n".join(f"{m.upper()}: " + METRICS[m].text.format(*(result[c] for c in METRICS[m].columns))
+                         for m in metrics)
+    print(json_line(result) if args.json else text)
     return 0
+
+
+def _options(args, function):
+    """The flags that are keyword options of `function` (the API takes fid.py's flags)."""
+    names = inspect.signature(function).parameters
+    return {k: v for k, v in {**vars(args), "progress": not args.no_progress}.items()
+            if k in names and inspect.Parameter.KEYWORD_ONLY == names[k].kind}
 
 
 def main(argv=None):

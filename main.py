@@ -57,7 +57,8 @@ def main(argv=None):
 def run(argv):
     flags = parse_flags(argv)
     from device import configure_backends, pick_device
-    from run import configure
+    from run import configure, with_config
+    flags = with_config(flags, argv)  # --config FILE: reads the file, so after the fast answer to bad flags
     if flags.sweep and flags.launcher == "slurm":  # one Slurm job per cell
         from slurm import submit_sweep
         return submit_sweep(configure(flags=flags), argv, os.path.abspath(__file__))

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jobs", type=int, default=1,
                    help="a sweep (--span / --seed lists): cells run at once, spread over the visible GPUs")
     a("--version", default=None, help="run name (default: sagan_<dataset>_span<N>[...])")
+    a("--config", default=None, metavar="FILE",
+      help="start from the settings of a run's config.json; flags given here override them. Its run name, "
+           "output folders and device are not taken, nor auto settings its device chose (see README)")
     a("--pretrained_model", type=int, default=None,
       help="checkpoint step: continue training from it, or sample from it with --train false")
     _flag(p, "--resume", help="continue from the newest checkpoint of --version")
@@ -117,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: scaled_dot_product_attention (pre mode); dense: materialised reference")
 
     g = p.add_argument_group("outputs")
-    _flag(g, "--use_tensorboard", help="also write TensorBoard scalars (needs tensorboard)")
+    _flag(g, "--use_tensorboard", help="also log to TensorBoard (in the run's log folder; needs tensorboard): "
+                                       "losses, metrics, attention distances, sample grids, attention pictures, config")
     g.add_argument("--log_path", default="./logs")
     g.add_argument("--model_save_path", default="./models")
     g.add_argument("--sample_path", default="./samples")
@@ -366,19 +370,17 @@ def default_diffaug(cfg) -> str:
 
 
 # Flags a resumed run does not repeat: where it starts comes from --resume itself, and a
-# stop always leaves a checkpoint of the current format.
-NOT_REPEATED = {"resume", "pretrained_model", "train", "trust_checkpoint", "parallel", "jobs"}
+# stop always leaves a checkpoint of the current format; --config's settings are among the
+# flags given.
+NOT_REPEATED = {"resume", "pretrained_model", "train", "trust_checkpoint", "parallel", "jobs", "config"}
 
 
-def resume_command(cfg, world=1) -> str:
-    """The command that continues this run, built from the parsed config: the flags the
-    command line gave (with their resolved values), the run's --version, and --resume;
-    main.py as a path from the current folder, so it runs when pasted here."""
+def flag_words(settings: dict) -> list:
+    """Command-line words that set {dest: value}, each value as the parser reads it back."""
     options = {a.dest: a.option_strings[-1] for a in build_parser()._actions if a.option_strings}
     words = []
-    for dest in cfg.given:
-        value = getattr(cfg, dest, None)
-        if dest in NOT_REPEATED or dest == "version" or value is None:
+    for dest, value in settings.items():
+        if value is None:  # the flag's default
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
@@ -389,6 +391,14 @@ def resume_command(cfg, world=1) -> str:
         elif dest == "diffaug" and value == "":
             value = "none"
         words += [options[dest], str(value)]
+    return words
+
+
+def resume_command(cfg, world=1) -> str:
+    """The command that continues this run, built from the parsed config: the flags the
+    command line gave (with their resolved values), the run's --version, and --resume;
+    main.py as a path from the current folder, so it runs when pasted here."""
+    words = flag_words({d: getattr(cfg, d, None) for d in cfg.given if d not in NOT_REPEATED and d != "version"})
     main_py = os.path.relpath(Path(__file__).resolve().with_name("main.py"))
     launcher = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
     return shlex.join(launcher + [main_py, *words, "--version", cfg.version, "--resume"])

@@ -1,9 +1,11 @@
 """Every picture made with matplotlib: FID curves, the compare report's plots, the attention
 picture. The backend is chosen here, once: files only, never a window."""
+import io
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -37,7 +39,8 @@ def plot_fid(runs: dict, path):
 def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25, 0.25), (0.25, 0.75),
                                                                          (0.5, 0.5), (0.75, 0.4))):
     """For a few query pixels of one generated image, each G attention layer's weights as
-    a heat map over the image, with the query marked and its masked square outlined."""
+    a heat map over the image, with the query marked and its masked square outlined.
+    Returns the picture as written, uint8 (H, W, 3)."""
 
     layers = dict(attention_layers(G))
     img = image_u8.permute(1, 2, 0).cpu().numpy()
@@ -68,9 +71,13 @@ def save_attention_picture(G, image_u8, attn_inputs, path, span, queries=((0.25,
         ax.set_yticks([])
     fig.suptitle(f"generator attention, span {span} (dashed: masked square)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png.getvalue())
+    with Image.open(png) as im:  # the file's own pixels, for whoever shows it elsewhere (TensorBoard)
+        return np.asarray(im.convert("RGB"))
 
 
 def plot_groups(groups, path, column="fid", higher=False):

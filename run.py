@@ -1,6 +1,7 @@
 """A run on disk and where it starts: its output folders, the lock that makes one process
 its only writer, and the resolution of the command line into the run's one frozen Config
 (device defaults, the start checkpoint and the settings it brings, the seed)."""
+import json
 import os
 import random
 import sys
@@ -10,7 +11,8 @@ import checkpoint
 from checkpoint import checkpoints
 from device import pick_device
 from files import check_writable
-from parameter import OPTIMIZER_KEYS, Config, default_diffaug, parse_flags, resolve_device_defaults
+from parameter import (OPTIMIZER_KEYS, Config, build_parser, default_diffaug, flag_words, parse_flags,
+                       resolve_device_defaults)
 from utils import UserError, warn
 
 
@@ -73,13 +75,67 @@ RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d
             "fully_masked", "original_attention", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
 
 
+# What --config never takes from a config.json: the run's name and output roots (a run started
+# from another's settings must not write into that run's folders), how that run started (a
+# sweep's launcher and its Slurm resources included), and the device (the file holds the
+# device's name, not the flag).
+NOT_FROM_CONFIG = {"version", "log_path", "model_save_path", "sample_path", "attn_path", "resume", "pretrained_model",
+                   "train", "n_samples", "trust_checkpoint", "parallel", "jobs", "config", "device", "launcher",
+                   "wait"}
+# Flags whose default the device resolves (resolve_device_defaults): a file holds what its
+# device chose, so these are taken only where that run's command line gave them.
+DEVICE_RESOLVED = {"amp", "compile", "channels_last", "cache", "cuda_graph", "fid_step", "fid_batch_size"}
+
+
+def config_argv(saved: dict, given=()) -> list:
+    """The flags (command-line words) that give a run the settings of `saved`, a run's
+    config.json, under the flags the command line gave itself (`given`, which parse_flags
+    reads after these). UserError if it holds none of them."""
+    dests = {a.dest for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+    if not isinstance(saved, dict) or not dests & set(saved):
+        raise UserError("it holds none of main.py's settings; pass the config.json a run wrote "
+                        "(<log_path>/<version>/config.json)")
+    saved = checkpoint.migrate_config(saved)  # settings that did not exist yet: what such runs trained with
+    skip = NOT_FROM_CONFIG | {k for k in dests if k.startswith("slurm_")} | set(given) | \
+        (DEVICE_RESOLVED - set(saved.get("given") or ()))
+    settings = {k: saved[k] for k in sorted(dests & set(saved) - skip)}
+    # one span for both networks is --span (so that a --span given overrides both); the
+    # spans of G and D apart only where they differ, and not under a --span given
+    spans = {k: settings.pop(k, None) for k in ("span", "g_span", "d_span")}
+    if spans["span"] is not None:
+        settings["span"] = spans["span"]
+    elif "span" not in given:
+        settings.update({k: spans[k] for k in ("g_span", "d_span")})
+    return flag_words(settings)
+
+
+def with_config(flags, argv):
+    """`flags` (parse_flags(argv)), or with --config FILE the flags of that file's settings
+    (config_argv) under those argv gives. UserError (one line) for a file that is missing,
+    unreadable or not a run's config.json."""
+    if flags.config is None:
+        return flags
+    path = Path(flags.config)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file; pass a run's <log_path>/<version>/config.json") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # a folder, unreadable, not JSON
+        raise UserError(f"--config {path}: cannot read it as JSON ({getattr(e, 'strerror', None) or type(e).__name__}); "
+                        f"pass a run's config.json") from None
+    try:
+        return parse_flags([*config_argv(saved, flags.given), *argv])
+    except UserError as e:  # the flags alone parsed: the file's values are the problem
+        raise UserError(f"--config {path}: {e}") from None
+
+
 def configure(argv=None, flags=None) -> Config:
     """The run's one config, resolved once and frozen: the flags (parsed from argv unless
     given), the device's defaults, and for one run its start: the checkpoint it continues
     (its settings replace the flags'), the lock that makes this process the run's only
     writer, and the seed (drawn when none is given; the same on every torchrun rank).
     UserError (one line) for anything a user can fix."""
-    cfg = parse_flags(argv) if flags is None else flags
+    cfg = with_config(parse_flags(argv), argv) if flags is None else flags
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resolve_device_defaults(cfg, pick_device(cfg.device).type, world)
     if cfg.sweep:  # the cells resolve their own start, each in its own process

@@ -1,6 +1,7 @@
 """The record of training: metrics.csv rows per --log_step interval (losses summed on the
-device, read once per interval), TensorBoard scalars, progress lines, the signals that
-stop a run at a checkpoint, and status.json: how the run's last process ended."""
+device, read once per interval), attention.csv, the run's TensorBoard writer, progress
+lines, the signals that stop a run at a checkpoint, and status.json: how the run's last
+process ended."""
 import csv
 import json
 import signal
@@ -142,7 +143,7 @@ class Interval:
 
 class RunLog:
     """Rank 0's record of training: metrics.csv (one row per --log_step interval; a resumed
-    run drops the rows after its checkpoint), optional TensorBoard scalars, and progress:
+    run drops the rows after its checkpoint), the same numbers on the run's TensorBoard, and progress:
     a tqdm bar on a terminal, else a plain line at most every 5 s. Other ranks write nothing."""
 
     COLUMNS = ["step", "seconds", "it_per_s", "images_per_s", "d_loss", "g_loss", "d_real", "d_fake", "rt"]
@@ -153,7 +154,7 @@ class RunLog:
         self.images_per_step = cfg.batch_size * cfg.d_iters
         self.bar = tqdm(total=cfg.total_step, initial=t.step, disable=not (t.is_main and is_tty()),
                         dynamic_ncols=True, desc=cfg.version)
-        self.file = self.tb = None
+        self.file, self.board = None, t.board
         self.last_print = 0.0
         if not t.is_main:
             return
@@ -169,13 +170,6 @@ class RunLog:
             writer.writerows(rows)
         self.file = open(path, "a", newline="")
         self.csv = csv.writer(self.file)
-        if cfg.use_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency
-                self.tb = SummaryWriter(str(folder))
-            except ImportError:
-                warn("--use_tensorboard: tensorboard is not installed (pip install tensorboard); "
-                     "metrics.csv is still written")
 
     @classmethod
     def columns(cls, t):
@@ -201,9 +195,7 @@ class RunLog:
         self.csv.writerow([step, f"{seconds:.2f}", f"{it_s:.3f}", f"{img_s:.1f}"] +
                           [f"{v:.6g}" for v in values + gammas])
         self.file.flush()
-        if self.tb is not None:
-            for name, v in zip(self.names[2:], [it_s, img_s] + values + gammas):
-                self.tb.add_scalar(name, v, step)
+        self.board.scalars(step, dict(zip(self.names[2:], [it_s, img_s] + values + gammas)))
         self.bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}", refresh=False)
         now = time.perf_counter()
         if not is_tty() and (now - self.last_print > 5 or step == self.total or self.last_print == 0):
@@ -215,8 +207,6 @@ class RunLog:
         self.bar.close()
         if self.file is not None:
             self.file.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 class AttentionLog:
@@ -244,3 +234,54 @@ class AttentionLog:
             w = csv.DictWriter(f, self.COLUMNS, restval="")  # rows of an older file lack the new columns
             w.writeheader()
             w.writerows(self.rows)
+
+
+class TensorBoard:
+    """The run's one TensorBoard writer (rank 0, --use_tensorboard), in its log folder: the
+    metrics.csv columns, every metric of fid.csv, the attention distances, the sample grids
+    and attention pictures, and the config as text. TensorBoard() writes nothing, and so
+    does a board when tensorboard is not installed (one warning): every method is then a
+    no-op, so callers need no check."""
+
+    def __init__(self, folder=None, step=0):
+        self.writer = None
+        if folder is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency
+        except ImportError:
+            warn("--use_tensorboard: tensorboard is not installed (pip install tensorboard); "
+                 "metrics.csv and the other logs are still written")
+            return
+        # a resumed run hides what a killed run logged after its checkpoint, as metrics.csv
+        # drops those rows (TensorBoard purges the steps from purge_step on)
+        self.writer = SummaryWriter(str(folder), purge_step=step + 1)
+
+    def __enter__(self):
+        return self
+
+    def scalars(self, step, values: dict, prefix=""):
+        if self.writer is not None:
+            for name, v in values.items():
+                self.writer.add_scalar(prefix + name, v, step)
+
+    def attention(self, step, layers: dict):
+        """What AttentionLog.write records: per network and layer (sagan_models.LayerAttention)
+        the mean distance, its uniform reference, the layer's share and its fixed fraction."""
+        for net, rows in layers.items():
+            for row in rows:
+                for kind in ("distance", "uniform", "share", "fixed"):
+                    self.scalars(step, {f"{net}_{row.name}": getattr(row, kind)}, f"attention_{kind}/")
+
+    def image(self, tag, hwc_uint8, step):
+        if self.writer is not None:
+            self.writer.add_image(tag, hwc_uint8, step, dataformats="HWC")
+
+    def text(self, tag, text, step):
+        """`text` shown as written (a markdown code block: TensorBoard renders markdown)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()

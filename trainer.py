@@ -25,7 +25,7 @@ from inception import resolve_weights
 from parameter import resume_command
 from plots import save_attention_picture
 from run import run_dirs
-from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals
+from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals, TensorBoard
 from sagan_models import (attention_layers, build_discriminator, build_generator, forward_capturing_attention_inputs,
                           layer_distances)
 from sampling import fixed_latents, image_grid, sampling_mode, save_png, to_uint8, uint8_batches, whole_batches
@@ -61,6 +61,7 @@ class Trainer:
         self.step, self.elapsed = 0, 0.0
         self.interval = None  # the steps since the last metrics row (Interval), while training
         self.attn_real, self.attention_log = None, None  # D's attention-distance batch and its log, with the data
+        self.board = TensorBoard()  # the run's TensorBoard while training (--use_tensorboard), else nothing
         # From the start checkpoint, what the run needs later (the rest is in the networks):
         # the partial sums of a stop between log steps, and the step its run was to end at
         # (a FID of that step may be missing).
@@ -151,8 +152,10 @@ class Trainer:
             path = path.with_name(f"config_resumed_at_{self.step}.json")
         # else the run starts at step 0 and writes its own, also over the config of an earlier
         # start that stopped before its first checkpoint (its seed and span may differ)
+        text = json.dumps(info, indent=2, default=str)
         with atomic_open(path, "w") as f:
-            f.write(json.dumps(info, indent=2, default=str))
+            f.write(text)
+        self.board.text("config", text, self.step)
 
     def _resume_hint(self):
         return resume_command(self.cfg, self.world)
@@ -176,12 +179,17 @@ class Trainer:
             return
         if self.is_main:  # before anything of the run is touched
             RunLog.check_columns(self)
+        # one writer for the whole run, rank 0's
+        with TensorBoard(self.dirs["log"] if self.is_main and cfg.use_tensorboard else None, self.step) as self.board:
+            self._train_steps()
+
+    def _train_steps(self):
+        cfg = self.cfg
         batches, fid_monitor = self._prepare_data_and_fid()
         if fid_monitor is not None and self._fid_missing():
             # killed after the checkpoint of a FID step and before its row: the row is made now,
             # from the same weights, so no step of the run lacks its FID
-            self._share_running_statistics()
-            fid_monitor.evaluate(self.step, self.G, self.G_ema)
+            self._evaluate_fid(fid_monitor)
         if self.step >= cfg.total_step:
             return
         with RunStatus(self), StopSignals() as stop, RunLog(self) as log:
@@ -207,9 +215,8 @@ class Trainer:
                         except OSError as e:  # pictures are not worth a run: say so, train on
                             warn(f"could not write the samples of step {self.step} ({e}); training goes on")
                     if fid_now:
-                        self._share_running_statistics()
                         with stop.busy(f"the FID of step {self.step}"):
-                            fid_monitor.evaluate(self.step, self.G, self.G_ema)
+                            self._evaluate_fid(fid_monitor)
                 if stopping:
                     self._announce_stop()
                     break
@@ -263,6 +270,14 @@ class Trainer:
             log.write(self.step, self.elapsed, steps / max(train_s, 1e-9), values, gammas)
         return signalled
 
+    def _evaluate_fid(self, monitor):
+        """The metrics of this step: fid.csv's row, and every metric column on the board."""
+        self._share_running_statistics()
+        row = monitor.evaluate(self.step, self.G, self.G_ema)
+        if row is not None:
+            print(monitor.summary(row), flush=True)
+            self.board.scalars(self.step, {k: row[k] for k in monitor.metric_columns if k in row}, "metrics/")
+
     def _share_running_statistics(self):
         """Under torchrun without --sync_bn each rank's BatchNorm keeps running statistics of its
         own slices, and checkpoints hold rank 0's. FID in --fid_g_mode eval samples on every
@@ -292,19 +307,23 @@ class Trainer:
                 continue
             with sampling_mode(G, self.cfg.fid_g_mode):
                 images, inputs = forward_capturing_attention_inputs(G, self.fixed_z)
-                save_png(image_grid(to_uint8(images)), self.dirs["sample"] / f"{self.step}_fake{name}.png")
+                grid = image_grid(to_uint8(images))
+                save_png(grid, self.dirs["sample"] / f"{self.step}_fake{name}.png")
+                self.board.image(f"samples/fixed_z{name}", grid, self.step)
                 if not name:
                     g_inputs = inputs
                 if not name and inputs:  # a G without attention layers has no picture
-                    save_attention_picture(G, to_uint8(images[0]), {k: v[:1] for k, v in inputs.items()},
-                                           self.dirs["attn"] / f"{self.step}_attn.png", self.cfg.g_span)
+                    picture = save_attention_picture(G, to_uint8(images[0]), {k: v[:1] for k, v in inputs.items()},
+                                                     self.dirs["attn"] / f"{self.step}_attn.png", self.cfg.g_span)
+                    self.board.image("samples/attention", picture, self.step)
         if self.attn_real is not None:  # set when training starts
             # G on the fixed z, D on a fixed batch of real images (D has no BatchNorm; eval keeps
             # its spectral-norm vectors)
             with sampling_mode(self.D):
                 _, d_inputs = forward_capturing_attention_inputs(self.D, self.attn_real.to(self.device))
-            self.attention_log.write(self.step, {"G": layer_distances(self.G, g_inputs),
-                                                 "D": layer_distances(self.D, d_inputs)})
+            layers = {"G": layer_distances(self.G, g_inputs), "D": layer_distances(self.D, d_inputs)}
+            self.attention_log.write(self.step, layers)
+            self.board.attention(self.step, layers)
 
     def sample(self):
         """--train false: write --n_samples PNGs from the checkpoint's generator(s)."""
@@ -351,5 +370,8 @@ class Trainer:
             weights = box[0]
         if weights is None:
             return None
-        return FIDMonitor(cfg, dataset, weights, self.device, self.dirs["log"], self.step, self.rank, self.world,
-                          images=images)
+        monitor = FIDMonitor(cfg, dataset, weights, self.device, self.dirs["log"], self.step, self.rank, self.world,
+                             images=images)
+        if monitor.ref.computed:
+            print(f"FID reference statistics of {monitor.ref.n:,} real images saved to {monitor.ref.path}", flush=True)
+        return monitor

@@ -3,6 +3,8 @@ for user mistakes, the parser that reports them in one line, warnings. No torch 
 `--help` must answer without importing it."""
 import argparse
 import errno
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +79,17 @@ def is_tty() -> bool:
     return sys.stderr.isatty()
 
 
+
+
+def json_line(result) -> str:
+    """`result` (dicts, lists, numbers, strings) as one line of strict JSON: a number that
+    is not finite (no FID of a diverged run) becomes null, which every JSON reader takes."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # a numpy scalar
+            v = v.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(plain(result), allow_nan=False)

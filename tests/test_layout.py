@@ -16,8 +16,9 @@ LAYERS = [
     {"device", "distributed", "spectral", "diffaug", "sampling", "data_loader", "report_html"},
     {"sagan_models", "batches", "inception"},
     {"checkpoint", "plots", "metrics", "gan_step", "runlog"},
-    {"run", "features", "compare"},
-    {"trainer", "sweep"},
+    {"run", "features", "runs"},
+    {"compare"},
+    {"trainer", "sweep", "api"},
     {"slurm"},
     {"main", "fid", "bench"},
 ]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main
-from conftest import main_args, one_line, one_line_exit_2, read_csv, REPO, run_main, step_args, train_args
+from conftest import main_args, one_line, one_line_exit_2, read_csv, REPO, run_main, small_data, step_args, TINY, train_args
 from run import configure
 
 
@@ -155,3 +155,70 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path, caps
     assert f"a config or logs in {tmp_path / 'logs' / 'early'}, no checkpoint yet" in err and "--resume" in err
     main.main(main_args(tmp_path, "--version", "early", "--total_step", "5", "--resume"))  # the one way forward works
     assert (tmp_path / "models" / "early" / "5.pt").exists()
+
+
+# ---------------------------------------------------------------------------- --config FILE
+def from_config(tmp_path, saved, *argv):
+    """run.with_config of `saved` written as a config.json, under argv (parsed, not run)."""
+    from parameter import parse_flags
+    from run import with_config
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    argv = ["--config", str(tmp_path / "config.json"), *argv]
+    return with_config(parse_flags(argv), argv)
+
+
+SAVED = {"span": 3, "g_span": 3, "d_span": 3, "seed": 5, "g_lr": 0.0002, "imsize": 32, "diffaug": "", "metrics": ["fid", "kid"],
+         "use_tensorboard": True, "fully_masked": "mean", "version": "old", "log_path": "/old/logs", "resume": True,
+         "device": "NVIDIA H100 80GB HBM3", "amp": "bf16", "cuda_graph": True, "fid_step": 10000, "compile": "none",
+         "given": ["compile"], "git_commit": "abc", "dataset_size": 1432}
+
+
+def test_config_gives_its_settings_under_the_flags_given(tmp_path):
+    f = from_config(tmp_path, SAVED)
+    assert (f.g_span, f.d_span, f.seed, f.g_lr, f.imsize, f.diffaug, f.metrics, f.use_tensorboard) == \
+        (3, 3, 5, 0.0002, 32, "", ["fid", "kid"], True)
+    # never its name, output roots, start or device; device-chosen values only where its command line gave them
+    assert (f.version, f.log_path, f.resume, f.device) == ("sagan_emoji_span3_mean_nodiffaug_32px", "./logs", False, "auto")
+    assert (f.amp, f.cuda_graph, f.fid_step, f.compile) == ("auto", "auto", None, "none")
+    f = from_config(tmp_path, SAVED, "--g_lr", "0.001", "--span", "1", "--seed", "0,1")
+    assert (f.g_lr, f.g_span, f.d_span, f.sweep[0][:3]) == (0.001, 1, 1, (1, 1, 0))
+    f = from_config(tmp_path, {**SAVED, "span": None, "g_span": 1, "d_span": 2})  # G and D apart
+    assert (f.g_span, f.d_span) == (1, 2)
+    f = from_config(tmp_path, {**SAVED, "span": None, "g_span": 1, "d_span": 2}, "--g_span", "4")
+    assert (f.g_span, f.d_span) == (4, 2)
+    f = from_config(tmp_path, {**SAVED, "span": None, "g_span": 1, "d_span": 2}, "--span", "2")
+    assert (f.g_span, f.d_span) == (2, 2)
+    old = {k: v for k, v in SAVED.items() if k not in ("fully_masked", "diffaug")}  # saved before those flags
+    f = from_config(tmp_path, old)
+    assert (f.fully_masked, f.diffaug) == ("skip", "")  # what such runs trained with (checkpoint.migrate_config)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), ("{not json", "cannot read it as JSON"), ("[1, 2]", "holds none of main.py's settings"),
+    ('{"git_commit": "abc"}', "holds none of main.py's settings"),
+    ('{"imsize": "big"}', "argument --imsize: invalid int value: 'big'"), ('{"imsize": 48}', "--imsize 48 is not supported")])
+def test_a_bad_or_missing_config_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    err = one_line_exit_2(capsys, main.main, ["--config", path, "--total_step", "2"])
+    assert f"--config {path}: " in err and message in err, err
+
+
+@pytest.mark.slow
+def test_a_run_from_another_runs_config_differs_only_in_the_flag_given(tmp_path):
+    tiny = [*TINY, *small_data()]  # and the default output roots, in tmp_path
+    assert run_main([*tiny, "--total_step", "2", "--log_step", "1", "--version", "a", "--g_lr", "3e-4"],
+                    cwd=tmp_path).returncode == 0
+    r = run_main(["--config", "logs/a/config.json", "--d_lr", "1e-4", "--version", "b"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((tmp_path / f"logs/{v}/config.json").read_text()) for v in "ab")
+    assert sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)) == ["config", "d_lr", "given", "version"]
+    assert (b["d_lr"], b["g_lr"], b["config"]) == (1e-4, 3e-4, "logs/a/config.json")
+    assert [r["step"] for r in read_csv(tmp_path / "logs/b/metrics.csv")] == ["1", "2"]
+    # a name taken from the settings that is an existing run's: refused, that run untouched
+    assert run_main([*tiny, "--total_step", "2"], cwd=tmp_path).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/sagan_emoji_span0_32px/*")}
+    err = one_line(run_main(["--config", "logs/sagan_emoji_span0_32px/config.json", "--d_lr", "1e-4"], cwd=tmp_path))
+    assert "run 'sagan_emoji_span0_32px' already exists" in err and "--version" in err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/sagan_emoji_span0_32px/*")} == before

@@ -168,3 +168,95 @@ def test_attention_log_continues_an_older_file_and_compare_reads_both(tmp_path):
     r = run_main(["compare", d, "--out", tmp_path / "c.png"], entry=fid.main)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "c_attention.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------- TensorBoard
+def _board(folder):
+    """The run's events as TensorBoard itself reads them back (every event kept)."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    acc = ea.EventAccumulator(str(folder), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0})
+    acc.Reload()
+    return acc
+
+
+def _written(text):
+    """The number a CSV cell holds, up to the rounding of its written digits (and float32)."""
+    digits = text.split("e")[0].split(".")
+    return pytest.approx(float(text), rel=1e-5, abs=0.5 * 10.0 ** -len(digits[1]) if len(digits) > 1 else 0)
+
+
+def _png(data):
+    import io
+    import numpy as np
+    from PIL import Image
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_losses_metrics_attention_pictures_and_config(tmp_path, fid_weights):
+    import json
+    import metrics
+    fid = ["--fid_step", "4", "--fid_samples", "10", "--fid_batch_size", "10", "--fid_ref_samples", "10",
+           "--fid_weights", fid_weights, "--metrics", "fid,is,kid"]
+    r = run_main(train_args(tmp_path, "--version", "tb", "--total_step", "4", "--log_step", "2", "--sample_step", "2",
+                            "--ema_decay", "0.9", "--use_tensorboard", *fid), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    logs = tmp_path / "logs/tb"
+    acc = _board(logs)
+    scalars = lambda tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+    # metrics.csv: every column after step and seconds, at every row's step
+    rows = read_csv(logs / "metrics.csv")
+    for column in list(rows[0])[2:]:
+        assert scalars(column) == [(int(x["step"]), _written(x[column])) for x in rows], column
+    # fid.csv: every column of every metric of the registry, of G and of its EMA
+    (fid_row,) = read_csv(logs / "fid.csv")
+    columns = [c + s for m in metrics.METRICS for c in metrics.METRICS[m].columns for s in ("", "_ema")]
+    assert len(columns) == 10
+    for c in columns:
+        assert scalars(f"metrics/{c}") == [(4, _written(fid_row[c]))], c
+    # attention.csv: the distance (and its uniform reference) of every layer of G and D, at each sample step
+    attention = read_csv(logs / "attention.csv")
+    assert {x["network"] for x in attention} == {"G", "D"}
+    for x in attention:
+        for kind in ("distance", "uniform"):
+            (value,) = [v for s, v in scalars(f"attention_{kind}/{x['network']}_{x['layer']}") if s == int(x["step"])]
+            assert value == _written(x[kind])
+    # the pictures, at each sample step: the very pixels of the PNGs on disk
+    for tag, path in (("samples/fixed_z", "samples/tb/{}_fake.png"), ("samples/fixed_z_ema", "samples/tb/{}_fake_ema.png"),
+                      ("samples/attention", "attn/tb/{}_attn.png")):
+        events = acc.Images(tag)
+        assert [e.step for e in events] == [2, 4], tag
+        for e in events:
+            on_disk = _png(tmp_path / path.format(e.step))
+            assert (e.height, e.width) == on_disk.shape[:2] and (_png(e.encoded_image_string) == on_disk).all(), tag
+    # the config, as config.json holds it
+    (text,) = acc.Tensors("config/text_summary")
+    shown = text.tensor_proto.string_val[0].decode()
+    assert json.loads("\n".join(line[4:] for line in shown.splitlines())) == json.loads((logs / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_resumed_run_hides_what_tensorboard_got_after_the_checkpoint(tmp_path):
+    args = step_args(tmp_path, "--version", "tbr", "--total_step", "4", "--use_tensorboard")
+    assert run_main(args, cwd=tmp_path).returncode == 0
+    (tmp_path / "models/tbr/4.pt").unlink()  # resumes from step 2: steps 3 and 4 are trained again
+    assert run_main([*args, "--resume"], cwd=tmp_path).returncode == 0
+    rows = read_csv(tmp_path / "logs/tbr/metrics.csv")
+    logged = [(e.step, e.value) for e in _board(tmp_path / "logs/tbr").Scalars("d_loss")]
+    assert logged == [(int(x["step"]), _written(x["d_loss"])) for x in rows]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+
+
+def test_without_tensorboard_installed_one_warning_and_nothing_written(tmp_path, monkeypatch, capsys):
+    import sys
+    import numpy as np
+    import runlog
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    with runlog.TensorBoard(tmp_path, 0) as board:
+        board.scalars(1, {"d_loss": 0.5})
+        board.image("samples/fixed_z", np.zeros((4, 4, 3), np.uint8), 1)
+        board.text("config", "{}", 0)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "pip install tensorboard" in err
+    assert list(tmp_path.iterdir()) == []

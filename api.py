@@ -1,0 +1,180 @@
+"""The package from Python, as numbers: the metrics of the registry (FID, IS, KID, ...)
+between two image sets, statistics and their files, images of a trained generator, and the
+compare report's statistics of runs. fid.py is this module's command line.
+
+    import api
+    api.metrics("my_images", "data/emoji64.npz", metrics="fid,kid")  # {'fid': ..., 'kid': ..., 'kid_std': ...}
+
+Nothing here prints or exits: a mistake a user can fix raises utils.UserError, whose
+message is the one line the command line prints (warnings, such as weights other than the
+published ones, go to stderr). Progress bars only with progress=True."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import inception  # by its name: tests put a stand-in network in its place
+from checkpoint import generator_from_checkpoint
+from choices import PRDC_K
+from compare import load_groups, statistics_rows
+from data_loader import as_nhwc_uint8
+from device import pick_device
+from features import Resolved, batches_from_array, extract_features, resolve_input
+from files import check_writable
+from metrics import METRICS, _is_stats_file, feature_stats, parse_metrics, save_stats
+from sampling import fixed_latents, uint8_batches, whole_batches
+from utils import UserError
+
+
+class _Network:
+    """The FID-Inception network, loaded when an input first needs features: statistics
+    need none, so statistics alone need no weights."""
+
+    def __init__(self, fid_weights, fid_resize, fid_precision, device):
+        # a bad path fails before anything else
+        self.weights = inception.resolve_weights(fid_weights) if fid_weights is not None else None
+        self.resize, self.precision, self.device, self.model = fid_resize, fid_precision, device, None
+
+    def __call__(self):
+        if self.model is None:
+            if self.weights is None:
+                self.weights = inception.resolve_weights(quiet=True)  # load_inception's error says the same
+            self.model = inception.load_inception(self.weights, self.resize, self.device, self.precision)
+            # after loading: a file that is no weights gets its error alone
+            inception.check_published_weights(self.weights)
+        return self.model
+
+    def key(self) -> dict:
+        """What a statistics file records of how it was computed."""
+        return {"resize": self.resize, "weights": Path(self.weights).name if self.weights else None}
+
+
+def _in_memory(source):
+    """A dict of statistics or a uint8 image array (N, H, W, 3) as given in memory, checked
+    (UserError); None for a path."""
+    if isinstance(source, dict):
+        if "mu" not in source or "sigma" not in source:
+            raise UserError(f"a dict input holds statistics: mu and sigma (as api.statistics returns); got "
+                            f"{sorted(source)}")
+        return source
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return as_nhwc_uint8(source.cpu() if torch.is_tensor(source) else source, "images")
+    return None
+
+
+def _resolve(source, network, batch_size, progress, fid_samples, ema, trust_checkpoint) -> Resolved:
+    """An input as statistics (+ per-image features when computed from images): a path (as
+    fid.py takes it), a uint8 image array or tensor, or a dict with mu and sigma."""
+    given = _in_memory(source)
+    if isinstance(given, dict):
+        return Resolved("statistics", np.asarray(given["mu"], np.float64), np.asarray(given["sigma"], np.float64),
+                        meta={"n": given.get("n"), "key": {}})
+    if given is not None:
+        images = np.ascontiguousarray(given)
+        pool3, logits = extract_features(network(), batches_from_array(images, batch_size), network.device,
+                                         progress, desc="images")
+        return Resolved("images", *feature_stats(pool3), pool3, logits, meta={"n": len(pool3), "key": {}})
+    return resolve_input(str(source), network, batch_size, network.device, progress, fid_samples, ema,
+                         trust_checkpoint)
+
+
+def _stats_only(source) -> bool:
+    return isinstance(source, dict) or (isinstance(source, (str, Path)) and Path(source).is_file()
+                                        and _is_stats_file(source))
+
+
+def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid_precision="tf32", device="auto",
+            batch_size=50, fid_samples=10000, ema=False, trust_checkpoint=False, isc_splits=10, kid_subsets=100,
+            kid_subset_size=1000, prdc_k=PRDC_K, progress=False) -> dict:
+    """The metrics (a comma list or a list of names of the registry) of image set `a`
+    against `b`: {column: value}, e.g. {"fid": 31.2, "kid": 0.011, "kid_std": 0.001}.
+
+    Each of a and b: a folder of images, a .npy/.npz uint8 image array, a statistics .npz
+    (mu/sigma, e.g. from statistics()), a training checkpoint .pt (fid_samples images of its
+    generator, or of its EMA generator with ema=True), a uint8 array (N, H, W, 3) or
+    (N, 3, H, W) (numpy or torch), or a dict with mu and sigma. IS is of `a` alone (b may be
+    left out); KID and PRDC (`a` measured against `b`, the real images) need images on both
+    sides. The other options are fid.py's flags."""
+    names = parse_metrics(metrics if isinstance(metrics, str) else ",".join(metrics))
+    if b is None and any(METRICS[m].needs != "logits" for m in names):
+        raise UserError(f"{', '.join(m.upper() for m in names if METRICS[m].needs != 'logits')} compares two "
+                        f"image sets: pass b")
+    # what needs per-image features is checked before minutes of feature extraction
+    for i, source in enumerate((a, b)):
+        _in_memory(source)
+        if source is not None and _stats_only(source):
+            what = source if isinstance(source, (str, Path)) else "the dict"
+            for m in names:
+                if METRICS[m].needs == "features":
+                    raise UserError(f"{m.upper()} needs per-image features, but {what} holds only statistics; "
+                                    f"pass images")
+                if METRICS[m].needs == "logits" and i == 0:
+                    raise UserError(f"{m.upper()} needs images, but {what} holds only statistics")
+    device = pick_device(device)
+    network = _Network(fid_weights, fid_resize, fid_precision, device)
+    sides = [a] if b is None or all(METRICS[m].needs == "logits" for m in names) else [a, b]
+    inputs = [_resolve(s, network, batch_size, progress, fid_samples, ema, trust_checkpoint) for s in sides]
+    for r in inputs:  # statistics of the other resize pipeline are not comparable
+        saved = r.meta.get("key", {}).get("resize")
+        if r.pool3 is None and saved and saved != fid_resize:
+            raise UserError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
+    options = {"isc_splits": isc_splits, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
+               "prdc_k": prdc_k}
+    result = {}
+    for name in names:
+        values = METRICS[name].compute(inputs[0], inputs[-1], device, options)
+        result.update(zip(METRICS[name].columns, map(float, values)))
+    return result
+
+
+def statistics(images, out=None, *, fid_weights=None, fid_resize="tf1", fid_precision="tf32", device="auto",
+               batch_size=50, fid_samples=10000, ema=False, trust_checkpoint=False, progress=False) -> dict:
+    """FID statistics of an image set (any input of metrics() but statistics): {"mu", "sigma",
+    "n"}, and written to `out` (.npz, as fid.py --save-stats) when given. Either can be
+    passed to metrics() later."""
+    if out is not None:  # before minutes of feature extraction
+        if Path(out).is_dir():
+            raise UserError(f"--save-stats: {out} is a folder; give a file name, e.g. {Path(out) / 'stats.npz'}")
+        check_writable(Path(out).absolute().parent, "--save-stats")
+    if _stats_only(images):
+        what = images if isinstance(images, (str, Path)) else "the dict"
+        raise UserError(f"{what} holds statistics already; pass images")
+    network = _Network(fid_weights, fid_resize, fid_precision, pick_device(device))
+    r = _resolve(images, network, batch_size, progress, fid_samples, ema, trust_checkpoint)
+    if out is not None:
+        save_stats(out, r.mu, r.sigma, key=network.key(), n=len(r.pool3))
+    return {"mu": r.mu, "sigma": r.sigma, "n": len(r.pool3)}
+
+
+def load_generator(checkpoint, ema=False, trust_checkpoint=False):
+    """(G, its run's settings as a dict) from a training checkpoint .pt, G built with the
+    checkpoint's own settings and on the CPU. To draw images use generate(): G's BatchNorm
+    and spectral norm change their state when it runs in training mode."""
+    G, cfg = generator_from_checkpoint(checkpoint, ema, trust_checkpoint)
+    return G, dict(vars(cfg))
+
+
+def generate(checkpoint, n=64, *, ema=False, device="auto", batch_size=None, trust_checkpoint=False) -> np.ndarray:
+    """n images of a checkpoint's generator (its EMA generator with ema=True) as uint8
+    (n, H, W, 3), from the latents of `main.py --train false --n_samples n` (the run's seed),
+    drawn in batches of the run's --batch_size unless batch_size is given: with BatchNorm on
+    batch statistics an image depends on its batch, so these are the images --train false
+    writes at that --batch_size."""
+    if int(n) < 1:
+        raise UserError(f"n must be at least 1, got {n}")
+    G, cfg = generator_from_checkpoint(checkpoint, ema, trust_checkpoint)
+    device = pick_device(device)
+    size = batch_size or cfg.batch_size
+    z = fixed_latents(cfg.seed, "eval", whole_batches(int(n), size), cfg.z_dim)
+    batches = uint8_batches(G.to(device), z, range(0, int(n), size), size, device, cfg.fid_g_mode, n=int(n))
+    return torch.cat([b.cpu() for b in batches]).permute(0, 2, 3, 1).numpy()
+
+
+def compare_runs(runs, ema=False, reach=None) -> list:
+    """The numbers of `fid.py compare RUN...` as rows: runs (<log_path>/<version> folders)
+    whose settings differ only in their seed form a group, and each group has one dict per
+    step holding the columns of compare's --csv (compare.CSV_COLUMNS: group, spans, step,
+    runs started, n, mean, std, 95% interval, failures, the test against span 0 and its p,
+    Holm's p, the bootstrap interval, and with reach=F the steps at which FID <= F); None
+    where a number is undefined (std of one run). ema=True: of the EMA generators' FID."""
+    return statistics_rows(load_groups(runs, "fid_ema" if ema else "fid"), reach)
