@@ -21,7 +21,7 @@ LOADER_TIMEOUT_S = 300
 
 def batch_indices(n: int, batch: int, seed: int, start: int = 0, device="cpu"):
     """Global batches of indices, forever: epoch e is randperm(n) seeded by seed + e,
-    cut into n // batch batches (the remainder dropped, as the seed's drop_last).
+    cut into n // batch batches (the remainder dropped, as the original code's drop_last).
     Batch number k is the same whatever `start` was, so a resumed run continues the
     exact order. The permutation moves to `device` once per epoch."""
     per_epoch = n // batch

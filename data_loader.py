@@ -30,7 +30,7 @@ ARRAY_EXTS = {".npy", ".npz"}
 CELEBA_URL = "https://www.kaggle.com/datasets/jessicali9530/celeba-dataset"
 LSUN_URL = "https://www.kaggle.com/datasets/ajaykgp12/lsunchurch"
 LSUN_CLASS = "church_outdoor_train"
-# The seed's CelebA center crop, 160 pixels of the 178x218 originals, as a share of the
+# The original code's CelebA center crop, 160 pixels of the 178x218 photographs, as a share of the
 # shorter side: the same 160 there, and pre-resized copies (64x64, 128x128) get the same
 # share instead of a 160 crop that zero-pads them into a black frame.
 CELEB_CROP = "160/178"
@@ -58,10 +58,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def crop_resize(img: Image.Image, crop, size: int) -> torch.Tensor:
     """PIL image → uint8 (3, size, size). crop: "square" (center crop to the shorter
     side, so nothing is stretched), "A/B" (center square of side round(shorter side·A/B),
-    half up: CELEB_CROP gives the seed's 160 on 178x218 CelebA), an int (center crop of
+    half up: CELEB_CROP gives the original code's 160 on 178x218 CelebA), an int (center crop of
     that side, zero-padded where the image is smaller) or None (image is already
     square). Resize: PIL bilinear with antialias, what torchvision's Resize does on PIL
-    images in the seed."""
+    images in the original code."""
     img = to_rgb(img)
     if crop == "square":
         img = TF.center_crop(img, min(img.size))

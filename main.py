@@ -69,7 +69,7 @@ def run(argv):
         relaunch_with_torchrun()
     distributed = init_distributed(pick_device(flags.device).type)
     try:
-        cfg = configure(flags=flags)  # after the process group: the seed drawn is rank 0's
+        cfg = configure(flags=flags)  # after the process group: the random seed drawn is rank 0's
         configure_backends(cfg)
         from trainer import Trainer
         trainer = Trainer(cfg)

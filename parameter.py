@@ -19,23 +19,26 @@ OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
 # --diffaug when not given: on for the small bundled set, where it measurably helps (README,
-# "Small data"); off for the rest, as in the seed's experiment.
+# "Small data"); off for the rest, as in the original experiment.
 DIFFAUG_DEFAULT = {"emoji": "color,translation,cutout"}
 
 
 def _flag(p, name, **kw):
-    """A boolean flag usable as `--name`, `--name true` or `--name false` (the seed's style)."""
+    """A boolean flag usable as `--name`, `--name true` or `--name false` (the original code's style)."""
     p.add_argument(name, type=str2bool, nargs="?", const=True, default=kw.pop("default", False), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="main.py", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      description="Train SAGAN / Non-local SAGAN, or sample from a checkpoint (--train false).")
+                      description="Train SAGAN / Non-local SAGAN, or sample from a checkpoint (--train false). "
+                                  "'The original' below is the Non-local SAGAN code this package reproduces; "
+                                  "--seed is the random seed.")
     a = p.add_argument
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="sagan", choices=["sagan"],
-                   help="network family; only sagan: the flag exists so the seed's command lines run as written")
+                   help="network family; only sagan: the flag exists so the original README's command lines run "
+                        "as written")
     g.add_argument("--imsize", type=int, default=64, help=f"image size, one of {IMAGE_SIZES}")
     g.add_argument("--z_dim", type=int, default=128)
     g.add_argument("--g_conv_dim", type=int, default=64)
@@ -48,14 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{net}_span", type=span_list, default=None, help=f"span of the {name} (default: --span); "
                        "a list sweeps the product of the G and D lists, the one not given following --span")
     g.add_argument("--mask_mode", default="pre", choices=MASK_MODES,
-                   help="pre: masked keys leave the softmax (seed code); post: softmax, then zero them (seed README)")
+                   help="pre: masked keys leave the softmax (the original code); post: softmax, then zero them "
+                        "(the original README)")
     g.add_argument("--fully_masked", default=FULLY_MASKED[0], choices=FULLY_MASKED,
-                   help="pre mode, a query with no key left: seed = the seed's float32 -1e9 arithmetic (q, k keep "
-                        "training); mean = equal weight on every key (the seed's forward pass while |energy| < 32, "
-                        "no gradient to q, k); skip = attend to nothing (x passes through)")
+                   help="pre mode, a query with no key left: seed = the original code's float32 -1e9 arithmetic "
+                        "(q, k keep training); mean = equal weight on every key (the original code's forward pass "
+                        "while |energy| < 32, no gradient to q, k); skip = attend to nothing (x passes through)")
     _flag(g, "--original_attention",
-          help="every attention layer computes as the seed's code did: -1e9 added to masked energies, dense, "
-               "float32 softmax, and at span 0 each query's own pixel masked (to re-run the seed's table)")
+          help="every attention layer computes as the original code did: -1e9 added to masked energies, dense, "
+               "float32 softmax, and at span 0 each query's own pixel masked (to re-run the original README's table)")
 
     g = p.add_argument_group("training")
     g.add_argument("--adv_loss", default="hinge", choices=["hinge", "wgan-gp"])
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fid_samples", type=int, default=10000, help="generated images per FID")
     g.add_argument("--fid_ref_samples", type=count_or_all, default=50000,
                    help="cap on real images in the reference statistics (a fixed random subset); all (or 0): "
-                        "every image of the dataset, as the seed (all 202,599 CelebA images)")
+                        "every image of the dataset, as the original code (all 202,599 CelebA images)")
     g.add_argument("--fid_batch_size", type=int, default=None, help="Inception batch (default: 500 on GPU, 50 on CPU)")
     g.add_argument("--fid_weights", default=None, help="FID-Inception weights file (default: torch hub cache, "
                                                        "downloaded once)")
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "2.4x faster, see README) or fp32 (IEEE)")
     g.add_argument("--fid_g_mode", default="batch", choices=["batch", "eval"],
                    help="BatchNorm of G when sampling for FID, grids and --train false: batch statistics "
-                        "(the seed) or running statistics")
+                        "(as the original code) or running statistics")
     g.add_argument("--metrics", default="fid", help=f"comma-separated subset of {','.join(METRICS)}")
 
     g = p.add_argument_group("a sweep on a Slurm cluster (README: On a Slurm cluster)")
@@ -194,10 +198,10 @@ def validate(cfg, world=1):
         raise UserError(message)
     if cfg.imsize not in IMAGE_SIZES:
         err(f"--imsize {cfg.imsize} is not supported; use 32, 64 or 128")
-    seed_code = {"mask_mode": "pre", "fully_masked": "seed"}  # its one masking, its one answer for keyless rows
-    bad = [f"--{k} {getattr(cfg, k)}" for k, v in seed_code.items() if getattr(cfg, k) != v]
+    original_code = {"mask_mode": "pre", "fully_masked": "seed"}  # its one masking, its one answer for keyless rows
+    bad = [f"--{k} {getattr(cfg, k)}" for k, v in original_code.items() if getattr(cfg, k) != v]
     if cfg.original_attention and bad:
-        err(f"--original_attention computes attention as the seed's code did; drop {' and '.join(bad)}")
+        err(f"--original_attention computes attention as the original code did; drop {' and '.join(bad)}")
     if cfg.jobs < 1:
         err(f"--jobs must be >= 1, got {cfg.jobs}")
     positive = ("batch_size", "total_step", "d_iters", "z_dim", "g_conv_dim", "d_conv_dim", "log_step",

@@ -1,6 +1,6 @@
 """A run on disk and where it starts: its output folders, the lock that makes one process
 its only writer, and the resolution of the command line into the run's one frozen Config
-(device defaults, the start checkpoint and the settings it brings, the seed)."""
+(device defaults, the start checkpoint and the settings it brings, the random seed)."""
 import json
 import os
 import random
@@ -133,7 +133,7 @@ def configure(argv=None, flags=None) -> Config:
     """The run's one config, resolved once and frozen: the flags (parsed from argv unless
     given), the device's defaults, and for one run its start: the checkpoint it continues
     (its settings replace the flags'), the lock that makes this process the run's only
-    writer, and the seed (drawn when none is given; the same on every torchrun rank).
+    writer, and the random seed (drawn when none is given; the same on every torchrun rank).
     UserError (one line) for anything a user can fix."""
     cfg = with_config(parse_flags(argv), argv) if flags is None else flags
     world = int(os.environ.get("WORLD_SIZE", "1"))

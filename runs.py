@@ -15,7 +15,7 @@ from utils import UserError
 
 
 # config.json keys that do not change what a run computes, so runs differing in them belong
-# to one group: the seed (what a group varies), names and paths, bookkeeping, speed-only
+# to one group: the random seed (what a group varies), names and paths, bookkeeping, speed-only
 # settings that give identical images, and how long it ran.
 NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path", "attn_path", "image_path",
                 "package_version", "git_commit", "torch", "device", "world_size", "num_workers", "cache",

@@ -43,25 +43,25 @@ class Self_Attn(nn.Module):
     """SAGAN self-attention (seed layout: C/8 query/key, C value, no score scaling,
     out = γ·attended + x with γ initialised to 0), with the span mask.
 
-    mask_mode "pre" (the seed's code): masked keys are excluded before the softmax, the
-    remaining weights renormalise to 1. "post" (the seed's README): softmax over all keys,
+    mask_mode "pre" (the original code): masked keys are excluded before the softmax, the
+    remaining weights renormalise to 1. "post" (the original README): softmax over all keys,
     then masked weights are zeroed and the rest are not renormalised.
 
     A query whose square covers the whole map (the discriminator's 4×4 map at span ≥ 2, its
     8×8 map at span ≥ 4) has no key left. fully_masked (pre mode) says what it attends to:
-    "seed" (default): the seed's float32 arithmetic, energy + (−1e9 on every masked key),
-    softmax, with autograd through it as in the seed. While |energy| < 32 float32 rounds
+    "seed" (default): the original code's float32 arithmetic, energy + (−1e9 on every masked key),
+    softmax, with autograd through it as in the original code. While |energy| < 32 float32 rounds
     −1e9 + e to one number, so the row is uniform (the mean of v) yet q and k get gradients;
     beyond that the row is a softmax over energies quantised to multiples of 64. A layer
     whose map has such a query computes all its rows this way (dense, fp32 even under
     autocast: only D's small maps have them); its rows that keep keys equal the other modes'
     (exp(−1e9 + e − max) is exactly 0). "mean": every key with equal weight, i.e. the mean
-    of v: the seed's forward pass only while |e| < 32, and q, k get no gradient from such
+    of v: the original code's forward pass only while |e| < 32, and q, k get no gradient from such
     rows. "skip": nothing (attended value 0, x passes through). Post mode zeroes every
     weight of such a row. No NaN either way: such rows are opened for the softmax and their
     result replaced after.
 
-    original=True: the whole layer as the seed code computes it (--original_attention):
+    original=True: the whole layer as the original code computes it (--original_attention):
     the additive −1e9 mask, dense, fp32 softmax, and at span 0 the query's own pixel masked
     (its (2·0+1)² square is the pixel itself); pre mode only.
     """
@@ -76,13 +76,13 @@ class Self_Attn(nn.Module):
         if fully_masked not in FULLY_MASKED:
             raise ValueError(f"fully_masked must be one of {FULLY_MASKED}, got {fully_masked!r}")
         if original and mask_mode != "pre":
-            raise ValueError("original=True computes the seed code's masking, mask_mode 'pre'")
+            raise ValueError("original=True computes the original code's masking, mask_mode 'pre'")
         self.query_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
         self.key_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
         self.value_conv = nn.Conv2d(in_dim, in_dim, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
         self.span, self.mask_mode, self.fully_masked, self.original = span, mask_mode, fully_masked, original
-        self.masked = span > 0 or original  # the seed masks the query's own pixel at span 0
+        self.masked = span > 0 or original  # the original code masks the query's own pixel at span 0
         # fused: pre-mode attention through scaled_dot_product_attention (no N×N weights
         # kept for backward when a fused kernel applies). False: the dense reference path.
         self.fused = fused
@@ -92,7 +92,7 @@ class Self_Attn(nn.Module):
                 f"original={self.original}, fused={self.fused}")
 
     def seed_arithmetic(self, h: int, w: int) -> bool:
-        """Whether this layer computes an h×w map with the seed's additive mask (class doc)."""
+        """Whether this layer computes an h×w map with the original code's additive mask (class doc)."""
         return self.original or (self.mask_mode == "pre" and self.fully_masked == "seed" and self.span > 0
                                  and has_keyless_queries(h, w, self.span))
 
@@ -101,7 +101,7 @@ class Self_Attn(nn.Module):
         non-persistent buffers so they follow .to() and are never copied per forward.
         allowed (N,N): the span mask; softmax_allowed: allowed with fully masked rows
         opened (see class doc); live (N,1): rows that keep at least one key. A map with the
-        seed's arithmetic also keeps its additive mask (float32: 0, or −1e9 where masked)."""
+        original code's arithmetic also keeps its additive mask (float32: 0, or −1e9 where masked)."""
         name = f"mask_{h}x{w}"
         if not hasattr(self, name):
             allowed = span_mask(h, w, self.span, device)
@@ -152,7 +152,7 @@ class Self_Attn(nn.Module):
         # The three 1×1 convs are one linear map of each pixel: a single matrix product over
         # (B, N, C) gives q, k and v in the layout attention wants, and no 1×1
         # convolution_backward is left whose memory format torch.compile mispredicts under
-        # channels_last (pytorch/pytorch#171622, the crash of issue 9).
+        # channels_last (pytorch/pytorch#171622, which crashed --compile on CUDA).
         convs = (self.query_conv, self.key_conv, self.value_conv)
         weight = torch.cat([c.weight for c in convs]).flatten(1)
         bias = torch.cat([c.bias for c in convs])
@@ -160,7 +160,7 @@ class Self_Attn(nn.Module):
         q, k, v = qkv.split([C // 8, C // 8, C], dim=-1)
 
         if self.seed_arithmetic(H, W):
-            # The seed ran in float32: under autocast −1e9 + e would round away every energy.
+            # The original code ran in float32: under autocast −1e9 + e would round away every energy.
             with torch.autocast(x.device.type, enabled=False):
                 attn = self.attention_weights(q.float() @ k.float().transpose(1, 2), H, W)
                 out = attn @ v.float()
@@ -234,7 +234,7 @@ def _add_attention(layers, res, ch, span, *options):
 class Generator(nn.Module):
     """z → 4×4 → … → image. Channels start at conv_dim·image_size/8 and halve at each
     doubling; attention after the image_size/4 and image_size/2 maps (none at span
-    NO_ATTENTION). At 64: 512@4 → 256@8 → 128@16 → attn → 64@32 → attn → 3@64 (the seed's
+    NO_ATTENTION). At 64: 512@4 → 256@8 → 128@16 → attn → 64@32 → attn → 3@64 (the original code's
     network)."""
 
     def __init__(self, image_size=64, z_dim=128, conv_dim=64, span=0, mask_mode="pre", fused=True,
@@ -262,7 +262,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """image → one logit per image. Stride-2 convs 3 → conv_dim, doubling at each halving
     down to 4×4; attention after the 8×8 and 4×4 stages (none at span NO_ATTENTION). At 64:
-    64@32 → 128@16 → 256@8 → attn → 512@4 → attn → logit (the seed's network)."""
+    64@32 → 128@16 → 256@8 → attn → 512@4 → attn → logit (the original code's network)."""
 
     def __init__(self, image_size=64, conv_dim=64, span=0, mask_mode="pre", fused=True, fully_masked=FULLY_MASKED[0],
                  original=False):

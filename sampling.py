@@ -38,7 +38,7 @@ def sampling_mode(G: torch.nn.Module, bn_mode: str = "batch"):
     """Sample from G without changing any of its state.
 
     eval() stops the spectral-norm power iteration. bn_mode="batch" (--fid_g_mode) keeps BatchNorm on batch
-    statistics (what the seed's samples used) without updating the running statistics:
+    statistics (what the original code's samples used) without updating the running statistics:
     with its running buffers detached, BatchNorm normalises by the batch and writes
     nothing. bn_mode="eval" uses the running statistics."""
     was_training = G.training

@@ -1,14 +1,14 @@
 """Spectral normalisation (Miyato et al., 2018) for the SAGAN networks.
 
 Built on torch.nn.utils.parametrizations.spectral_norm: one power iteration per
-training-mode forward (the seed's setting) and none in eval mode, so sampling never
+training-mode forward (the original code's setting) and none in eval mode, so sampling never
 changes the u/v vectors. u and v are buffers, not parameters, so parameter counts
-are the seed's.
+are the original code's.
 
-One deliberate choice: the seed reshaped every weight as (weight.shape[0], -1), also
+One deliberate choice: the original code reshaped every weight as (weight.shape[0], -1), also
 for transposed convolutions, whose shape[0] is the *input* channel count; torch's
-default for ConvTranspose is dim=1. We keep the seed's dim=0 everywhere, so the
-normalised weights are the seed's.
+default for ConvTranspose is dim=1. We keep its dim=0 everywhere, so the
+normalised weights are the original code's.
 """
 import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm

@@ -126,7 +126,7 @@ class Comparison:
 
 def compare_arms(arm, base):
     """arm, base: [(seed, value)] of two groups at one step. Paired when both hold exactly the
-    same seeds, all known (then the seed's shared randomness cancels in the differences);
+    same seeds, all known (then what a random seed fixes cancels in the differences);
     Welch otherwise. None when a side has fewer than 2 values."""
     if min(len(arm), len(base)) < 2:
         return None

@@ -86,7 +86,7 @@ class Trainer:
                  if any(n.endswith("_live") and not live.any() for n, live in m.named_buffers())]
         if names:
             pre = self.cfg.mask_mode == "pre"
-            what = "the seed's float32 arithmetic (-1e9 added to every energy: uniform while |energy| < 32, " \
+            what = "the original code's float32 arithmetic (-1e9 added to every energy: uniform while |energy| < 32, " \
                 "q and k still train)" if self.cfg.original_attention or (pre and self.cfg.fully_masked == "seed") \
                 else "the mean of the map (--fully_masked mean)" if pre and self.cfg.fully_masked == "mean" \
                 else "nothing: x passes through"

@@ -104,7 +104,7 @@ def test_fused_attention_matches_dense_in_values_and_gradients(dtype, span, hw, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_seed_mode_on_cuda_is_the_seeds_float32(dtype):
     # D's 4x4 map at span 3 (every query fully masked) and its 8x8 map at span 4, energies
-    # beyond 32: on CUDA, autocast or not, the layer's weights and gradients are the seed's
+    # beyond 32: on CUDA, autocast or not, the layer's weights and gradients are the original code's
     # float32 ones (the reference runs on the CPU; q and k exact in both dtypes, see seed_pair)
     from test_sagan_models import seed_pair, values_and_grads
     set_tf32(False, False)

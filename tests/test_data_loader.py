@@ -251,14 +251,14 @@ def test_celeb_crop_is_the_seeds_share_of_any_image_size(tmp_path):
     folder = tmp_path / "CelebA" / "img_align_celeba"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(3)
-    original = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)  # H x W of the seed's CelebA
+    original = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)  # H x W of the original code's CelebA
     small = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(original).save(folder / "000001.png")
     Image.fromarray(small).save(folder / "000002.png")
     Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(folder / "000003.png")
     ds = build_dataset(SimpleNamespace(dataset="celeb", image_path=str(tmp_path), imsize=32))
     got = {p.name: ds[i].numpy() for i, p in enumerate(ds.files)}
-    # the seed: torchvision CenterCrop(160) of 178x218 is the box from (9, 29), then Resize
+    # the original code: torchvision CenterCrop(160) of 178x218 is the box from (9, 29), then Resize
     assert np.array_equal(got["000001.png"], direct(folder / "000001.png", 32, (9, 29, 169, 189)))
     # 64x64: the same share, 64 * 160 / 178 = 57.53 -> 58, centred from (3, 3); no padding
     assert np.array_equal(got["000002.png"], direct(folder / "000002.png", 32, (3, 3, 61, 61)))

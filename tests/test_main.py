@@ -101,7 +101,7 @@ def test_a_span_that_leaves_a_layer_no_key_is_named_once_at_start(tmp_path, caps
     main.main(main_args(tmp_path, "--version", "s", "--total_step", "1", "--span", "3"))
     out = capsys.readouterr().out
     assert out.count("note: the span leaves no key for any query of D attn4 (") == 1
-    assert "the seed's float32 arithmetic" in out
+    assert "the original code's float32 arithmetic" in out
     main.main(main_args(tmp_path, "--version", "s10", "--total_step", "1", "--span", "10", "--fully_masked", "skip"))
     out = capsys.readouterr().out
     # 16x16 keeps keys for its corner queries at span 10; 8x8 and 4x4 keep none

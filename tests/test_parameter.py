@@ -12,7 +12,7 @@ from parameter import resume_command
 from run import configure
 
 
-def test_seed_readme_commands_parse_and_every_flag_is_documented():
+def test_original_readme_commands_parse_and_every_flag_is_documented():
     cfg = configure("--batch_size 64 --imsize 64 --dataset celeb --adv_loss hinge --version sagan_celeb "
                          "--total_step 100000 --span 3".split())
     assert (cfg.g_span, cfg.d_span, cfg.version, cfg.dataset) == (3, 3, "sagan_celeb", "celeb")
@@ -24,6 +24,17 @@ def test_seed_readme_commands_parse_and_every_flag_is_documented():
     flags = sorted(set(re.findall(r"(--[a-z0-9_]+)", build_parser().format_help())) - {"--help"})
     assert [f for f in flags if f"`{f}`" not in readme] == []
 
+
+
+def test_every_choice_help_offers_is_accepted_on_either_device():
+    from parameter import build_parser, parse_flags, resolve_device_defaults
+    context = {"--launcher": ["--span", "0,1"]}  # slurm runs a sweep's cells: it needs a list to sweep
+    offered = [(a.option_strings[0], str(c)) for a in build_parser()._actions if a.option_strings and a.choices
+               for c in a.choices]
+    assert ("--compile", "default") in offered and len(offered) > 20
+    for flag, choice in offered:
+        for device in ("cpu", "cuda"):
+            resolve_device_defaults(parse_flags([flag, choice, *context.get(flag, [])], world=1), device)
 
 # ---------------------------------------------------------------------------- resume hint
 @pytest.mark.parametrize("start", [["--resume", "false"], ["--pretrained_model=2"], ["--resume", "true"]],

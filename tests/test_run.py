@@ -133,6 +133,24 @@ def test_checkpoints_keep_the_fully_masked_mode_they_trained_with(tmp_path, caps
 
 
 @pytest.mark.slow
+def test_the_settings_note_appears_only_when_a_given_flag_differs_from_the_checkpoint(tmp_path, capsys):
+    from run import unlock_run
+    main.main(main_args(tmp_path, "--version", "n", "--total_step", "10", "--span", "3"))
+    capsys.readouterr()
+    note = "note: using the checkpoint's settings"
+    # main_args gives --imsize, --z_dim, ... again, all as saved: nothing differs, no note
+    configure(main_args(tmp_path, "--version", "n", "--total_step", "12", "--resume"))
+    assert note not in capsys.readouterr().out
+    unlock_run()
+    configure(main_args(tmp_path, "--version", "n", "--total_step", "12", "--resume", "--span", "3"))
+    assert note not in capsys.readouterr().out
+    unlock_run()
+    cfg = configure(main_args(tmp_path, "--version", "n", "--total_step", "12", "--resume", "--span", "0"))
+    out = capsys.readouterr().out
+    assert f"{note} g_span=3, d_span=3 (flags given differ)" in out and (cfg.g_span, cfg.d_span) == (3, 3)
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path):
     import json
     from trainer import Trainer

@@ -313,7 +313,7 @@ def test_fully_masked_rows_attend_to_the_mean_of_v_with_finite_grads():
 
 
 def test_mean_mode_equals_the_seeds_minus_1e9_arithmetic_on_small_energies():
-    # The seed adds -1e9 to masked energies in float32. On a map where some queries keep
+    # The original code adds -1e9 to masked energies in float32. On a map where some queries keep
     # keys and others keep none (5x5, span 3: the centre 1x1... rows), with energies
     # |e| < 32 the fully masked rows become uniform and the others ignore masked keys.
     torch.manual_seed(0)
@@ -330,7 +330,7 @@ def test_mean_mode_equals_the_seeds_minus_1e9_arithmetic_on_small_energies():
     allowed = torch.tensor([[max(abs(r1 - r2), abs(c1 - c2)) > 3 for r2 in range(H) for c2 in range(W)]
                             for r1 in range(H) for c1 in range(W)])
     assert (~allowed.any(1)).any() and allowed.any(1).any()  # both kinds of rows present
-    seed_attn = torch.softmax(energy + (~allowed).float() * -1e9, dim=-1)  # float32, as the seed
+    seed_attn = torch.softmax(energy + (~allowed).float() * -1e9, dim=-1)  # float32, as the original code
     seed_out = layer.gamma * torch.bmm(v, seed_attn.transpose(1, 2)).view_as(x) + x
     for fused in (True, False):
         layer.fused = fused
@@ -502,12 +502,12 @@ def test_fused_attention_matches_dense_in_values_and_gradients(mode):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------- the seed's arithmetic (issue 22)
+# ---------------------------------------------------------------------------- the original code's arithmetic
 class SeedLayer(nn.Module):
-    """The seed repository's attention layer, written here from its arithmetic and nothing
+    """The original repository's attention layer, written here from its arithmetic and nothing
     of sagan_models: 1×1 convs q, k, v; energy = qᵀk; energy + mask (float32, −1e9 on every
     masked key); softmax; out = γ·(v·attnᵀ) + x. A key is masked when it lies in the
-    (2·span+1)² square around the query; at span 0 only with self_masked (the seed code
+    (2·span+1)² square around the query; at span 0 only with self_masked (the original code
     masks the query's own pixel there), else span 0 masks nothing."""
 
     def __init__(self, C, H, W, span, self_masked=False):
@@ -535,7 +535,7 @@ class SeedLayer(nn.Module):
 
 
 def seed_pair(C, H, W, span, scale, original=False, seed=0, B=2):
-    """(ours, the seed's layer, x) with the same weights. q/k weights are small integers ×
+    """(ours, the original code's layer, x) with the same weights. q/k weights are small integers ×
     scale (a power of two) and x multiples of 1/4, so every q, k and energy is exact in
     float32 whatever the order of summation: both layers then round −1e9 + e alike, also
     where |e| > 32 (there a last-bit difference could move a rounding by 64)."""
@@ -600,7 +600,7 @@ def test_seed_mode_computes_the_seeds_layer_in_values_and_gradients(hw, span, en
 
 
 def test_seed_mode_gives_rows_with_keys_what_the_other_modes_give():
-    # A layer with fully masked rows takes the seed's dense path for all its rows; the rows
+    # A layer with fully masked rows takes the original code's dense path for all its rows; the rows
     # that keep keys must equal today's (exp(−1e9 + e − max) is exactly 0 in float32).
     for hw, span in ((4, 2), (8, 4), (5, 2)):
         for scale, _, _ in ENERGIES.values():
@@ -620,7 +620,7 @@ def test_seed_mode_gives_rows_with_keys_what_the_other_modes_give():
 
 def test_mean_mode_freezes_q_and_k_of_fully_masked_rows_and_seed_mode_does_not():
     # D's 4x4 map at span 3: every row fully masked. Even with |e| < 32, where both give the
-    # uniform row, the seed's q and k get gradients through its softmax; mean's get exactly 0.
+    # uniform row, the original code's q and k get gradients through its softmax; mean's get exactly 0.
     for scale in (1 / 8, 2):
         ours, ref, x = seed_pair(32, 4, 4, 3, scale)
         mean = Self_Attn(32, 3, fully_masked="mean")
@@ -647,7 +647,7 @@ def test_seed_mode_fixes_no_row_without_keys():
 
 def test_seed_mode_keeps_float32_under_autocast():
     # q, k exact in bfloat16 (multiples of 4 up to 64), energies exact in float32 only: the
-    # layer must add −1e9 and take the softmax in float32 to give the seed's weights (in
+    # layer must add −1e9 and take the softmax in float32 to give the original code's weights (in
     # bfloat16, −1e9 + e is one number for every |e| < 2^21: uniform rows).
     C, g = 16, torch.Generator().manual_seed(0)
     ours, ref, _ = seed_pair(C, 4, 4, 3, 1)
@@ -669,7 +669,7 @@ def test_seed_mode_keeps_float32_under_autocast():
 
 @pytest.mark.parametrize("hw", [8, 16])
 def test_original_attention_is_the_seeds_layer_at_every_span(hw):
-    # --original_attention: the seed's code for the whole layer, the query's own pixel
+    # --original_attention: the original code for the whole layer, the query's own pixel
     # masked at span 0 (plain attention would give it weight)
     for span in range(5):
         ours, ref, x = seed_pair(32, hw, hw, span, 1 / 2, original=True, seed=span)
@@ -682,7 +682,7 @@ def test_original_attention_is_the_seeds_layer_at_every_span(hw):
 def test_a_tiny_discriminator_trains_as_the_seeds_over_adam_steps():
     # D at 32² and span 4: its 8x8 map has 4 fully masked rows, its 4x4 map only such rows.
     # Dead-row energies stay below 32 here: beyond it, −1e9 + e rounds to multiples of 64,
-    # and a last-bit difference between our q/k (one matrix product) and the seed's (1x1
+    # and a last-bit difference between our q/k (one matrix product) and the original code's (1x1
     # convs) could move a rounding; the layer tests above cover |e| > 32 with exact energies.
     torch.manual_seed(0)
     ours = Discriminator(32, 16, span=4)
@@ -710,10 +710,10 @@ def test_a_tiny_discriminator_trains_as_the_seeds_over_adam_steps():
     # The two compute q, k, v and attn·v by other kernels in other orders: equal up to float32
     # rounding (~1e-7 relative), which Adam's normalised steps carry on; after 5 steps of
     # 4e-4 the parameters agree to 1e-5, while the mean-mode D's q and k have not moved
-    # where the seed's moved ~5·4e-4. Not compared: the key biases, whose gradient is 0 but
+    # where the original code's moved ~5·4e-4. Not compared: the key biases, whose gradient is 0 but
     # for rounding (a constant added to a row's energies leaves its softmax as it was), so
     # Adam's normalised step turns each implementation's own rounding noise into steps of
-    # up to ~lr, in the seed's code as much as here.
+    # up to ~lr, in the original code as much as here.
     ref_params = dict(ref.named_parameters())
     compared = [(n, p) for n, p in ours.named_parameters() if not n.endswith("key_conv.bias")]
     assert len(compared) == len(ref_params) - 2
