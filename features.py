@@ -154,9 +154,9 @@ class Reference:
     sigma: np.ndarray
     pool3: np.ndarray  # per-image features, only kept when a metric needs them (KID, PRDC)
     path: Path
-    cache: dict = field(default_factory=dict)  # what metrics derive from it once (PRDC's k-NN radii)
     n: int = 0  # real images
     computed: bool = False  # now, by this process (else read from the cache)
+    cache: dict = field(default_factory=dict)  # what metrics derive from it once (PRDC's k-NN radii)
 
 
 def reference_stats(dataset, model, weights, resize, cap, batch_size, device, cache_dir, with_features=False,
@@ -192,7 +192,7 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     if meta["key"] != key:
         raise UserError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
     pool3 = np.load(feats_path).astype(np.float64) if with_features else None
-    return Reference(mu, sigma, pool3, path, n, computed)
+    return Reference(mu, sigma, pool3, path, n=n, computed=computed)
 
 
 def _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path, key,

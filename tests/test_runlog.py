@@ -198,7 +198,7 @@ def test_tensorboard_holds_losses_metrics_attention_pictures_and_config(tmp_path
     import json
     import metrics
     fid = ["--fid_step", "4", "--fid_samples", "10", "--fid_batch_size", "10", "--fid_ref_samples", "10",
-           "--fid_weights", fid_weights, "--metrics", "fid,is,kid"]
+           "--fid_weights", fid_weights, "--metrics", ",".join(metrics.METRICS)]  # every metric of the registry
     r = run_main(train_args(tmp_path, "--version", "tb", "--total_step", "4", "--log_step", "2", "--sample_step", "2",
                             "--ema_decay", "0.9", "--use_tensorboard", *fid), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -212,7 +212,7 @@ def test_tensorboard_holds_losses_metrics_attention_pictures_and_config(tmp_path
     # fid.csv: every column of every metric of the registry, of G and of its EMA
     (fid_row,) = read_csv(logs / "fid.csv")
     columns = [c + s for m in metrics.METRICS for c in metrics.METRICS[m].columns for s in ("", "_ema")]
-    assert len(columns) == 10
+    assert len(columns) == 18  # fid 1, is 2, kid 2, prdc 4 columns; each of G and of its EMA
     for c in columns:
         assert scalars(f"metrics/{c}") == [(4, _written(fid_row[c]))], c
     # attention.csv: the distance (and its uniform reference) of every layer of G and D, at each sample step
