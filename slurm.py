@@ -23,9 +23,8 @@ from pathlib import Path
 from choices import SLURM_SIGNAL_DELAY_S
 from files import atomic_open, file_lock
 from sweep import cell_argv, cell_result, cell_state, grid, report
-from utils import UserError
+from utils import REPO, UserError
 
-REPO = Path(__file__).resolve().parent
 # Requeues after a time limit (preemptions are not counted) before submitit gives a cell up:
 # each resumes from the checkpoint saved at the signal, so only a runaway loop reaches this.
 MAX_TIMEOUTS = 100
