@@ -120,6 +120,38 @@ def test_fid_rank_deficient_matches_exact(ours_tf1):
     assert rel_err(ours, exact_fid(fa, fb)) < 1e-10  # observed ~1e-14
 
 
+def test_the_registry_fid_from_features_and_from_statistics_matches_exact(monkeypatch):
+    # sides with fewer feature vectors than dimensions take their factor from the features;
+    # a side with statistics only (a stats file) or more vectors takes it from eigh, once
+    from types import SimpleNamespace
+    rng = np.random.default_rng(1)
+    d = 48
+    few, other, many = rng.normal(size=(9, d)), rng.normal(0.2, 1.3, size=(12, d)), rng.normal(size=(80, d))
+    side = lambda x, keep=True: SimpleNamespace(**dict(zip(("mu", "sigma"), metrics.feature_stats(x))),
+                                                pool3=x if keep else None, cache={})
+    eighs = []
+    monkeypatch.setattr(metrics, "_sqrt_factor", lambda s, f=metrics._sqrt_factor: eighs.append(1) or f(s))
+    fid = lambda a, b: metrics.METRICS["fid"].compute(a, b, "cpu", {})[0]
+    assert rel_err(fid(side(few), side(other)), exact_fid(few, other)) < 1e-12 and not eighs
+    ref = side(many)
+    for x in (few, other):
+        assert rel_err(fid(side(x, keep=False), ref), exact_fid(x, many)) < 1e-10
+    assert len(eighs) == 3  # the reference's once, each stats-only side once
+
+
+def test_statistics_files_refuse_negative_eigenvalues_beyond_rounding(tmp_path):
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    for lowest, ok in ((0.0, True), (-1e-8, True), (-1e-4, False)):
+        sigma = q @ np.diag(np.r_[lowest, np.linspace(0.5, 1, 15)]) @ q.T
+        metrics.save_stats(tmp_path / "s.npz", np.zeros(16), (sigma + sigma.T) / 2)
+        if ok:
+            metrics.load_stats(tmp_path / "s.npz")
+        else:
+            with pytest.raises(metrics.UserError, match="negative eigenvalues"):
+                metrics.load_stats(tmp_path / "s.npz")
+
+
 def test_kid_matches_bruteforce(capsys):
     rng = np.random.default_rng(0)
     f1, f2 = rng.normal(size=(9, 5)), rng.normal(0.3, 1.2, size=(7, 5))
