@@ -110,14 +110,14 @@ def test_a_submission_the_cluster_refuses_is_one_line_with_sbatch_s_reason(tmp_p
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_a_sweep_on_slurm_ends_with_the_metrics_and_report_of_the_local_sweep(tmp_path, fid_weights, one_thread):
-    args = [*SWEEP, *small_data(), "--span", "0,2", "--seed", "0,1", "--total_step", "4", "--log_step", "2",
+    args = [*SWEEP, *small_data(), "--span", "0,2", "--seed", "0", "--total_step", "4", "--log_step", "2",
             "--sample_step", "4", "--model_save_step", "4", "--fid_step", "4", "--fid_samples", "8",
             "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights]
     local = run_main([*args, *out_dirs(tmp_path / "local"), "--jobs", "2"], cwd=tmp_path)
     on_slurm = run_main([*args, *out_dirs(tmp_path / "slurm"), *SLURM, "--wait"], cwd=tmp_path)
     assert local.returncode == 0, local.stdout + local.stderr
     assert on_slurm.returncode == 0, on_slurm.stdout + on_slurm.stderr
-    cells = [f"sagan_emoji_span{span}_32px_seed{seed}" for span in (0, 2) for seed in (0, 1)]
+    cells = [f"sagan_emoji_span{span}_32px_seed0" for span in (0, 2)]
     jobs = _record(tmp_path / "slurm")["jobs"]
     assert sorted(jobs) == sorted(cells) and len({j.split("_")[0] for j in jobs.values()}) == 1  # one array
     for cell in cells:
@@ -127,7 +127,7 @@ def test_a_sweep_on_slurm_ends_with_the_metrics_and_report_of_the_local_sweep(tm
             assert ours == theirs and ours, (cell, name)
 
     def the_report(out):  # from the summary to the plot: the table and its statistics
-        return out[out.index("sweep: 4/4 cells finished"):out.index("plot: ")]
+        return out[out.index("sweep: 2/2 cells finished"):out.index("plot: ")]
     assert "best fid" in the_report(on_slurm.stdout)
     assert the_report(on_slurm.stdout) == the_report(local.stdout)
     assert (tmp_path / "slurm/logs/sagan_emoji_sweep_fid_compare.png").stat().st_size > 1000
