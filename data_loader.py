@@ -19,10 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import LSUN
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
+from files import check_array_file
 from utils import REPO, UserError, warn
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -55,6 +53,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def center_crop(img: Image.Image, side: int) -> Image.Image:
+    """torchvision's center_crop of a PIL image, without importing torchvision (a second per
+    process): offsets round((extent - side) / 2), half to even; where the image is smaller,
+    zeros split (missing // 2) before, the rest after (PIL's crop fills outside with zeros)."""
+    left, top = (-((side - e) // 2) if side > e else round((e - side) / 2) for e in img.size)
+    return img.crop((left, top, left + side, top + side))
+
+
 def crop_resize(img: Image.Image, crop, size: int) -> torch.Tensor:
     """PIL image → uint8 (3, size, size). crop: "square" (center crop to the shorter
     side, so nothing is stretched), "A/B" (center square of side round(shorter side·A/B),
@@ -64,16 +70,16 @@ def crop_resize(img: Image.Image, crop, size: int) -> torch.Tensor:
     images in the original code."""
     img = to_rgb(img)
     if crop == "square":
-        img = TF.center_crop(img, min(img.size))
+        img = center_crop(img, min(img.size))
     elif isinstance(crop, str):
         num, den = map(int, crop.split("/"))
         short = min(img.size)
         # integer half-up rounding (exact, no float ties); capped at the shorter side, so never padded
-        img = TF.center_crop(img, min(short, max(1, (2 * short * num + den) // (2 * den))))
+        img = center_crop(img, min(short, max(1, (2 * short * num + den) // (2 * den))))
     elif crop is not None:
-        img = TF.center_crop(img, crop)
+        img = center_crop(img, crop)
     if img.size != (size, size):
-        img = TF.resize(img, [size, size], InterpolationMode.BILINEAR, antialias=True)
+        img = img.resize((size, size), Image.BILINEAR)  # PIL's filters always antialias
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -223,20 +229,13 @@ def _walk_images(root: Path) -> list[Path]:
 
 
 def image_files(root) -> tuple[list[Path], int]:
-    """The image files under `root`, flat or nested to any depth, as one unlabeled set:
-    (files, n_unreadable).
-
-    files: pathlib.Path objects (root joined with the relative path, so a relative root
-    gives relative paths), sorted as Paths (component by component), which is the
-    order training batches and --cache keys depend on. A file counts as an image when
-    its suffix, in any case, is in IMAGE_EXTS and PIL can read its header; the
-    n_unreadable files that have such a suffix but no readable header (empty,
-    truncated, not an image) are left out. Nothing is printed: the caller reports
-    n_unreadable in its one warning. A missing root gives ([], 0); a folder that cannot
-    be listed raises UserError naming it.
-
-    Folder links are followed, each real folder is entered once, and a file reached
-    twice (a link to it) counts once."""
+    """(files, n_unreadable): the image files under `root`, flat or nested, as one unlabeled
+    set of Paths (root joined with the relative path) sorted as Paths, the order training
+    batches and --cache keys depend on. An image: a suffix in IMAGE_EXTS (any case) and a
+    header PIL can read; the n_unreadable others with such a suffix are left out, and the
+    caller's one warning counts them. A missing root gives ([], 0); a folder that cannot be
+    listed raises UserError naming it. Folder links are followed, each real folder entered
+    once, and a file reached twice (a link to it) counts once."""
     root = Path(root)
     try:
         if not stat.S_ISDIR(os.stat(root).st_mode):
@@ -288,8 +287,15 @@ class LsunDataset(ImageDataset):
             import lmdb  # noqa: F401  (optional: torchvision's LSUN needs it)
         except ImportError:
             raise UserError(f"{root} is an LSUN LMDB folder, which needs the lmdb package: pip install lmdb")
-        self.root, self.size, self.crop, self.description = str(root), size, "square", description
-        self.lsun = LSUN(self.root, classes=[LSUN_CLASS])
+        self.root, self.size, self.crop, self.description, self._lsun = str(root), size, "square", description, None
+        len(self)  # opened now: a broken folder fails here, not in a loader worker
+
+    @property
+    def lsun(self):  # torchvision (a second's import) only here; an LMDB environment does not pickle:
+        if self._lsun is None:  # each loader worker opens the folder again
+            from torchvision.datasets import LSUN
+            self._lsun = LSUN(self.root, classes=[LSUN_CLASS])
+        return self._lsun
 
     def __len__(self):
         return len(self.lsun)
@@ -297,53 +303,8 @@ class LsunDataset(ImageDataset):
     def raw(self, i):
         return self.lsun[i][0]
 
-    def __getstate__(self):  # an open LMDB environment does not pickle: a worker opens the folder again
-        return {k: v for k, v in self.__dict__.items() if k != "lsun"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, lsun=LSUN(state["root"], classes=[LSUN_CLASS]))
-
-
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty one
-
-
-def _npy_dtype(f):
-    """The dtype in the header of the .npy stream f (ValueError when it has none)."""
-    version = np.lib.format.read_magic(f)
-    # version 3.0 only allows utf8 field names in the header: 2.0's reader parses what images use
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read(f)[2]
-
-
-def check_array_file(path):
-    """UserError (one line) unless `path` is a .npy, or an .npz of .npy members, holding no
-    Python objects: checked from the headers, before np.load sees the file. For random
-    bytes, a pickle or an object array np.load's own message advises allow_pickle=True,
-    i.e. running code from the file; that advice must never reach the user."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_NPY_MAGIC))
-            if head == _NPY_MAGIC:
-                f.seek(0)
-                dtypes = {"": _npy_dtype(f)}
-            elif head[:4] in _ZIP_MAGICS:
-                with zipfile.ZipFile(f) as z:
-                    dtypes = {}
-                    for name in z.namelist():
-                        with z.open(name) as m:
-                            dtypes[name] = _npy_dtype(m)
-            else:
-                raise UserError(f"{path} is not a NumPy .npy/.npz file (random bytes, a pickle or another "
-                                f"format); save arrays with numpy.save / numpy.savez")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {path} as a NumPy .npy/.npz file ({first}); re-save or re-copy it") from None
-    objects = [name.removesuffix(".npy") for name, dtype in dtypes.items() if dtype.hasobject]
-    if objects:
-        where = f" (array {', '.join(objects)})" if objects != [""] else ""
-        raise UserError(f"{path} holds Python objects{where}, not numbers, and is not loaded (unpickling them "
-                        f"could run code from the file); save a numeric array instead")
+    def __getstate__(self):
+        return {**self.__dict__, "_lsun": None}
 
 
 def load_array(path: Path) -> np.ndarray:

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from batches import loader_batches, worker_options
 from checkpoint import generator_from_checkpoint
-from data_loader import IMAGE_EXTS, as_nhwc_uint8, check_array_file, image_files, load_array, quiet_pil, to_rgb
+from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
 from distributed import gather_rows
-from files import atomic_open, csv_rows_until, file_lock
+from files import atomic_open, check_array_file, csv_rows_until, file_lock
 from inception import check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, load_stats, save_stats
 from plots import plot_fid

@@ -1,10 +1,14 @@
 """Files that survive kills, full disks and parallel writers: atomic writes, file locks,
-checks that an output can be written, and log CSVs read back without their broken lines."""
+checks that an output can be written, and log CSVs read back without their broken lines;
+NumPy files checked before numpy reads them (it would offer to run code from them)."""
 import csv
 import os
 import re
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from utils import UserError, warn
 
@@ -130,3 +134,45 @@ def csv_header(path: Path):
         return None
     with open(path, newline="", errors="replace") as f:
         return next(csv.reader(line for line in f if "\x00" not in line), None)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty one
+
+
+def _npy_dtype(f):
+    """The dtype in the header of the .npy stream f (ValueError when it has none)."""
+    version = np.lib.format.read_magic(f)
+    # version 3.0 only allows utf8 field names in the header: 2.0's reader parses what images use
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)[2]
+
+
+def check_array_file(path):
+    """UserError (one line) unless `path` is a .npy, or an .npz of .npy members, holding no
+    Python objects: checked from the headers, before np.load sees the file. For random
+    bytes, a pickle or an object array np.load's own message advises allow_pickle=True,
+    i.e. running code from the file; that advice must never reach the user."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+            if head == _NPY_MAGIC:
+                f.seek(0)
+                dtypes = {"": _npy_dtype(f)}
+            elif head[:4] in _ZIP_MAGICS:
+                with zipfile.ZipFile(f) as z:
+                    dtypes = {}
+                    for name in z.namelist():
+                        with z.open(name) as m:
+                            dtypes[name] = _npy_dtype(m)
+            else:
+                raise UserError(f"{path} is not a NumPy .npy/.npz file (random bytes, a pickle or another "
+                                f"format); save arrays with numpy.save / numpy.savez")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {path} as a NumPy .npy/.npz file ({first}); re-save or re-copy it") from None
+    objects = [name.removesuffix(".npy") for name, dtype in dtypes.items() if dtype.hasobject]
+    if objects:
+        where = f" (array {', '.join(objects)})" if objects != [""] else ""
+        raise UserError(f"{path} holds Python objects{where}, not numbers, and is not loaded (unpickling them "
+                        f"could run code from the file); save a numeric array instead")

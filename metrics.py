@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 import choices
-from data_loader import check_array_file
-from files import atomic_open
+from files import atomic_open, check_array_file
 from utils import UserError, warn, write_failed
 
 def feature_stats(pool3):

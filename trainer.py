@@ -18,10 +18,8 @@ from batches import make_batches
 from data_loader import build_dataset
 from device import pick_device
 from distributed import convert_sync_bn, dist_info
-from features import FIDMonitor
 from files import atomic_open, csv_rows_until, remove_stale_temp_files
 from gan_step import GANStep
-from inception import resolve_weights
 from parameter import resume_command
 from plots import save_attention_picture
 from run import run_dirs
@@ -363,6 +361,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.fid_step == 0:
             return None
+        # imported here: they bring torchvision, a second's import that a run without FID skips
+        from features import FIDMonitor
+        from inception import resolve_weights
         weights = resolve_weights(cfg.fid_weights) if self.is_main else None
         if self.world > 1:  # one decision for all ranks, or some would wait for FID forever
             box = [weights]

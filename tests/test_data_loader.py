@@ -306,3 +306,20 @@ def test_lsun_array_is_center_cropped_not_stretched(tmp_path):
     assert len(ds) == 5
     ref = np.asarray(Image.fromarray(arr[4][:, 8:56]).resize((32, 32), Image.BILINEAR))
     assert np.array_equal(ds[4].permute(1, 2, 0).numpy(), ref)
+
+
+def test_crops_and_resizes_are_torchvisions_on_every_shape():
+    # what the original code's torchvision transforms give on PIL images (CenterCrop, then
+    # Resize, bilinear with antialias), including odd margins (round half to even) and
+    # crops larger than the image (zero padding split unevenly)
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    from data_loader import center_crop, crop_resize
+    rng = np.random.default_rng(4)
+    for w, h in [(178, 218), (64, 64), (65, 64), (33, 50), (17, 20), (40, 37)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for side in {1, 5, min(w, h), min(w, h) - 3, min(w, h) + 3, max(w, h) + 4, 21, 40}:
+            assert np.array_equal(np.asarray(center_crop(img, side)), np.asarray(TF.center_crop(img, side))), (w, h, side)
+        for crop, side in (("square", min(w, h)), (23, 23), (max(w, h) + 3, max(w, h) + 3)):
+            ref = TF.resize(TF.center_crop(img, side), [16, 16], InterpolationMode.BILINEAR, antialias=True)
+            assert np.array_equal(crop_resize(img, crop, 16).permute(1, 2, 0).numpy(), np.asarray(ref)), (w, h, crop)
