@@ -32,10 +32,10 @@ from batches import make_batches
 from choices import PRECISIONS
 from data_loader import build_dataset
 from device import configure_backends, pick_device, set_tf32
-from features import batches_from_array, extract_features, generated_features, load_images
+from features import Resolved, batches_from_array, extract_features, generated_features, load_images
 from files import atomic_open, check_output_file
 from inception import FIDInception, load_inception, resolve_weights
-from metrics import feature_stats, frechet_distance
+from metrics import METRICS, feature_stats
 from run import configure
 from sampling import fixed_latents, whole_batches
 from trainer import Trainer
@@ -129,18 +129,19 @@ def time_fid(args, device, trainer_argv):
         feat_ips = reps * args.fid_batch_size / (time.perf_counter() - t0)
         ref_pool3, _ = extract_features(model, batches_from_array(real, args.fid_batch_size), device,
                                             progress=False)
-        mu, sigma = feature_stats(ref_pool3)
+        ref = Resolved("reference", *feature_stats(ref_pool3), ref_pool3)
         sync(device)
         t0 = time.perf_counter()
         z = fixed_latents(0, "fid", whole_batches(args.fid_samples, cfg.batch_size), cfg.z_dim)
         pool3, _ = generated_features(t.G, model, z, args.fid_batch_size, t.device, bn_mode="batch",
                                           progress=False, gen_batch=cfg.batch_size, n=args.fid_samples)
         t1 = time.perf_counter()
-        stats = feature_stats(pool3)
+        generated = Resolved("generated", *feature_stats(pool3), pool3)
         t2 = time.perf_counter()
-        value_cpu = frechet_distance(*stats, mu, sigma, "cpu")
+        # the training monitor's distance (its first of a run: the reference's factor included)
+        value_cpu, = METRICS["fid"].compute(generated, ref, "cpu", {})
         t3 = time.perf_counter()
-        value = frechet_distance(*stats, mu, sigma, device)
+        value, = METRICS["fid"].compute(generated, ref, device, {})
         t4 = time.perf_counter()
         rows[precision] = {"feature_images_per_s": feat_ips, "generate_and_features_s": t1 - t0,
                            "stats_s": t2 - t1, "distance_cpu_s": t3 - t2, "distance_device_s": t4 - t3,

@@ -3,6 +3,7 @@ import contextlib
 import functools
 import io
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -42,13 +43,31 @@ def small_data():
     return ["--image_path", small_emoji()]
 
 
+def once_per_session(tmp_path_factory, name, make):
+    """make(folder) once for the whole test session, its value shared by every pytest-xdist
+    worker through a pickle in the session's temp folder (each worker's basetemp is a folder
+    below it): the peers' and our Inception features are not computed again per worker."""
+    from files import file_lock
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root
+    done = root / f"{name}.pickle"
+    with file_lock(root / f".{name}.lock"):
+        if not done.exists():
+            value = make(root / name)
+            done.write_bytes(pickle.dumps(value))
+            return value
+    return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def fid_weights(tmp_path_factory):
     """Random FID Inception weights in the real key layout (random_fid_state_dict; the real
     file cannot be downloaded here), written once for the whole session."""
-    path = tmp_path_factory.mktemp("fid_weights") / "random_fid_inception.pth"
-    torch.save(random_fid_state_dict(), path)
-    return path
+    def make(folder):
+        folder.mkdir()
+        torch.save(random_fid_state_dict(), folder / "random_fid_inception.pth")
+        return folder / "random_fid_inception.pth"
+    return once_per_session(tmp_path_factory, "fid_weights", make)
 
 
 def run_cli(args, cwd, script="main.py", timeout=300, env=None):
@@ -277,7 +296,11 @@ KID_SUBSETS, KID_SUBSET_SIZE, IS_SPLITS = 20, 10, 4
 def peer_files(tmp_path_factory, fid_weights):
     """Random FID weights under pytorch-fid's cached file name + two folders of images,
     made once for every test that compares with the peers."""
-    root = tmp_path_factory.mktemp("fid")
+    return once_per_session(tmp_path_factory, "peer_files", lambda root: _peer_files(root, fid_weights))
+
+
+def _peer_files(root, fid_weights):
+    root.mkdir()
     ckpt_dir = root / "torch_home" / "hub" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     from inception import WEIGHT_FILENAMES
@@ -314,19 +337,22 @@ def _ours(env, resize):
 
 
 @pytest.fixture(scope="session")
-def ours_tf1(peer_files):
-    return _ours(peer_files, "tf1")
+def ours_tf1(tmp_path_factory, peer_files):
+    return once_per_session(tmp_path_factory, "ours_tf1", lambda _: _ours(peer_files, "tf1"))
 
 
 @pytest.fixture(scope="session")
-def ours_pytorch(peer_files):
-    return _ours(peer_files, "pytorch")
+def ours_pytorch(tmp_path_factory, peer_files):
+    return once_per_session(tmp_path_factory, "ours_pytorch", lambda _: _ours(peer_files, "pytorch"))
 
 
 @pytest.fixture(scope="session")
-def fidelity_metrics(peer_files):
+def fidelity_metrics(tmp_path_factory, peer_files):
+    return once_per_session(tmp_path_factory, "fidelity_metrics", lambda _: _fidelity_metrics(peer_files))
+
+
+def _fidelity_metrics(env):
     from torch_fidelity import calculate_metrics  # a test dependency: imported by the tests that use it
-    env = peer_files
     return calculate_metrics(input1=str(env["A"]), input2=str(env["B"]), cuda=False, fid=True, isc=True, kid=True,
                              isc_splits=IS_SPLITS, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE,
                              feature_extractor_weights_path=str(env["weights"]), batch_size=8, cache=False,
