@@ -17,7 +17,6 @@ from conftest import one_line_exit_2
 import main
 from conftest import TINY
 from conftest import one_line
-from conftest import random_fid_state_dict
 from conftest import step_args
 from conftest import stop_at
 import errno
@@ -111,8 +110,8 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, sig):
     ck = torch.load(saved[0], weights_only=False)
     assert ck["step"] >= 3 and f"{ck['step']}.pt" == saved[0].name
     assert "--resume" in out and "Traceback" not in err
-    r = run_cli(train_args(tmp_path, "--total_step", str(ck["step"] + 2), "--version", "s", "--resume"),
-                cwd=tmp_path)
+    r = run_main(train_args(tmp_path, "--total_step", str(ck["step"] + 2), "--version", "s", "--resume"),
+                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / f"models/s/{ck['step'] + 2}.pt").exists()
 
@@ -266,9 +265,8 @@ def test_a_config_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- FID rows
 @pytest.mark.slow
-def test_a_fid_step_killed_before_its_row_gets_it_on_resume(tmp_path):
-    weights = tmp_path / "w.pth"
-    torch.save(random_fid_state_dict(), weights)
+def test_a_fid_step_killed_before_its_row_gets_it_on_resume(tmp_path, fid_weights):
+    weights = fid_weights
     fid_flags = ["--fid_step", "2", "--fid_samples", "8", "--fid_batch_size", "8", "--fid_ref_samples", "8",
                  "--fid_weights", weights]
     assert run_main(step_args(tmp_path, "--version", "f", "--total_step", "2", *fid_flags), cwd=tmp_path).returncode == 0
