@@ -14,7 +14,7 @@ import features
 import fid
 import inception
 import utils
-from conftest import out_dirs, run_cli, run_main, small_data, structured_images, TINY
+from conftest import out_dirs, run_main, small_data, structured_images, TINY
 from data_loader import build_dataset
 from run import configure
 
@@ -86,11 +86,12 @@ def test_checkpoint_input_reproduces_the_logged_fid(two_runs, weights):
 
 
 @pytest.mark.slow
-def test_offline_without_weights_warns_once_and_trains_on(tmp_path):
-    env = {"TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    r = run_cli([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "10", *FID_FLAGS, "--version", "off"],
-                cwd=tmp_path, env=env)
+def test_offline_without_weights_warns_once_and_trains_on(tmp_path, monkeypatch):
+    for name, value in {"TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9",
+                        "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}.items():
+        monkeypatch.setenv(name, value)  # torch.hub reads them at each call: no download can get through
+    r = run_main([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "10", *FID_FLAGS, "--version", "off"],
+                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     warnings = [l for l in r.stderr.splitlines() if "FID Inception weights" in l]
     assert len(warnings) == 1 and inception.FID_WEIGHTS_URL in warnings[0]

@@ -17,7 +17,7 @@ import data_loader
 import features
 import main
 from batches import LOADER_TIMEOUT_S, LoaderBatches, decode_all
-from conftest import REPO, TINY, out_dirs
+from conftest import REPO, TINY, out_dirs, small_data
 from data_loader import ArrayDataset, FileDataset, load_array
 from gan_step import CUDAGraphStep
 from run import configure
@@ -213,8 +213,8 @@ def test_a_resumed_run_takes_new_learning_rates_and_betas_and_keeps_adams_state(
 
 # ---------------------------------------------------------------------------- tools/gpu_check
 def test_the_checkpoint_comparison_finds_one_changed_bit(tmp_path):
-    args = [*TINY, *out_dirs(tmp_path), "--log_step", "1", "--sample_step", "100", "--model_save_step", "1",
-            "--version", "c", "--total_step", "1"]
+    args = [*TINY, *out_dirs(tmp_path), *small_data(), "--log_step", "1", "--sample_step", "100",
+            "--model_save_step", "1", "--version", "c", "--total_step", "1"]
     assert main.main(args) in (0, None)
     path = tmp_path / "models" / "c" / "1.pt"
     ck = torch.load(path, weights_only=True)

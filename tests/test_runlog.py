@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import trainer
-from conftest import one_line, out_dirs, read_csv, run_main, step_args, TINY, train_args
+from conftest import one_line, out_dirs, read_csv, run_main, small_data, step_args, TINY, train_args
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ def test_rt_is_logged_per_interval(tmp_path, monkeypatch):
             signs.append(logits[0].sign().mean().item())
 
     monkeypatch.setattr(gan_step.GANStep, "d_step", recording)
-    r = run_main([*TINY, *out_dirs(tmp_path), "--total_step", "6", "--log_step", "3", "--version", "v",
+    r = run_main([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "6", "--log_step", "3", "--version", "v",
                   "--sample_step", "100"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "logs/v/metrics.csv")))

@@ -111,8 +111,8 @@ def test_a_submission_the_cluster_refuses_is_one_line_with_sbatch_s_reason(tmp_p
 @pytest.mark.slurm
 def test_a_sweep_on_slurm_ends_with_the_metrics_and_report_of_the_local_sweep(tmp_path, fid_weights, one_thread):
     args = [*SWEEP, *small_data(), "--span", "0,2", "--seed", "0", "--total_step", "4", "--log_step", "2",
-            "--sample_step", "4", "--model_save_step", "4", "--fid_step", "4", "--fid_samples", "8",
-            "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights]
+            "--sample_step", "4", "--model_save_step", "4", "--fid_step", "4", "--fid_samples", "4",
+            "--fid_batch_size", "8", "--fid_ref_samples", "4", "--fid_weights", fid_weights]
     local = run_main([*args, *out_dirs(tmp_path / "local"), "--jobs", "2"], cwd=tmp_path)
     on_slurm = run_main([*args, *out_dirs(tmp_path / "slurm"), *SLURM, "--wait"], cwd=tmp_path)
     assert local.returncode == 0, local.stdout + local.stderr

@@ -22,10 +22,10 @@ SWEEP = [a for a in TINY if a not in ("--seed", "3")]
 
 def fid_sweep_args(tmp_path, fid_weights, span, seed, total_step, log_step, fid_step):
     """A tiny sweep on the small emoji set, two cells at a time, samples and checkpoints every
-    2 steps, FID of 8 images against 8."""
+    2 steps, FID of 4 images against 4."""
     return [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", span, "--seed", seed, "--total_step", total_step,
             "--log_step", log_step, "--fid_step", fid_step, "--sample_step", "2", "--model_save_step", "2",
-            "--fid_samples", "8", "--fid_batch_size", "8", "--fid_ref_samples", "8", "--fid_weights", fid_weights,
+            "--fid_samples", "4", "--fid_batch_size", "8", "--fid_ref_samples", "4", "--fid_weights", fid_weights,
             "--jobs", "2"]
 
 
@@ -110,7 +110,7 @@ def test_a_no_attention_arm_sweeps_and_compares_as_its_own_group(tmp_path, fid_w
     G, cfg = generator_from_checkpoint(ckpt)
     assert attention_layers(G) == [] and cfg.g_span == -1
     stats = next((tmp_path / "logs/fid_stats").glob("*.npz"))
-    r = run_main([ckpt, stats, "--fid_weights", fid_weights, "--fid_samples", "8", "--batch_size", "8", "--device",
+    r = run_main([ckpt, stats, "--fid_weights", fid_weights, "--fid_samples", "4", "--batch_size", "8", "--device",
                   "cpu", "--no_progress"], cwd=tmp_path, entry=fid.main)
     assert r.returncode == 0 and "fid" in r.stdout.lower(), r.stdout + r.stderr
 
