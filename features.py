@@ -21,7 +21,7 @@ from checkpoint import generator_from_checkpoint
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
 from distributed import gather_rows
 from files import atomic_open, check_array_file, csv_rows_until, file_lock
-from inception import check_published_weights, load_inception, weights_id
+from inception import FEATURES, check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, load_stats, save_stats
 from plots import plot_fid
 from sampling import fixed_latents, uint8_batches, whole_batches
@@ -121,7 +121,7 @@ def generated_features(G, model, z, batch_size, device, bn_mode="batch", progres
         pool3, logits = extract_features(model, _Sized(images, -(-count // batch_size)), device, progress,
                                          desc="FID samples")
     else:
-        pool3, logits = np.zeros((0, 2048)), np.zeros((0, 1008))
+        pool3, logits = np.zeros((0, FEATURES)), np.zeros((0, 1008))
     if world == 1:
         return pool3, logits
     per_rank = gather_rows(np.concatenate([pool3, logits], axis=1), device)
@@ -131,7 +131,7 @@ def generated_features(G, model, z, batch_size, device, bn_mode="batch", progres
         rows.append(per_rank[r][taken[r]:taken[r] + size])
         taken[r] += size
     both = np.concatenate(rows)
-    return both[:, :2048], both[:, 2048:]
+    return both[:, :FEATURES], both[:, FEATURES:]
 
 
 def _rebatch(batches, size):
@@ -152,7 +152,7 @@ def _rebatch(batches, size):
 class Reference:
     mu: np.ndarray
     sigma: np.ndarray
-    pool3: np.ndarray  # per-image features, only kept when a metric needs them (KID, PRDC)
+    pool3: np.ndarray  # per-image features: kept for KID and PRDC, and when fewer than FEATURES (FID's factor)
     path: Path
     n: int = 0  # real images
     computed: bool = False  # now, by this process (else read from the cache)
@@ -178,20 +178,23 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{key['dataset']}_{key['size']}px_{n}_{digest}.npz"
     feats_path = path.with_suffix(".pool3.npy")
+    # Features are kept for KID and PRDC, and for fewer images than dimensions, where they are
+    # small and FID's square-root factor comes from them, not from sigma's eigendecomposition
+    keep = with_features or n < FEATURES
     # runs starting together (a sweep's --jobs) wait for the one computing them instead of repeating it
     computed = False
     if rank == 0:
         with file_lock(path.with_name(f".{path.name}.lock")):
             if not path.exists() or (with_features and not feats_path.exists()):
                 _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path,
-                                   feats_path, key, with_features)
+                                   feats_path, key, keep)
                 computed = True
     if world > 1:
         dist.barrier()
     mu, sigma, meta = load_stats(path)
     if meta["key"] != key:
         raise UserError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
-    pool3 = np.load(feats_path).astype(np.float64) if with_features else None
+    pool3 = np.load(feats_path).astype(np.float64) if with_features or (keep and feats_path.exists()) else None
     return Reference(mu, sigma, pool3, path, n=n, computed=computed)
 
 

@@ -24,6 +24,9 @@ FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fi
 WEIGHT_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 
 
+FEATURES = 2048  # pool3: the dimension of FID's feature vectors
+
+
 # torch hub's naming convention (its check_hash): <name>-<first hex digits of the file's sha256>.<ext>
 PUBLISHED_SHA256_PREFIX = FID_WEIGHTS_URL.rsplit("-", 1)[1].split(".")[0]  # "6726825d"
 
@@ -122,7 +125,7 @@ class FIDInception(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = FIDInceptionE(1280, pool="avg")
         self.Mixed_7c = FIDInceptionE(2048, pool="max")
-        self.fc = nn.Linear(2048, 1008)  # 1008 classes in the TF graph (1000 + unused)
+        self.fc = nn.Linear(FEATURES, 1008)  # 1008 classes in the TF graph (1000 + unused)
 
     def preprocess(self, x):
         """uint8 (B,3,H,W) -> float32 (B,3,299,299) in [-1, 1] as the chosen peer does it."""

@@ -13,6 +13,7 @@ from PIL import Image
 import features
 import fid
 import inception
+import metrics
 import utils
 from conftest import out_dirs, run_main, small_data, structured_images, TINY
 from data_loader import build_dataset
@@ -127,6 +128,16 @@ def test_reference_cache_is_reused_and_recomputed_when_the_crop_changes(tmp_path
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 2
     pytorch_mode = features.reference_stats(ds, **{**args, "resize": "pytorch"})
     assert len(calls) == 3 and pytorch_mode.path != cropped.path
+    # fewer images than dimensions: the features are kept beside the statistics, read again with
+    # them, and FID's factor comes from them, not from an eigendecomposition of sigma
+    assert np.array_equal(again.pool3, direct) and first.path.with_suffix(".pool3.npy").is_file()
+    generated = features.Resolved("generated", *metrics.feature_stats(direct[::-1] * 1.5), direct[::-1] * 1.5)
+    eighs = []
+    monkeypatch.setattr(metrics, "_sqrt_factor", lambda s, f=metrics._sqrt_factor: eighs.append(1) or f(s))
+    fid_from_features = metrics.METRICS["fid"].compute(generated, again, "cpu", {})[0]
+    assert not eighs
+    assert fid_from_features == pytest.approx(metrics.frechet_distance(generated.mu, generated.sigma, again.mu,
+                                                                       again.sigma), rel=1e-10)
 
 
 class PerImage(torch.nn.Module):  # stands in for Inception: features of each image alone
