@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
 from choices import PRECISIONS, RESIZE_MODES
 from device import matmul_precision
@@ -31,10 +30,30 @@ FEATURES = 2048  # pool3: the dimension of FID's feature vectors
 PUBLISHED_SHA256_PREFIX = FID_WEIGHTS_URL.rsplit("-", 1)[1].split(".")[0]  # "6726825d"
 
 
-class _FIDPoolBranch:
-    # The TF graph differs from torchvision's Inception only in the pooling branch:
-    # TF's avg pool ignores padded zeros, and its last block uses a max pool.
-    pool = "avg"
+# The Inception-v3 blocks (Szegedy et al., 2016), with the module names of torchvision's, which
+# pytorch-fid's and torch-fidelity's weight files use. Written here rather than imported: importing
+# torchvision costs a second and a half per process (it imports torch._dynamo), and every FID-
+# measuring run, sweep cell and fid.py call would pay it. The TF graph differs from torchvision's
+# network only in the pooling branches: its average pool ignores padded zeros, and its last block
+# max-pools.
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+def _chain(x, *convs):
+    for conv in convs:
+        x = conv(x)
+    return x
+
+
+class _Block(nn.Module):
+    pool = "avg"  # the pooling branch: "avg" (padded zeros left out, as TF) or "max"
 
     def _pool_branch(self, x):
         if self.pool == "max":
@@ -43,35 +62,95 @@ class _FIDPoolBranch:
             x = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
         return self.branch_pool(x)
 
-
-class FIDInceptionA(_FIDPoolBranch, InceptionA):
-    def _forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return [self.branch1x1(x), b5, b3, self._pool_branch(x)]
+    def forward(self, x):
+        return torch.cat(self.branches(x), 1)
 
 
-class FIDInceptionC(_FIDPoolBranch, InceptionC):
-    def _forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4, self.branch7x7dbl_5):
-            bd = conv(bd)
-        return [self.branch1x1(x), b7, bd, self._pool_branch(x)]
+class FIDInceptionA(_Block):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def branches(self, x):
+        return [self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
+                _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3), self._pool_branch(x)]
 
 
-class FIDInceptionE(_FIDPoolBranch, InceptionE):
-    def __init__(self, in_channels, pool="avg"):
-        super().__init__(in_channels)
+class InceptionB(_Block):  # the grid reduction 35 -> 17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def branches(self, x):
+        return [self.branch3x3(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                F.max_pool2d(x, kernel_size=3, stride=2)]
+
+
+class FIDInceptionC(_Block):  # factorised 7x7 convolutions
+    def __init__(self, cin, channels_7x7):
+        super().__init__()
+        c = channels_7x7
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c, 1)
+        self.branch7x7_2 = BasicConv2d(c, c, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c, c, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c, c, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c, c, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def branches(self, x):
+        return [self.branch1x1(x), _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                       self.branch7x7dbl_5), self._pool_branch(x)]
+
+
+class InceptionD(_Block):  # the grid reduction 17 -> 8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def branches(self, x):
+        return [_chain(x, self.branch3x3_1, self.branch3x3_2),
+                _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
+                F.max_pool2d(x, kernel_size=3, stride=2)]
+
+
+class FIDInceptionE(_Block):  # expanded filter banks
+    def __init__(self, cin, pool="avg"):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
         self.pool = pool
 
-    def _forward(self, x):
+    def branches(self, x):
         b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        return [self.branch1x1(x), b3, bd, self._pool_branch(x)]
+        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
+                torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1), self._pool_branch(x)]
 
 
 def resize_tf1(x, size=(299, 299)):

@@ -8,10 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from pytorch_fid import fid_score as pf_score
 from pytorch_fid.inception import InceptionV3 as PFInceptionV3
 from torch_fidelity.metric_isc import isc_features_to_metric
-from prdc import compute_prdc
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 import metrics
@@ -69,6 +67,7 @@ def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
     # folder (equal to ours), and its distance on a 256-d block of those (still
     # rank-deficient) statistics, where scipy's sqrtm takes 0.2 s instead of 15-90 s. The
     # 2048-d distance itself is checked against torch-fidelity and exact references.
+    from pytorch_fid import fid_score as pf_score  # here: a quarter second per test worker
     model = PFInceptionV3([3])
     ref = {k: pf_score.compute_statistics_of_path(str(env[k]), model, 8, 2048, "cpu", num_workers=0) for k in "AB"}
     stats = {k: metrics.feature_stats(ours_pytorch[k][0]) for k in "AB"}
@@ -165,6 +164,7 @@ def test_kid_matches_bruteforce(capsys):
 
 def peer_prdc(real, fake, k):
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints the set sizes
+        from prdc import compute_prdc  # here: it imports scikit-learn, half a second per test worker
         ref = compute_prdc(real, fake, k)
     return [float(ref[c]) for c in ("precision", "recall", "density", "coverage")]
 
