@@ -21,7 +21,6 @@ from distributed import convert_sync_bn, dist_info
 from files import atomic_open, csv_rows_until, remove_stale_temp_files
 from gan_step import GANStep
 from parameter import resume_command
-from plots import save_attention_picture
 from run import run_dirs
 from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals, TensorBoard
 from sagan_models import (attention_layers, build_discriminator, build_generator, forward_capturing_attention_inputs,
@@ -311,6 +310,7 @@ class Trainer:
                 if not name:
                     g_inputs = inputs
                 if not name and inputs:  # a G without attention layers has no picture
+                    from plots import save_attention_picture  # here: matplotlib, 0.4 s, for runs that draw
                     picture = save_attention_picture(G, to_uint8(images[0]), {k: v[:1] for k, v in inputs.items()},
                                                      self.dirs["attn"] / f"{self.step}_attn.png", self.cfg.g_span)
                     self.board.image("samples/attention", picture, self.step)
