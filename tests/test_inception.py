@@ -7,20 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pytorch_fid.inception import fid_inception_v3, InceptionV3 as PFInceptionV3
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 import device
 import features
 import inception
 import utils
 
+# The peers are imported in the tests that use them: each imports torchvision, a second and a
+# half per test worker that never runs these tests.
+
 
 @pytest.mark.slow
 def test_state_dict_layout_matches_both_peers(env):
     ours = inception.FIDInception().state_dict()
     # pytorch-fid's network (its file's layout); it loads our cached file strictly via torch.hub
+    from pytorch_fid.inception import fid_inception_v3
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     pf_sd = fid_inception_v3().state_dict()
     tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                      feature_extractor_weights_path=str(env["weights"]))
@@ -38,6 +40,7 @@ def test_state_dict_layout_matches_both_peers(env):
 
 @pytest.mark.slow
 def test_features_pytorch_mode_match_pytorch_fid(env):
+    from pytorch_fid.inception import InceptionV3 as PFInceptionV3
     imgs = features.load_images(env["A"])[:8]
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
@@ -51,6 +54,7 @@ def test_features_pytorch_mode_match_pytorch_fid(env):
 
 @pytest.mark.slow
 def test_features_tf1_match_torch_fidelity(env):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     imgs = features.load_images(env["A"])[:8]
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
@@ -72,6 +76,7 @@ def test_resize_tf1_matches_bruteforce(hw, out, tol):
     ours = inception.resize_tf1(x, out)
     ref = tf1_resize_reference(x[0, 1].double().numpy(), *out)
     assert np.abs(ours[0, 1].double().numpy() - ref).max() < tol
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
     peer = interpolate_bilinear_2d_like_tensorflow1x(x, size=out, align_corners=False)
     assert torch.allclose(ours, peer, atol=1e-4, rtol=0)  # observed: bit-exact
 

@@ -8,9 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from pytorch_fid.inception import InceptionV3 as PFInceptionV3
-from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kid_features_to_metric
 
 import metrics
 from conftest import IS_SPLITS, KID_SUBSET_SIZE, KID_SUBSETS, rel_err
@@ -46,6 +43,7 @@ def test_kid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
     # the peer evaluates the kernel on its float32 features in float32 (observed 4e-6, 1e-7);
     # fed the same features in float64 it must agree to rounding (observed 3e-15)
     assert rel_err(mean, ref_mean) < 1e-4 and rel_err(std, ref_std) < 1e-4, (mean, ref_mean, std, ref_std)
+    from torch_fidelity.metric_kid import kid_features_to_metric  # peers here: they import torchvision
     ref64 = kid_features_to_metric(torch.from_numpy(fa), torch.from_numpy(fb), kid_subsets=KID_SUBSETS,
                                    kid_subset_size=KID_SUBSET_SIZE, verbose=False)
     assert rel_err(mean, ref64["kernel_inception_distance_mean"]) < 1e-9
@@ -55,6 +53,7 @@ def test_kid_matches_torch_fidelity(ours_tf1, fidelity_metrics):
 def test_is_matches_torch_fidelity_random_logits():
     logits = np.random.default_rng(0).normal(0, 4, (57, 1008))
     for splits in (1, 5, 10):
+        from torch_fidelity.metric_isc import isc_features_to_metric
         ref = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=True, rng_seed=2020)
         mean, std = metrics.inception_score(logits, splits=splits)
         assert rel_err(mean, ref["inception_score_mean"]) < 1e-10
@@ -67,7 +66,8 @@ def test_pytorch_fid_statistics_and_distance(env, ours_pytorch):
     # folder (equal to ours), and its distance on a 256-d block of those (still
     # rank-deficient) statistics, where scipy's sqrtm takes 0.2 s instead of 15-90 s. The
     # 2048-d distance itself is checked against torch-fidelity and exact references.
-    from pytorch_fid import fid_score as pf_score  # here: a quarter second per test worker
+    from pytorch_fid import fid_score as pf_score  # here: it imports torchvision, 1.5 s per test worker
+    from pytorch_fid.inception import InceptionV3 as PFInceptionV3
     model = PFInceptionV3([3])
     ref = {k: pf_score.compute_statistics_of_path(str(env[k]), model, 8, 2048, "cpu", num_workers=0) for k in "AB"}
     stats = {k: metrics.feature_stats(ours_pytorch[k][0]) for k in "AB"}
