@@ -64,6 +64,8 @@ def loader_batches(loader):
         except RuntimeError as e:
             if not str(e).startswith("DataLoader timed out"):
                 raise
+            for worker in getattr(it, "_workers", ()):  # stuck: ended now, not after torch's 5 s join per worker
+                worker.terminate()
             raise UserError(f"no batch from the {loader.num_workers} image-decoding worker process(es) in "
                             f"{loader.timeout:g} s: they are stuck or far too slow; train with --num_workers 0 "
                             f"(decode in the main process) or --cache (decode once, then serve from memory)") from None
