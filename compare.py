@@ -251,13 +251,15 @@ def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html
     tests = comparisons(groups)
     rows, notes = report_table(groups, column, reach, tests)
     print(format_report(rows, notes))
-    for what, path in write_outputs(groups, out, column, reach, tests, flag, csv_out, html_out, html_flag).items():
+    for what, path in write_outputs(groups, out, column, reach, tests, flag, csv_out, html_out, html_flag,
+                                    table=(rows, notes)).items():
         print(f"{what}: {path}")
 
 
 def write_outputs(groups, out, column, reach, tests, flag="--out", csv_out=None, html_out=None,
-                  html_flag="--html") -> dict:
-    """show's files, without a word: {what: path} of those written."""
+                  html_flag="--html", table=None) -> dict:
+    """show's files, without a word: {what: path} of those written. table: report_table's
+    (rows, notes) when already built."""
     attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
     path, written = out, {}  # the file being written, for the message
     try:
@@ -275,7 +277,7 @@ def write_outputs(groups, out, column, reach, tests, flag="--out", csv_out=None,
             with tempfile.TemporaryDirectory(prefix="sagan_page_") as tmp:  # the plots as PNG, whatever --out is
                 fid_png, attention_png = Path(tmp) / "fid.png", Path(tmp) / "attention.png"
                 plot_groups(groups, fid_png, column, higher_is_better(column))
-                write_page(html_out, groups, *report_table(groups, column, reach, tests), fid_png,
+                write_page(html_out, groups, *(table or report_table(groups, column, reach, tests)), fid_png,
                            attention_png if plot_attention(groups, attention_png) else None, column)
             written["report page"] = html_out
     except OSError as e:

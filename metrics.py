@@ -248,7 +248,7 @@ def load_stats(path):
     # no eigenvalue below -1e-6 * scale, i.e. sigma + 1e-6 * scale * I has a Cholesky factor:
     # a fifth of eigvalsh's time at d = 2048, and this runs for every statistics file read
     shifted = sigma + (1e-6 * scale) * np.eye(len(sigma))
-    if not torch.linalg.cholesky_ex(torch.from_numpy(shifted)).info.item() == 0:
+    if torch.linalg.cholesky_ex(torch.from_numpy(shifted)).info.item() != 0:
         raise UserError(f"statistics {path}: sigma has negative eigenvalues, so it is no covariance; recompute them")
     return mu, sigma, {"n": None if n < 0 else n, "key": key}
 
