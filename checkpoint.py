@@ -91,12 +91,6 @@ def migrate_config(config: dict) -> dict:
     return {**LEGACY_SETTINGS, **config}
 
 
-def checkpoints(folder: Path) -> dict:
-    """{step: path} of the checkpoints in a run's model folder."""
-    folder = Path(folder)
-    return {int(p.stem): p for p in folder.glob("*.pt") if p.stem.isdigit()} if folder.is_dir() else {}
-
-
 def generator_from_checkpoint(path, ema=False, trust=False):
     """(G, its config) from a training checkpoint, built with the checkpoint's own settings
     (size, spans, mask mode, BatchNorm mode, seed). UserError for anything else."""

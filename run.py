@@ -8,28 +8,12 @@ import sys
 from pathlib import Path
 
 import checkpoint
-from checkpoint import checkpoints
 from device import pick_device
 from files import check_writable
+from folders import OUTPUT_FOLDERS, checkpoints, run_dirs, run_started
 from parameter import (OPTIMIZER_KEYS, Config, build_parser, default_diffaug, flag_words, parse_flags,
                        resolve_device_defaults)
 from utils import UserError, warn
-
-
-OUTPUT_FOLDERS = ("log", "model_save", "sample", "attn")  # each under its --<name>_path root
-
-
-def run_dirs(cfg) -> dict:
-    """A run's output folders: {"log", "model_save", "sample", "attn"} → <root>/<version>."""
-    return {k: Path(getattr(cfg, f"{k}_path")) / cfg.version for k in OUTPUT_FOLDERS}
-
-
-def run_started(cfg) -> bool:
-    """Whether run cfg.version has begun: checkpoints, or a config or logs it wrote (a run
-    stopped before its first checkpoint). Such a run is continued, never started over."""
-    dirs = run_dirs(cfg)
-    return bool(checkpoints(dirs["model_save"])) or any((dirs["log"] / f).exists()
-                                                         for f in ("config.json", "metrics.csv"))
 
 
 _run_locks = {}  # path -> open file: the run locks this process holds

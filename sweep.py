@@ -12,12 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from checkpoint import checkpoints
 from choices import span_text
-from compare import group_runs, load_run, show
-from run import run_started
+from folders import checkpoints, run_started
 
 SWEEP_FLAGS = ("--span", "--g_span", "--d_span", "--seed", "--version", "--jobs",  # what each cell sets for itself
                "--launcher", "--slurm_partition", "--slurm_time", "--slurm_gpus", "--slurm_cpus",  # the sweep's
@@ -170,6 +166,7 @@ def report(cfg, results, why="their output above says why") -> int:
     """The end of a sweep: its summary line (sweep_summary), the comparison of its cells
     that logged FID (as `fid.py compare` prints it) and the command that compares them
     again. Returns the sweep's exit code."""
+    from compare import group_runs, load_run, show  # here: a Slurm job imports this module, and needs no report
     line, code = sweep_summary(results, why)
     print(line, flush=True)
     dirs = [Path(cfg.log_path) / version for version, _ in results]
@@ -185,6 +182,7 @@ def report(cfg, results, why="their output above says why") -> int:
 
 
 def _visible_gpus():
+    import torch  # here: a Slurm job imports this module, and starts its cell without torch
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [g for g in listed.split(",") if g.strip()] if listed else [str(i) for i in range(torch.cuda.device_count())]
     return ids if len(ids) > 1 else []

@@ -19,9 +19,9 @@ from data_loader import build_dataset
 from device import pick_device
 from distributed import convert_sync_bn, dist_info
 from files import atomic_open, csv_rows_until, remove_stale_temp_files
+from folders import checkpoint_path, run_dirs
 from gan_step import GANStep
 from parameter import resume_command
-from run import run_dirs
 from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals, TensorBoard
 from sagan_models import (attention_layers, build_discriminator, build_generator, forward_capturing_attention_inputs,
                           layer_distances)
@@ -117,7 +117,7 @@ class Trainer:
         weights = [p for net in (self.G, self.D) for p in net.parameters()]
         if not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):  # one sync per save
             raise self._diverged("a weight")
-        path = self.dirs["model_save"] / f"{self.step}.pt"
+        path = checkpoint_path(self.dirs["model_save"], self.step)
         if self.is_main:
             ck = checkpoint.Checkpoint(
                 step=self.step, config=vars(self.cfg), G=self.G.state_dict(), D=self.D.state_dict(),

@@ -10,14 +10,18 @@ def pytest_load_initial_conftests(early_config, parser, args):
         return
     explicit = any(a.startswith(("-n", "--numprocesses", "--dist", "--pdb", "--collect-only", "--co")) for a in args)
     if not explicit:
-        args[:] = ["-n", "auto", "--dist", "loadfile", *args]
+        # --no-loadscope-reorder: xdist (3.6+) otherwise hands out files by their number of tests,
+        # whatever the order below, and the longest files ran last, one core idle meanwhile
+        args[:] = ["-n", "auto", "--dist", "loadfile", "--no-loadscope-reorder", *args]
 
 
-# The files that take longest, longest first (measured on 2 cores; the rest keep their order
-# after them). xdist hands files to workers in collection order: a long file handed out last
-# would run alone at the end while the other cores idle.
-LONGEST_FIRST = ("test_slurm.py", "test_distributed.py", "test_sweep.py", "test_features.py", "test_trainer.py",
-                 "test_metrics.py", "test_gpu_path.py", "test_fid.py", "test_api.py", "test_run.py")
+# The files that take longest, longest first (measured on 2 cores on a fresh machine, where
+# test_gan_step.py's torch.compile finds no kernel cache: 70 s; the rest keep their order after
+# them). xdist hands files to workers in collection order: a long file handed out last would
+# run alone at the end while the other cores idle.
+LONGEST_FIRST = ("test_slurm.py", "test_gan_step.py", "test_distributed.py", "test_sweep.py", "test_trainer.py",
+                 "test_metrics.py", "test_features.py", "test_gpu_path.py", "test_fid.py", "test_run.py",
+                 "test_runlog.py", "test_api.py", "test_sagan_models.py", "test_inception.py", "test_bench.py")
 
 
 def pytest_collection_modifyitems(items):

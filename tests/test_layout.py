@@ -11,7 +11,7 @@ from conftest import REPO
 
 # docs/architecture.md, bottom up: a module may import only modules of a lower layer
 LAYERS = [
-    {"utils", "choices", "stats"},
+    {"utils", "choices", "stats", "folders"},
     {"files", "parameter"},
     {"device", "distributed", "spectral", "diffaug", "sampling", "data_loader", "report_html"},
     {"sagan_models", "batches", "inception"},

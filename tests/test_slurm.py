@@ -3,6 +3,7 @@ a real Slurm (tools/slurm_local.sh start: one node, this machine): a sweep that 
 one does, a cell requeued on its time-limit signal that resumes exactly, a second command that
 submits nothing while the jobs are queued, a failed cell with its log, and the README's command."""
 import json
+import pickle
 import re
 import shlex
 import subprocess
@@ -71,6 +72,21 @@ def test_without_submitit_or_sbatch_it_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
     assert "no sbatch/squeue/srun on this machine's PATH" in one_line(run_main(args))
 
+
+
+def test_a_slurm_job_unpickles_its_cell_without_importing_torch(tmp_path):
+    # the job's wrapper process only decides --resume and starts main.py, which imports torch itself
+    from run import configure
+    from slurm import CellJob
+    cfg = configure([*SWEEP, *out_dirs(tmp_path), "--span", "0,3", *SLURM])
+    job = tmp_path / "job.pkl"
+    job.write_bytes(pickle.dumps(CellJob(cfg, [], str(REPO / "main.py"), *cfg.sweep[0])))
+    code = (f"import pickle, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            f"cell = pickle.loads(open({str(job)!r}, 'rb').read())\n"
+            f"from sweep import cell_state; cell_state(cell.cfg, cell.version)\n"
+            f"print(sorted(m for m in ('torch', 'matplotlib', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 # ---------------------------------------------------------------------------- a real Slurm
 def _record(tmp):
