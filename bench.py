@@ -29,7 +29,7 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 from batches import make_batches
-from choices import PRECISIONS
+from choices import PRECISIONS, span_list, span_text
 from data_loader import build_dataset
 from device import configure_backends, pick_device, set_tf32
 from features import Resolved, batches_from_array, extract_features, generated_features, load_images
@@ -153,16 +153,6 @@ def time_fid(args, device, trainer_argv):
             "reference": f"{len(real)} bundled emoji", "generator": "untrained (step 0)"}
 
 
-def spans(text):
-    try:
-        values = [int(s) for s in text.split(",")]
-    except ValueError:
-        values = [-1]
-    if min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected spans >= 0 separated by commas, got {text!r}")
-    return values
-
-
 def main(argv=None):
     """The command line: a user mistake (e.g. --device cuda without a GPU) is one line, exit 2."""
     try:
@@ -178,7 +168,8 @@ def main(argv=None):
 def run(argv=None):
     p = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--spans", default=[0, 3], type=spans, help="comma-separated spans to time")
+    p.add_argument("--spans", default=[0, 3], type=span_list,
+                   help="comma-separated spans to time, as main.py's --span takes them (none: no attention layers)")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="timed steps (default: 300 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed steps first (default: 30 GPU, 2 CPU)")
     p.add_argument("--batch_size", type=int_at_least(1), default=None, help="default: 64 GPU, 8 CPU")
@@ -233,19 +224,20 @@ def measure(args, device, tmp, out, argv):
     for span in args.spans:
         for name, flags in paths.items():
             try:
-                r = time_training(common + flags + ["--span", str(span), "--version", f"{name}{span}"],
+                text = span_text(span)
+                r = time_training(common + flags + ["--span", text, "--version", f"{name}{text}"],
                                   args.steps, args.warmup, device, reference=name == "reference", profile=args.profile)
             except UserError:  # a user mistake (e.g. --imsize 48) fails every path alike: one line, now
                 raise
             except Exception as e:  # a benchmark reports a failing path and goes on with the others
-                print(f"span {span}  {name:9s}  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                print(f"span {span_text(span)}  {name:9s}  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 rows.append({"path": name, "span": span, "flags": " ".join(flags), "error": repr(e)[:2000],
                              "it_per_s": float("nan"), "images_per_s": float("nan")})
                 continue
             rows.append({"path": name, "span": span, "flags": " ".join(flags), **r})
             prof = f"  {r['gpu_busy_ms_per_step']:.2f} ms GPU/step, {r['gpu_events_per_step']:.0f} kernels/step" \
                 if "gpu_busy_ms_per_step" in r else ""
-            print(f"span {span}  {name:9s}  {r['it_per_s']:8.1f} it/s  {r['images_per_s']:9.0f} img/s  "
+            print(f"span {span_text(span)}  {name:9s}  {r['it_per_s']:8.1f} it/s  {r['images_per_s']:9.0f} img/s  "
                   f"(warm-up {r['warmup_seconds']:.1f} s){prof}", flush=True)
     fid_row = time_fid(args, device, common + paths["fast"] + ["--version", "fid"])
 
@@ -258,7 +250,7 @@ def measure(args, device, tmp, out, argv):
     for r in rows:
         ref = next((x for x in rows if x["path"] == "reference" and x["span"] == r["span"]), None)
         ratio = f"{r['it_per_s'] / ref['it_per_s']:.1f}" if ref else "-"
-        print(f"{r['span']:>4} | {r['path']:9} | {r['it_per_s']:8.1f} | {r['images_per_s']:9.0f} | {ratio:>6}")
+        print(f"{span_text(r['span']):>4} | {r['path']:9} | {r['it_per_s']:8.1f} | {r['images_per_s']:9.0f} | {ratio:>6}")
     for name, r in fid_row["precisions"].items():
         print(f"FID {name}: features {r['feature_images_per_s']:.0f} img/s; one FID of {args.fid_samples} samples "
               f"{r['fid_seconds']:.2f} s (generate+features {r['generate_and_features_s']:.2f}, stats "

@@ -80,6 +80,19 @@ def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_earlier_table(tmp_path
     assert not any((tmp_path / "tmp").iterdir())  # the synthetic data and run folders went with the runs
 
 
+
+def test_spans_are_read_as_main_py_reads_them(tmp_path, capsys, monkeypatch, no_timing):
+    seen = []
+    monkeypatch.setattr(bench, "time_training", lambda argv, *a, **k: seen.append(argv) or
+                        {"it_per_s": 2.0, "images_per_s": 16.0, "warmup_seconds": 0.1})
+    assert bench.main(["--device", "cpu", "--out", str(tmp_path / "b.json"), "--spans", "none,3",
+                       "--skip_reference"]) is None
+    assert [argv[argv.index("--span") + 1] for argv in seen] == ["none", "3"]
+    table = capsys.readouterr().out
+    assert "span none  fast" in table and "none | fast" in table
+    assert [row["span"] for row in json.loads((tmp_path / "b.json").read_text())["training"]] == [-1, 3]
+    assert "--spans: expected a span" in bench_error(capsys, ["--spans", "-1"])
+
 @pytest.mark.slow
 def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
