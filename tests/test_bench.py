@@ -1,16 +1,17 @@
 """bench.py's command line: counts it cannot run with, and a --out it cannot write, are one
 line and exit code 2 before any timing; a table that cannot be written at the end never
 costs the one an earlier run left there."""
+import json
 import os
 import tempfile
 
+import numpy as np
 import pytest
+import scipy.linalg
+import torch
 
 import bench
-from conftest import full_disk_at, one_line_exit_2
-from conftest import run_cli
-import json
-import torch
+from conftest import full_disk_at, one_line_exit_2, run_cli
 
 
 def bench_error(capsys, argv):
@@ -92,6 +93,22 @@ def test_spans_are_read_as_main_py_reads_them(tmp_path, capsys, monkeypatch, no_
     assert "span none  fast" in table and "none | fast" in table
     assert [row["span"] for row in json.loads((tmp_path / "b.json").read_text())["training"]] == [-1, 3]
     assert "--spans: expected a span" in bench_error(capsys, ["--spans", "-1"])
+
+
+def test_each_timed_fid_distance_computes_its_own_square_root_factors(monkeypatch):
+    # a CPU bench times the distance twice on the CPU: the second must not reuse the first's factors
+    import metrics
+    from features import Resolved
+    rng = np.random.default_rng(0)
+    sides = [Resolved(name, rng.normal(size=8), np.cov(rng.normal(size=(8, 40)))) for name in ("gen", "ref")]
+    factors = []
+    real = metrics._sqrt_factor
+    monkeypatch.setattr(metrics, "_sqrt_factor", lambda sigma: factors.append(1) or real(sigma))
+    (a, _), (b, _) = (bench.fid_distance(*sides, "cpu") for _ in range(2))
+    assert len(factors) == 4 and a == b
+    mu1, s1, mu2, s2 = sides[0].mu, sides[0].sigma, sides[1].mu, sides[1].sigma
+    root = scipy.linalg.sqrtm(s1 @ s2).real  # the closed form, independently
+    assert a == pytest.approx(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root), rel=1e-9)
 
 @pytest.mark.slow
 def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
