@@ -232,22 +232,22 @@ def measure(args, device, tmp, out, argv):
         del paths["reference"]
     rows = []
     for span in args.spans:
+        text = span_text(span)  # as main.py's --span takes it, and as the table shows it
         for name, flags in paths.items():
             try:
-                text = span_text(span)
                 r = time_training(common + flags + ["--span", text, "--version", f"{name}{text}"],
                                   args.steps, args.warmup, device, reference=name == "reference", profile=args.profile)
             except UserError:  # a user mistake (e.g. --imsize 48) fails every path alike: one line, now
                 raise
             except Exception as e:  # a benchmark reports a failing path and goes on with the others
-                print(f"span {span_text(span)}  {name:9s}  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                print(f"span {text}  {name:9s}  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 rows.append({"path": name, "span": span, "flags": " ".join(flags), "error": repr(e)[:2000],
                              "it_per_s": float("nan"), "images_per_s": float("nan")})
                 continue
             rows.append({"path": name, "span": span, "flags": " ".join(flags), **r})
             prof = f"  {r['gpu_busy_ms_per_step']:.2f} ms GPU/step, {r['gpu_events_per_step']:.0f} kernels/step" \
                 if "gpu_busy_ms_per_step" in r else ""
-            print(f"span {span_text(span)}  {name:9s}  {r['it_per_s']:8.1f} it/s  {r['images_per_s']:9.0f} img/s  "
+            print(f"span {text}  {name:9s}  {r['it_per_s']:8.1f} it/s  {r['images_per_s']:9.0f} img/s  "
                   f"(warm-up {r['warmup_seconds']:.1f} s){prof}", flush=True)
     fid_row = time_fid(args, device, common + paths["fast"] + ["--version", "fid"])
 

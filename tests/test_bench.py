@@ -81,7 +81,6 @@ def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_earlier_table(tmp_path
     assert not any((tmp_path / "tmp").iterdir())  # the synthetic data and run folders went with the runs
 
 
-
 def test_spans_are_read_as_main_py_reads_them(tmp_path, capsys, monkeypatch, no_timing):
     seen = []
     monkeypatch.setattr(bench, "time_training", lambda argv, *a, **k: seen.append(argv) or
@@ -109,6 +108,7 @@ def test_each_timed_fid_distance_computes_its_own_square_root_factors(monkeypatc
     mu1, s1, mu2, s2 = sides[0].mu, sides[0].sigma, sides[1].mu, sides[1].sigma
     root = scipy.linalg.sqrtm(s1 @ s2).real  # the closed form, independently
     assert a == pytest.approx(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root), rel=1e-9)
+
 
 @pytest.mark.slow
 def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):

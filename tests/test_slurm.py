@@ -73,7 +73,6 @@ def test_without_submitit_or_sbatch_it_says_what_to_install(tmp_path, monkeypatc
     assert "no sbatch/squeue/srun on this machine's PATH" in one_line(run_main(args))
 
 
-
 def test_a_slurm_job_unpickles_its_cell_without_importing_torch(tmp_path):
     # the job's wrapper process only decides --resume and starts main.py, which imports torch itself
     from run import configure
