@@ -52,14 +52,24 @@ def _chain(x, *convs):
     return x
 
 
+def pool2d(fn, x, **kwargs):
+    """fn(x, **kwargs) for F.max_pool2d or F.avg_pool2d. On the CPU, ATen's channels-last
+    pooling is 2-3x faster than its NCHW pooling and gives the same numbers (a max, or the same
+    sum divided by the same count), so pooling, a quarter of this network's CPU time, runs
+    channels-last; the convolutions stay NCHW, the layout in which the peers compute theirs."""
+    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
+        return fn(x, **kwargs)
+    return fn(x.contiguous(memory_format=torch.channels_last), **kwargs).contiguous()
+
+
 class _Block(nn.Module):
     pool = "avg"  # the pooling branch: "avg" (padded zeros left out, as TF) or "max"
 
     def _pool_branch(self, x):
         if self.pool == "max":
-            x = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+            x = pool2d(F.max_pool2d, x, kernel_size=3, stride=1, padding=1)
         else:
-            x = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            x = pool2d(F.avg_pool2d, x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
         return self.branch_pool(x)
 
     def forward(self, x):
@@ -92,7 +102,7 @@ class InceptionB(_Block):  # the grid reduction 35 -> 17
 
     def branches(self, x):
         return [self.branch3x3(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                F.max_pool2d(x, kernel_size=3, stride=2)]
+                pool2d(F.max_pool2d, x, kernel_size=3, stride=2)]
 
 
 class FIDInceptionC(_Block):  # factorised 7x7 convolutions
@@ -129,7 +139,7 @@ class InceptionD(_Block):  # the grid reduction 17 -> 8
     def branches(self, x):
         return [_chain(x, self.branch3x3_1, self.branch3x3_2),
                 _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
-                F.max_pool2d(x, kernel_size=3, stride=2)]
+                pool2d(F.max_pool2d, x, kernel_size=3, stride=2)]
 
 
 class FIDInceptionE(_Block):  # expanded filter banks
@@ -168,11 +178,11 @@ def resize_tf1(x, size=(299, 299)):
 
     y0, y1, fy = axis(x.shape[-2], size[0])
     x0, x1, fx = axis(x.shape[-1], size[1])
-    top, bot = x.index_select(-2, y0), x.index_select(-2, y1)
-    tl, tr = top.index_select(-1, x0), top.index_select(-1, x1)
-    bl, br = bot.index_select(-1, x0), bot.index_select(-1, x1)
-    top = tl + (tr - tl) * fx
-    bot = bl + (br - bl) * fx
+    # the lerp across x of every source row, once: output rows that share a source row get
+    # the same numbers as if each made its own (4-7x faster than lerping per output row)
+    left, right = x.index_select(-1, x0), x.index_select(-1, x1)
+    rows = left + (right - left) * fx
+    top, bot = rows.index_select(-2, y0), rows.index_select(-2, y1)
     return top + (bot - top) * fy[:, None]
 
 
@@ -224,9 +234,9 @@ class FIDInception(nn.Module):
                 x = x.contiguous(memory_format=torch.channels_last)
             for block in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3):
                 x = block(x)
-            x = F.max_pool2d(x, kernel_size=3, stride=2)
+            x = pool2d(F.max_pool2d, x, kernel_size=3, stride=2)
             x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-            x = F.max_pool2d(x, kernel_size=3, stride=2)
+            x = pool2d(F.max_pool2d, x, kernel_size=3, stride=2)
             for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                           self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
                 x = block(x)

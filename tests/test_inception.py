@@ -66,6 +66,20 @@ def test_features_tf1_match_torch_fidelity(env):
     assert np.abs(logits - ref_logits).max() <= 1e-5 * np.abs(ref_logits).max()  # observed: 0
 
 
+@pytest.mark.parametrize("fn,kwargs", [
+    (torch.nn.functional.max_pool2d, dict(kernel_size=3, stride=2)),
+    (torch.nn.functional.max_pool2d, dict(kernel_size=3, stride=1, padding=1)),
+    (torch.nn.functional.avg_pool2d, dict(kernel_size=3, stride=1, padding=1, count_include_pad=False))])
+def test_pooling_on_the_cpu_gives_the_numbers_of_nchw_pooling(fn, kwargs):
+    # the network's every pooling, at odd sizes and values spanning many orders of magnitude
+    # (a sum in another order, or a multiply by 1/count, would round differently)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 5, 9, 7), (3, 64, 35, 35), (1, 288, 17, 15)):
+        x = torch.randn(shape, generator=g) * torch.exp(4 * torch.randn(shape, generator=g))
+        ours = inception.pool2d(fn, x, **kwargs)
+        assert ours.is_contiguous() and torch.equal(ours, fn(x, **kwargs)), shape
+
+
 @pytest.mark.parametrize("hw,out,tol", [((5, 7), (11, 13), 1e-3), ((13, 9), (4, 6), 1e-3),
                                         ((32, 32), (299, 299), 2e-2)])
 def test_resize_tf1_matches_bruteforce(hw, out, tol):
@@ -78,7 +92,7 @@ def test_resize_tf1_matches_bruteforce(hw, out, tol):
     assert np.abs(ours[0, 1].double().numpy() - ref).max() < tol
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
     peer = interpolate_bilinear_2d_like_tensorflow1x(x, size=out, align_corners=False)
-    assert torch.allclose(ours, peer, atol=1e-4, rtol=0)  # observed: bit-exact
+    assert torch.equal(ours, peer)  # the same float32 operations in the same order
 
 
 def test_resolve_weights_explicit_missing(tmp_path):
