@@ -12,14 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Two cores: one intra-op thread keeps parallel test processes from thrashing.
-torch.set_num_threads(1)
+
+def pytest_configure(config):
+    # pytest-xdist's controller loads this file too, but only hands tests to the workers:
+    # importing torch there (2-3 s) would delay every worker's start, so torch is imported
+    # where tests run (the test modules import it anyway), and by the functions below
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+    torch.set_num_threads(1)  # two cores: one intra-op thread keeps parallel test processes from thrashing
 
 TINY = ["--imsize", "32", "--batch_size", "8", "--num_workers", "0", "--g_conv_dim", "16", "--d_conv_dim", "16",
         "--z_dim", "32", "--device", "cpu", "--seed", "3"]
@@ -64,6 +70,7 @@ def fid_weights(tmp_path_factory):
     """Random FID Inception weights in the real key layout (random_fid_state_dict; the real
     file cannot be downloaded here), written once for the whole session."""
     def make(folder):
+        import torch
         folder.mkdir()
         torch.save(random_fid_state_dict(), folder / "random_fid_inception.pth")
         return folder / "random_fid_inception.pth"
@@ -210,6 +217,7 @@ def image_folder(tmp_path):
 def random_fid_state_dict(seed=0):
     # He-scaled convs and non-trivial BN statistics keep activations O(1) through the ~95
     # layers (default init shrinks them towards 0 and makes every image look alike)
+    import torch
     g = torch.Generator().manual_seed(seed)
     import inception
     m = inception.FIDInception()
@@ -256,6 +264,7 @@ def pytest_collection_modifyitems(config, items):
     """CUDA tests are deselected (not skipped) where no GPU is visible: CI runs none. Slurm
     tests likewise where no Slurm answers, unless SAGAN_REQUIRE_SLURM=1 (CI, which starts
     one): then that is an error, never a silent pass."""
+    import torch
     gone = {"cuda"} if not torch.cuda.is_available() else set()
     if any("slurm" in item.keywords for item in items):
         why = slurm_missing()
@@ -320,6 +329,7 @@ def _peer_files(root, fid_weights):
 def env(peer_files, monkeypatch):
     """peer_files, with TORCH_HOME pointing at their weights for the test (where pytorch-fid
     looks for its file)."""
+    import torch
     monkeypatch.setenv("TORCH_HOME", str(peer_files["root"] / "torch_home"))
     assert Path(torch.hub.get_dir()) == peer_files["root"] / "torch_home" / "hub", "torch.hub.set_dir() overrides TORCH_HOME"
     return peer_files
