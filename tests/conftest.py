@@ -19,10 +19,17 @@ sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):
+    worker = hasattr(config, "workerinput")
+    # checked before any collection, in the process the user started: raised in a pytest-xdist
+    # worker, the error would reach the user as the controller's INTERNALERROR naming a test
+    if os.environ.get("SAGAN_REQUIRE_SLURM") == "1" and not worker:
+        why = slurm_missing()
+        if why:
+            raise pytest.UsageError(f"SAGAN_REQUIRE_SLURM=1, but {why}: start one with tools/slurm_local.sh start")
     # pytest-xdist's controller loads this file too, but only hands tests to the workers:
     # importing torch there (2-3 s) would delay every worker's start, so torch is imported
     # where tests run (the test modules import it anyway), and by the functions below
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+    if getattr(config.option, "numprocesses", None) and not worker:
         return
     import torch
     torch.set_num_threads(1)  # two cores: one intra-op thread keeps parallel test processes from thrashing
@@ -263,14 +270,11 @@ def structured_images(n, seed, hue_shift):
 def pytest_collection_modifyitems(config, items):
     """CUDA tests are deselected (not skipped) where no GPU is visible: CI runs none. Slurm
     tests likewise where no Slurm answers, unless SAGAN_REQUIRE_SLURM=1 (CI, which starts
-    one): then that is an error, never a silent pass."""
+    one): then pytest_configure has stopped the run with an error, never a silent pass."""
     import torch
     gone = {"cuda"} if not torch.cuda.is_available() else set()
-    if any("slurm" in item.keywords for item in items):
-        why = slurm_missing()
-        if why and os.environ.get("SAGAN_REQUIRE_SLURM") == "1":
-            raise pytest.UsageError(f"SAGAN_REQUIRE_SLURM=1, but {why}: start one with tools/slurm_local.sh start")
-        gone |= {"slurm"} if why else set()
+    if os.environ.get("SAGAN_REQUIRE_SLURM") != "1" and any("slurm" in item.keywords for item in items):
+        gone |= {"slurm"} if slurm_missing() else set()
     out = [item for item in items if gone & set(item.keywords)]
     if out:
         config.hook.pytest_deselected(items=out)
