@@ -34,6 +34,7 @@ def pytest_configure(config):
     import torch
     torch.set_num_threads(1)  # two cores: one intra-op thread keeps parallel test processes from thrashing
 
+
 TINY = ["--imsize", "32", "--batch_size", "8", "--num_workers", "0", "--g_conv_dim", "16", "--d_conv_dim", "16",
         "--z_dim", "32", "--device", "cpu", "--seed", "3"]
 

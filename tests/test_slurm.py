@@ -87,6 +87,7 @@ def test_a_slurm_job_unpickles_its_cell_without_importing_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
+
 # ---------------------------------------------------------------------------- a real Slurm
 def _record(tmp):
     return json.loads((Path(tmp) / "logs" / "sagan_emoji_sweep_slurm" / "sweep.json").read_text())
