@@ -53,13 +53,29 @@ def _chain(x, *convs):
 
 
 def pool2d(fn, x, **kwargs):
-    """fn(x, **kwargs) for F.max_pool2d or F.avg_pool2d. On the CPU, ATen's channels-last
-    pooling is 2-3x faster than its NCHW pooling and gives the same numbers (a max, or the same
-    sum divided by the same count), so pooling, a quarter of this network's CPU time, runs
-    channels-last; the convolutions stay NCHW, the layout in which the peers compute theirs."""
-    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
+    """fn(x, **kwargs) for F.max_pool2d or F.avg_pool2d, with the numbers of ATen's NCHW pooling,
+    faster on the CPU, where pooling is a quarter of this network's time in ATen's NCHW kernels:
+    a 3x3 max is taken over rows, then over columns (a max is exact in any order; strided maxima
+    are about twice as fast as channels-last pooling and its two layout copies), and an average
+    runs channels-last (ATen adds the same window in the same order and divides by the same
+    count). The convolutions stay NCHW, the layout in which the peers compute theirs."""
+    if x.device.type != "cpu":
+        return fn(x, **kwargs)
+    if fn is F.max_pool2d and kwargs.get("kernel_size") == 3 and set(kwargs) <= {"kernel_size", "stride", "padding"}:
+        return _max_pool_3x3(x, kwargs.get("stride", 3), kwargs.get("padding", 0))
+    if x.is_contiguous(memory_format=torch.channels_last):
         return fn(x, **kwargs)
     return fn(x.contiguous(memory_format=torch.channels_last), **kwargs).contiguous()
+
+
+def _max_pool_3x3(x, stride, padding):
+    if padding:  # -inf never wins a max: the padded cells are left out, as ATen leaves them out
+        x = F.pad(x, (padding,) * 4, value=float("-inf"))
+    h, w = (x.shape[-2] - 3) // stride + 1, (x.shape[-1] - 3) // stride + 1
+    rows = [x[..., d:d + stride * (h - 1) + 1:stride, :] for d in range(3)]
+    x = torch.maximum(torch.maximum(rows[0], rows[1]), rows[2])
+    cols = [x[..., d:d + stride * (w - 1) + 1:stride] for d in range(3)]
+    return torch.maximum(torch.maximum(cols[0], cols[1]), cols[2])
 
 
 class _Block(nn.Module):

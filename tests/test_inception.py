@@ -72,12 +72,15 @@ def test_features_tf1_match_torch_fidelity(env):
     (torch.nn.functional.avg_pool2d, dict(kernel_size=3, stride=1, padding=1, count_include_pad=False))])
 def test_pooling_on_the_cpu_gives_the_numbers_of_nchw_pooling(fn, kwargs):
     # the network's every pooling, at odd sizes and values spanning many orders of magnitude
-    # (a sum in another order, or a multiply by 1/count, would round differently)
+    # (a sum in another order, or a multiply by 1/count, would round differently), with a NaN
+    # and an -inf on a border (a max that skipped them, or padded with 0, would differ)
     g = torch.Generator().manual_seed(0)
     for shape in ((2, 5, 9, 7), (3, 64, 35, 35), (1, 288, 17, 15)):
         x = torch.randn(shape, generator=g) * torch.exp(4 * torch.randn(shape, generator=g))
+        x[0, 0, 0, 3], x[-1, -1, 4, -1] = float("nan"), float("-inf")
         ours = inception.pool2d(fn, x, **kwargs)
-        assert ours.is_contiguous() and torch.equal(ours, fn(x, **kwargs)), shape
+        assert ours.is_contiguous(), shape
+        torch.testing.assert_close(ours, fn(x, **kwargs), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("hw,out,tol", [((5, 7), (11, 13), 1e-3), ((13, 9), (4, 6), 1e-3),
