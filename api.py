@@ -113,8 +113,11 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
     device = pick_device(device)
     network = _Network(fid_weights, fid_resize, fid_precision, device)
     sides = [a] if b is None or all(METRICS[m].needs == "logits" for m in names) else [a, b]
-    inputs = [_resolve(s, network, batch_size, progress, fid_samples, ema, trust_checkpoint) for s in sides]
-    for r in inputs:  # statistics of the other resize pipeline are not comparable
+    inputs = [None] * len(sides)
+    # statistics first (read, not computed): statistics of the other resize pipeline are not
+    # comparable, and are refused before minutes of feature extraction for the other side
+    for i in sorted(range(len(sides)), key=lambda i: not _stats_only(sides[i])):
+        r = inputs[i] = _resolve(sides[i], network, batch_size, progress, fid_samples, ema, trust_checkpoint)
         saved = r.meta.get("key", {}).get("resize")
         if r.pool3 is None and saved and saved != fid_resize:
             raise UserError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")

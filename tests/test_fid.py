@@ -57,7 +57,7 @@ def _value(out, name):
 
 
 @pytest.mark.slow
-def test_cli_fid_is_kid_and_saved_stats(env, capsys, fidelity_metrics, tmp_path):
+def test_cli_fid_is_kid_and_saved_stats(env, capsys, fidelity_metrics, tmp_path, monkeypatch):
     out = _cli(capsys, env["A"], env["B"], "--metrics", "fid,is,kid", "--batch_size", 7, "--isc_splits", IS_SPLITS,
                "--kid_subsets", KID_SUBSETS, "--kid_subset_size", KID_SUBSET_SIZE, "--device", "cpu")
     ref_fid = fidelity_metrics["frechet_inception_distance"]
@@ -69,10 +69,15 @@ def test_cli_fid_is_kid_and_saved_stats(env, capsys, fidelity_metrics, tmp_path)
     mu, sigma, meta = metrics.load_stats(stats)
     assert meta["n"] == N_IMAGES and meta["key"]["resize"] == "tf1" and mu.shape == (2048,)
     assert rel_err(_value(_cli(capsys, stats, env["B"]), "FID"), ref_fid) < 1e-4
-    # stats of the other pipeline are refused rather than silently compared
-    with pytest.raises(SystemExit) as e:
-        fid.main([str(stats), str(env["B"]), "--fid_resize", "pytorch"])
-    assert e.value.code == 2 and "--fid_resize tf1" in capsys.readouterr().err
+    # stats of the other pipeline are refused rather than silently compared, before the other
+    # side's features are extracted (minutes for a real set)
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was loaded for an input that is refused")
+    monkeypatch.setattr(inception, "load_inception", no_network)
+    for inputs in ([stats, env["B"]], [env["B"], stats]):
+        with pytest.raises(SystemExit) as e:
+            fid.main([*map(str, inputs), "--fid_resize", "pytorch"])
+        assert e.value.code == 2 and "--fid_resize tf1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         fid.main([str(stats), str(env["B"]), "--metrics", "kid"])
     err = capsys.readouterr().err
