@@ -228,8 +228,10 @@ class Trainer:
         return all(int(r["step"]) != self.step for r in csv_rows_until(self.dirs["log"] / "fid.csv", self.step))
 
     def _prepare_data_and_fid(self):
-        """The batch stream from the current step on, and the FID monitor (or None); writes
-        config.json and clears what a killed earlier process left half-written."""
+        """The batch stream from the current step on, and the FID monitor (or None); clears
+        what a killed earlier process left half-written, and writes config.json last: a start
+        that fails its checks (the data, the FID weights) leaves no config that would make the
+        same command, corrected, a run to --resume."""
         cfg = self.cfg
         if self.is_main:
             stale = sum(remove_stale_temp_files(self.dirs[k]) for k in ("model_save", "log") if self.dirs[k].is_dir())
@@ -242,12 +244,13 @@ class Trainer:
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:64]
         self.attn_real = torch.stack([dataset[int(i)] for i in pick]).float().div_(127.5).sub_(1)
         self.attention_log = AttentionLog(self.dirs["log"] / "attention.csv", self.step)
+        stream = make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world)
+        fid_monitor = self._fid_monitor(dataset, getattr(stream, "images", None))
         if self.is_main:
             self._write_config(len(dataset))
             if cfg.fid_step == 0 and self.device.type == "cpu":
                 print("note: FID is off on CPU unless asked for: --fid_step N (--fid_samples M)")
-        stream = make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world)
-        return iter(stream), self._fid_monitor(dataset, getattr(stream, "images", None))
+        return iter(stream), fid_monitor
 
     def _close_interval(self, log, signalled):
         """At a log step: the interval's mean losses (global under torchrun), the NaN check,

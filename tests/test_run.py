@@ -99,6 +99,18 @@ def test_a_folder_holding_only_a_config_is_a_run_and_a_fresh_start_writes_its_ow
 
 
 @pytest.mark.slow
+def test_a_start_refused_at_its_checks_is_no_run_and_the_corrected_command_starts_it(tmp_path, fid_weights):
+    fid = ["--total_step", "2", "--fid_step", "2", "--fid_samples", "4", "--fid_batch_size", "8", "--fid_ref_samples",
+           "4", "--version", "typo", "--fid_weights"]
+    err = one_line(run_main(step_args(tmp_path, *fid, tmp_path / "no_such_weights.pth"), cwd=tmp_path))
+    assert "no_such_weights.pth does not exist" in err
+    assert not (tmp_path / "logs/typo/config.json").exists()
+    r = run_main(step_args(tmp_path, *fid, fid_weights), cwd=tmp_path)  # the path fixed, nothing else
+    assert r.returncode == 0, r.stderr
+    assert [row["step"] for row in read_csv(tmp_path / "logs/typo/fid.csv")] == ["2"]
+
+
+@pytest.mark.slow
 def test_pretrained_model_refuses_to_overwrite_later_checkpoints(tmp_path, capsys):
     main.main(main_args(tmp_path, "--version", "p", "--total_step", "20"))
     saved = tmp_path / "models" / "p" / "20.pt"
