@@ -125,10 +125,12 @@ def configure(argv=None, flags=None) -> Config:
     if cfg.sweep:  # the cells resolve their own start, each in its own process
         for key in OUTPUT_FOLDERS:
             check_writable(getattr(cfg, f"{key}_path"), f"--{key}_path")
+        _check_fid_weights(cfg)  # once, not in every cell
         return Config(**vars(cfg))
     for key, folder in run_dirs(cfg).items():  # at start, not at the first sample step hours later
         if cfg.train or key == "sample":
             check_writable(folder, f"--{key}_path")
+    _check_fid_weights(cfg)
     if cfg.train and int(os.environ.get("RANK", "0")) == 0:  # one writer per run, before anything is read or written
         # a lock in every output root: two runs that share any one of the run's folders
         # (same --version and --model_save_path, other --log_path) cannot both write
@@ -140,6 +142,15 @@ def configure(argv=None, flags=None) -> Config:
     if cfg.seed is None:
         cfg.seed = _drawn_seed()
     return Config(**vars(cfg))
+
+
+def _check_fid_weights(cfg):
+    """A --fid_weights file that is not there: one line before any network is built or any
+    cell launched (the trainer resolves the weights for its FID monitor, the default ones
+    included, which it may download)."""
+    if cfg.train and cfg.fid_step > 0 and cfg.fid_weights is not None:
+        from inception import resolve_weights
+        resolve_weights(cfg.fid_weights)
 
 
 def _drawn_seed() -> int:

@@ -170,14 +170,17 @@ def report(cfg, results, why="their output above says why") -> int:
     line, code = sweep_summary(results, why)
     print(line, flush=True)
     dirs = [Path(cfg.log_path) / version for version, _ in results]
+    started = [d for d in dirs if (d / "config.json").is_file() or (d / "fid.csv").is_file()]
     if any((d / "fid.csv").is_file() for d in dirs):  # every cell started counts, with FID or not
-        started = [d for d in dirs if (d / "config.json").is_file() or (d / "fid.csv").is_file()]
         show(group_runs([load_run(d) for d in started]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
              flag="--log_path", html_out=Path(cfg.log_path) / f"{cfg.sweep_name}_report.html",
              html_flag="--log_path")
+    elif cfg.fid_step == 0:
+        print("sweep: no FID logged (FID is off: --fid_step 0, the default on a CPU; give --fid_step N)")
     else:
-        print("sweep: no FID logged (on a CPU FID is off unless --fid_step N is given)")
-    print("compare again with: python fid.py compare " + " ".join(str(d) for d in dirs), flush=True)
+        print("sweep: no FID logged (no cell wrote a row of fid.csv; the cells' output says why)")
+    if started:  # a cell refused at its start checks wrote nothing to compare
+        print("compare again with: python fid.py compare " + " ".join(str(d) for d in started), flush=True)
     return code
 
 

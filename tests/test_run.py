@@ -102,9 +102,12 @@ def test_a_folder_holding_only_a_config_is_a_run_and_a_fresh_start_writes_its_ow
 def test_a_start_refused_at_its_checks_is_no_run_and_the_corrected_command_starts_it(tmp_path, fid_weights):
     fid = ["--total_step", "2", "--fid_step", "2", "--fid_samples", "4", "--fid_batch_size", "8", "--fid_ref_samples",
            "4", "--version", "typo", "--fid_weights"]
-    err = one_line(run_main(step_args(tmp_path, *fid, tmp_path / "no_such_weights.pth"), cwd=tmp_path))
-    assert "no_such_weights.pth does not exist" in err
-    assert not (tmp_path / "logs/typo/config.json").exists()
+    (tmp_path / "notes.pth").write_text("not weights")
+    # refused by run.configure (no file), then by the trainer's FID monitor (no weights in the file)
+    for wrong, message in (("no_such_weights.pth", "does not exist"), ("notes.pth", "is not an FID Inception")):
+        err = one_line(run_main(step_args(tmp_path, *fid, tmp_path / wrong), cwd=tmp_path))
+        assert message in err
+        assert not (tmp_path / "logs/typo/config.json").exists()
     r = run_main(step_args(tmp_path, *fid, fid_weights), cwd=tmp_path)  # the path fixed, nothing else
     assert r.returncode == 0, r.stderr
     assert [row["step"] for row in read_csv(tmp_path / "logs/typo/fid.csv")] == ["2"]

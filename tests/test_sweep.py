@@ -75,6 +75,7 @@ def test_no_attention_and_one_network_sweeps_form_the_documented_cells():
     (["--span", "0,3", "--resume"], "run the same command again to continue it"),
     (["--span", "0,x"], "or a comma list of them, got '0,x'"),
     (["--seed", "1,1"], "repeats a value"),
+    (["--span", "0,3", "--fid_step", "2", "--fid_weights", "no_such.pth"], "no_such.pth does not exist"),  # no cell runs
 ])
 def test_sweep_mistakes_are_one_line(tmp_path, args, message):
     r = run_main([*SWEEP, *args], cwd=tmp_path)
@@ -162,6 +163,21 @@ def test_cell_results_and_the_summary_agree_with_the_cells():
     assert sweep_summary([("a", "ok"), ("b", "interrupted")]) == (
         "sweep: 1/2 cells finished; interrupted: 1 (b); run the same command again to continue the rest", 0)
     assert sweep_summary([("a", "ok"), ("b", "done before")]) == ("sweep: 2/2 cells finished", 0)
+
+
+def test_the_report_compares_the_cells_that_started_and_says_why_no_fid(tmp_path, capsys):
+    from sweep import report
+    cfg = configure([*SWEEP, *out_dirs(tmp_path), "--span", "0,3", "--fid_step", "2"])
+    cells = [version for *_, version in cfg.sweep]
+    (tmp_path / "logs" / cells[0]).mkdir(parents=True)
+    (tmp_path / "logs" / cells[0] / "config.json").write_text("{}")  # started; the other was refused at its start
+    assert report(cfg, [(cells[0], "ok"), (cells[1], "failed (exit 2)")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "sweep: no FID logged (no cell wrote a row of fid.csv; the cells' output says why)"
+    assert lines[2] == f"compare again with: python fid.py compare {tmp_path / 'logs' / cells[0]}"
+    report(configure([*SWEEP, *out_dirs(tmp_path), "--span", "0,3"]), [(c, "failed (exit 2)") for c in cells[1:]])
+    lines = capsys.readouterr().out.splitlines()  # nothing started: nothing to compare
+    assert lines[1:] == ["sweep: no FID logged (FID is off: --fid_step 0, the default on a CPU; give --fid_step N)"]
 
 
 def _cell_pid(lock):
