@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from files import check_array_file
+from parameter import IMAGE_PATH
 from utils import REPO, UserError, warn
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -363,6 +364,10 @@ def _build_dataset(cfg) -> ImageDataset:
     if cfg.dataset == "emoji":
         path = root / "emoji64.npz"
         if not path.exists():
+            if cfg.image_path != IMAGE_PATH:  # the user's own images, a whole run on the emoji instead
+                raise UserError(f"--dataset emoji (the default) trains on the bundled emoji, or on an emoji64.npz "
+                                f"under --image_path, and {root} holds none: add --dataset folder to train on "
+                                f"the images there")
             path = REPO / "data" / "emoji64.npz"
         return ArrayDataset(load_array(path), size, None, {"dataset": "emoji", "path": str(path.resolve())})
     if cfg.dataset == "celeb":

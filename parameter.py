@@ -18,6 +18,7 @@ from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
 OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
+IMAGE_PATH = "./data"  # --image_path's default: there --dataset emoji falls back to the bundled set
 # --diffaug when not given: on for the small bundled set, where it measurably helps (README,
 # "Small data"); off for the rest, as in the original experiment.
 DIFFAUG_DEFAULT = {"emoji": "color,translation,cutout"}
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="emoji", choices=DATASETS,
                    help="emoji: bundled 1,432 emoji; celeb: <image_path>/CelebA; lsun: <image_path>/LSUN; "
                         "folder: any images under --image_path")
-    g.add_argument("--image_path", default="./data")
+    g.add_argument("--image_path", default=IMAGE_PATH)
     g.add_argument("--cache", type=str2auto, nargs="?", const=True, default="auto",
                    help="decode/crop/resize image files once into a uint8 array next to the data and serve "
                         "batches from (GPU) memory; auto: on with CUDA, off on CPU")

@@ -79,6 +79,9 @@ def config_argv(saved: dict, given=()) -> list:
     if not isinstance(saved, dict) or not dests & set(saved):
         raise UserError("it holds none of main.py's settings; pass the config.json a run wrote "
                         "(<log_path>/<version>/config.json)")
+    if "imsize" not in saved:  # e.g. a run's status.json: a setting or two, where a run's config holds all
+        raise UserError("it holds some of main.py's settings but no imsize: no run's config.json; pass the "
+                        "config.json a run wrote (<log_path>/<version>/config.json)")
     saved = checkpoint.migrate_config(saved)  # settings that did not exist yet: what such runs trained with
     skip = NOT_FROM_CONFIG | {k for k in dests if k.startswith("slurm_")} | set(given) | \
         (DEVICE_RESOLVED - set(saved.get("given") or ()))

@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main
-from conftest import main_args, one_line, one_line_exit_2, read_csv, REPO, run_main, small_data, step_args, TINY, train_args
+from conftest import (main_args, one_line, one_line_exit_2, out_dirs, read_csv, REPO, run_main, small_data, step_args, TINY,
+                      train_args)
 from run import configure
 
 
@@ -229,13 +232,25 @@ def test_config_gives_its_settings_under_the_flags_given(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"), ("{not json", "cannot read it as JSON"), ("[1, 2]", "holds none of main.py's settings"),
     ('{"git_commit": "abc"}', "holds none of main.py's settings"),
-    ('{"imsize": "big"}', "argument --imsize: invalid int value: 'big'"), ('{"imsize": 48}', "--imsize 48 is not supported")])
+    ('{"imsize": "big"}', "argument --imsize: invalid int value: 'big'"), ('{"imsize": 48}', "--imsize 48 is not supported"),
+    ('{"status": "finished", "step": 6, "total_step": 6}', "no imsize: no run's config.json")])  # a run's status.json
 def test_a_bad_or_missing_config_file_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "config.json"
     if content is not None:
         path.write_text(content)
     err = one_line_exit_2(capsys, main.main, ["--config", path, "--total_step", "2"])
     assert f"--config {path}: " in err and message in err, err
+
+
+def test_image_path_without_dataset_folder_is_refused_and_leaves_no_run(tmp_path):
+    # the likeliest first mistake: --image_path of one's own images without --dataset folder;
+    # --dataset emoji (the default) would have trained the whole run on the bundled emoji
+    (tmp_path / "mine").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "mine" / "a.png")
+    err = one_line(run_main([*TINY, *out_dirs(tmp_path), "--image_path", tmp_path / "mine", "--total_step", "1"],
+                            cwd=tmp_path))
+    assert f"{tmp_path / 'mine'} holds none: add --dataset folder" in err
+    assert not list(tmp_path.rglob("config.json"))
 
 
 @pytest.mark.slow
