@@ -294,6 +294,26 @@ def test_save_stats_write_error_is_one_line_and_keeps_the_earlier_file(inputs, c
     assert out.read_bytes() == earlier and os.listdir(out.parent) == ["stats.npz"]  # no temp file left either
 
 
+def test_save_stats_never_writes_over_a_file_that_holds_no_statistics(inputs, capsys, monkeypatch):
+    monkeypatch.setattr(inception, "load_inception", pixel_inception)
+    published(monkeypatch, inputs / "w.pth")
+    images, checkpoint = inputs / "images.npz", inputs / "run.pt"
+    np.savez(images, images=np.zeros((4, 8, 8, 3), np.uint8))
+    checkpoint.write_bytes(b"a checkpoint")
+    for out, message in ((images, "exists and holds no statistics"), (checkpoint, "give a name ending in .npz"),
+                         (inputs / "new.npy", "give a name ending in .npz")):
+        before = out.read_bytes() if out.exists() else None
+        code, stdout, err = run(capsys, ["--save-stats", inputs / "imgs.npy", out, "--fid_weights", inputs / "w.pth",
+                                         "--no_progress"])
+        assert message in assert_one_line_error(code, err)
+        assert (out.read_bytes() if out.exists() else None) == before
+    stats = inputs / "stats.npz"  # statistics are written over: computing them again is what was asked
+    metrics.save_stats(stats, np.ones(2), np.eye(2), n=5)
+    code, stdout, err = run(capsys, ["--save-stats", inputs / "imgs.npy", stats, "--fid_weights", inputs / "w.pth",
+                                     "--no_progress"])
+    assert code == 0 and "saved" in stdout and metrics.load_stats(stats)[2]["n"] != 5
+
+
 def test_save_stats_write_error_is_a_user_error(tmp_path, monkeypatch):
     (tmp_path / "s.npz").write_bytes(b"earlier")
     _fail_in_savez(monkeypatch)
