@@ -8,6 +8,7 @@ compare report's statistics of runs. fid.py is this module's command line.
 Nothing here prints or exits: a mistake a user can fix raises utils.UserError, whose
 message is the one line the command line prints (warnings, such as weights other than the
 published ones, go to stderr). Progress bars only with progress=True."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,16 @@ class _Network:
             inception.check_published_weights(self.weights)
         return self.model
 
+    def fingerprint(self):
+        """The weights' inception.weights_id (resolved, not loaded), or None where there are none."""
+        if self.weights is None:
+            self.weights = inception.resolve_weights(quiet=True)
+        return inception.weights_id(self.weights) if self.weights else None
+
     def key(self) -> dict:
-        """What a statistics file records of how it was computed."""
-        return {"resize": self.resize, "weights": Path(self.weights).name if self.weights else None}
+        """What a statistics file records of how it was computed (as training's reference
+        statistics do: the weights by their fingerprint)."""
+        return {"resize": self.resize, "weights": self.fingerprint()}
 
 
 def _in_memory(source):
@@ -114,13 +122,26 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
     network = _Network(fid_weights, fid_resize, fid_precision, device)
     sides = [a] if b is None or all(METRICS[m].needs == "logits" for m in names) else [a, b]
     inputs = [None] * len(sides)
-    # statistics first (read, not computed): statistics of the other resize pipeline are not
-    # comparable, and are refused before minutes of feature extraction for the other side
-    for i in sorted(range(len(sides)), key=lambda i: not _stats_only(sides[i])):
+    # statistics first (read, not computed): statistics of another resize pipeline or other
+    # weights are not comparable, and are refused before minutes of feature extraction
+    stats = [i for i in range(len(sides)) if _stats_only(sides[i])]
+    weights = {}  # fingerprint: where it comes from
+    for i in stats:
         r = inputs[i] = _resolve(sides[i], network, batch_size, progress, fid_samples, ema, trust_checkpoint)
         saved = r.meta.get("key", {}).get("resize")
-        if r.pool3 is None and saved and saved != fid_resize:
+        if saved and saved != fid_resize:
             raise UserError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
+        saved = r.meta.get("key", {}).get("weights")
+        if isinstance(saved, str) and re.fullmatch(r"[0-9a-f]{16}", saved):  # older files: a file name
+            weights.setdefault(saved, r.spec)
+    if weights and len(stats) < len(sides) and network.fingerprint():
+        weights.setdefault(network.fingerprint(), f"the FID weights {network.weights}")
+    if len(weights) > 1:
+        (a_id, a_from), (b_id, b_from) = list(weights.items())[:2]
+        raise UserError(f"{a_from} was computed with FID weights {a_id}..., {b_from} with {b_id}...: FIDs across "
+                        f"weights are not comparable; pass the --fid_weights of the statistics, or recompute them")
+    for i in (i for i in range(len(sides)) if i not in stats):
+        inputs[i] = _resolve(sides[i], network, batch_size, progress, fid_samples, ema, trust_checkpoint)
     options = {"isc_splits": isc_splits, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
                "prdc_k": prdc_k}
     result = {}

@@ -261,6 +261,30 @@ def test_published_weights_do_not_warn(inputs, capsys, monkeypatch):
     assert code == 0 and "FID: " in out and err == "", err
 
 
+def test_statistics_of_other_weights_are_refused_before_any_feature_is_extracted(inputs, capsys, monkeypatch):
+    # FIDs across weights differ by orders of magnitude (a run's stats with other weights gave
+    # 51226 against the logged 1432): refused, as statistics of another --fid_resize are
+    other = inputs / "other.pth"
+    other.write_bytes(b"other weights" * 20)
+    monkeypatch.setattr(inception, "load_inception", pixel_inception)
+    published(monkeypatch, inputs / "w.pth")
+    stats = inputs / "w_stats.npz"
+    code, out, err = run(capsys, ["--save-stats", inputs / "imgs.npy", stats, "--fid_weights", inputs / "w.pth"])
+    assert code == 0, err
+    assert metrics.load_stats(stats)[2]["key"]["weights"] == inception.weights_id(inputs / "w.pth")
+    monkeypatch.setattr(inception, "load_inception", lambda *a, **k: pytest.fail("features extracted"))
+    line = assert_one_line_error(*run(capsys, [inputs / "imgs.npy", stats, "--fid_weights", other])[::2])
+    assert f"{stats} was computed with FID weights {inception.weights_id(inputs / 'w.pth')}..." in line
+    assert f"the FID weights {other} with {inception.weights_id(other)}..." in line
+    other_stats = inputs / "other_stats.npz"  # two statistics files: compared with each other
+    metrics.save_stats(other_stats, np.zeros(8), np.eye(8), key={"resize": "tf1", "weights": inception.weights_id(other)})
+    assert "FIDs across weights are not comparable" in assert_one_line_error(*run(capsys, [stats, other_stats])[::2])
+    # statistics that name their weights by file name (before fingerprints) are taken as they are
+    metrics.save_stats(other_stats, np.zeros(8), np.eye(8), key={"resize": "tf1", "weights": "other.pth"})
+    code, out, err = run(capsys, [stats, other_stats])
+    assert code == 0 and "FID: " in out, err
+
+
 # -----------------------------------------------------------------------------
 # (6) --save-stats write errors
 
