@@ -323,7 +323,8 @@ def compare(argv) -> int:
     headers = [h for h in (csv_header(d / "fid.csv") for d in folders) if h is not None]
     if headers and not any(column in h for h in headers):  # a metric the runs left off: no empty table
         metric = next(name for name, m in METRICS.items() if args.column in m.columns)
-        raise UserError(f"no run logged {column}; runs trained with --metrics fid,{metric} log it")
+        raise UserError(f"no run logged {column}; runs trained with " +
+                        ("--fid_step N log it" if metric == "fid" else f"--metrics fid,{metric} log it"))
     groups = load_groups(folders, column)
     if not args.json:
         show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)

@@ -71,10 +71,13 @@ def check_writable(folder, flag: str) -> None:
 
 def check_output_file(path, flag) -> Path:
     """Before the work: UserError (one line) if `path` cannot become a file, because it is
-    a folder or its folder cannot be created or written."""
+    a folder or its folder cannot be created or written, or if it is a file of a run (one in
+    a folder holding a config.json): a report never writes over a run's logs."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
+    if path.is_file() and (path.parent / "config.json").is_file():
+        raise UserError(f"{flag} {path} is a file of the run in {path.parent}; give another file name")
     check_writable(path.parent, flag)
     return path
 

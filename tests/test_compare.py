@@ -268,6 +268,9 @@ def test_a_metric_column_where_higher_is_better(tmp_path):
     # a metric no run logged is one line naming the flag that logs it
     r = run_main(["compare", *runs, "--column", "kid", "--out", tmp_path / "c.png"], entry=fid.main)
     assert r.returncode == 2 and "--metrics fid,kid" in one_line(r)
+    (runs[0] / "fid.csv").write_text("step,recall\n1000,0.5\n")  # FID itself is not a --metrics choice
+    r = run_main(["compare", runs[0], "--out", tmp_path / "c.png"], entry=fid.main)
+    assert "no run logged fid; runs trained with --fid_step N log it" in one_line(r)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -298,6 +301,15 @@ def test_compare_outputs_it_cannot_write_are_one_line_before_any_work(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
         assert r.stdout == ""  # refused before the report: nothing read, nothing drawn
     assert (tmp_path / "a_file").read_text() == "mine"
+    # a run's own files, of a run compared or not (--csv taken for an input), are never written over
+    other = make_run(tmp_path, "other", {10: 2.0})
+    (other / "fid.png").write_bytes(b"the run's plot")
+    before = {f: (other / f).read_bytes() for f in ("fid.csv", "config.json", "fid.png")}
+    for flag, target in (("--csv", other / "fid.csv"), ("--html", other / "config.json"),
+                         ("--out", other / "fid.png")):
+        r = run_main(["compare", run, flag, target], entry=fid.main)
+        assert f"{flag} {target} is a file of the run in {target.parent}; give another file name" in one_line(r)
+    assert {f: (other / f).read_bytes() for f in before} == before
     # a name without a suffix gets .png, as matplotlib would add, and the report names that file
     r = run_main(["compare", run, "--out", tmp_path / "plain"], entry=fid.main)
     assert r.returncode == 0 and f"plot: {tmp_path / 'plain.png'}" in r.stdout
