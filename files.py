@@ -4,6 +4,7 @@ NumPy files checked before numpy reads them (it would offer to run code from the
 import csv
 import os
 import re
+import shutil
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,12 +85,16 @@ def check_output_file(path, flag) -> Path:
 
 def remove_stale_temp_files(folder) -> int:
     """Remove the temp files atomic_open leaves behind when its process is killed mid-write
-    (kill -9): those whose writing process is gone. Returns how many."""
+    (kill -9), and the temp folders of --train false's samples: those whose writing process
+    is gone. Returns how many."""
     removed = 0
     for p in Path(folder).glob(".*.tmp*"):
         m = re.fullmatch(r"\..+\.tmp(\d+)", p.name)
         if m and not _process_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed += 1
     return removed
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -234,7 +235,8 @@ class Trainer:
         same command, corrected, a run to --resume."""
         cfg = self.cfg
         if self.is_main:
-            stale = sum(remove_stale_temp_files(self.dirs[k]) for k in ("model_save", "log") if self.dirs[k].is_dir())
+            stale = sum(remove_stale_temp_files(self.dirs[k]) for k in ("model_save", "log", "sample", "attn")
+                        if self.dirs[k].is_dir())
             if stale:
                 warn(f"removed {stale} half-written file(s) of an interrupted earlier run of '{cfg.version}'")
         dataset = build_dataset(cfg)
@@ -331,12 +333,19 @@ class Trainer:
         cfg = self.cfg
         if not self.is_main:
             return
+        nets = [(self.dirs["sample"] / f"eval_{self.step}{suffix}", G)
+                for suffix, G in (("", self.G), ("_ema", self.G_ema)) if G is not None]
+        for out, _ in nets:  # replaced whole below: only if it holds nothing but samples
+            others = sorted(p.name for p in out.iterdir() if not re.fullmatch(r"\d{5,}\.png", p.name)) \
+                if out.is_dir() else []
+            if others:
+                raise UserError(f"{out} holds files that are not samples ({', '.join(others[:3])}); move them out, "
+                                f"then sample again (its samples are replaced)")
+        if self.dirs["sample"].is_dir():  # the temp folder of a sampling killed mid-way
+            remove_stale_temp_files(self.dirs["sample"])
         z = fixed_latents(cfg.seed, "eval", whole_batches(cfg.n_samples, cfg.batch_size), cfg.z_dim)
         written, replaced = [], []
-        for suffix, G in (("", self.G), ("_ema", self.G_ema)):
-            if G is None:
-                continue
-            out = self.dirs["sample"] / f"eval_{self.step}{suffix}"
+        for out, G in nets:
             # Written into a fresh folder that then takes the name: an earlier, larger set of
             # samples of this step never survives beside the new one (fid.py on the folder
             # would measure both).

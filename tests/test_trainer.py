@@ -295,6 +295,19 @@ def test_sampling_again_replaces_the_earlier_samples(tmp_path):
     folder = tmp_path / "samples/s/eval_2"
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.png" for i in range(4)]
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+    # the temp folder of a sampling killed mid-way (its process gone) is removed by the next
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder.parent / f".eval_2.tmp{dead.pid}").mkdir()
+    (folder.parent / f".eval_2.tmp{dead.pid}" / "00000.png").write_bytes(b"half")
+    # files of the user's own in the folder are never deleted with the samples it replaces
+    (folder / "notes.txt").write_text("mine")
+    err = one_line(run_main([*sample, "--n_samples", "4"], cwd=tmp_path))
+    assert f"{folder} holds files that are not samples (notes.txt); move them out" in err
+    assert (folder / "notes.txt").read_text() == "mine" and len(list(folder.glob("*.png"))) == 4
+    (folder / "notes.txt").unlink()
+    assert run_main([*sample, "--n_samples", "4"], cwd=tmp_path).returncode == 0
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_a_generator_without_attention_trains_beside_a_masked_discriminator(tmp_path):
