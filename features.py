@@ -67,7 +67,9 @@ def load_images(path):
             bad += 1
     if not images:  # the error alone says it all: one line, no warning above it
         unreadable = f" ({bad} file(s) with an image name could not be read)" if bad else ""
-        raise UserError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}{unreadable}")
+        checkpoints = sorted(path.glob("*.pt"), key=lambda p: (len(p.stem), p.stem))
+        hint = f"; a checkpoint is given as its file, e.g. {checkpoints[-1]}" if checkpoints else ""
+        raise UserError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}{unreadable}{hint}")
     if bad:
         warn(f"skipped {bad} unreadable image file(s) under {path}")
     sizes = {im.shape for im in images}

@@ -86,6 +86,9 @@ def load_run(folder, column="fid") -> Run:
     """A run folder: one that holds config.json counts as started, even with no fid.csv (it
     stopped or failed before its first FID)."""
     d = Path(folder)
+    if not d.is_dir():
+        raise UserError(f"{d} " + ("is a file; pass the folder of its run, " if d.is_file() else "does not exist; pass ")
+                        + "<log_path>/<version> of a run")
     if not (d / "fid.csv").is_file() and not (d / "config.json").is_file():
         raise UserError(f"{d} has no fid.csv and no config.json; pass <log_path>/<version> of a run trained with "
                         f"--fid_step N")

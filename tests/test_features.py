@@ -308,4 +308,4 @@ def test_compare_prints_a_table_and_writes_one_plot(two_runs):
     assert [float(b) for b in best[::2]] == pytest.approx([min(fids[0]), min(fids[1])], abs=0.006)
     assert [l for l in lines if l.strip().startswith("at step")] and out.stat().st_size > 1000
     bad = run_main(["compare", root / "nope"], cwd=root, entry=fid.main)
-    assert bad.returncode == 2 and "no fid.csv" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "nope does not exist" in bad.stderr and "Traceback" not in bad.stderr

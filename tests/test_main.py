@@ -57,7 +57,12 @@ def test_fid_bad_inputs_are_one_line(tmp_path, capsys):
     metrics.save_stats(tmp_path / "skew.npz", np.zeros(3), np.eye(3) + np.triu(np.ones((3, 3)), 1))
     metrics.save_stats(tmp_path / "neg.npz", np.zeros(3), -np.eye(3))
     (tmp_path / "a_folder").mkdir()
-    cases = [([tmp_path / "nan.npz", tmp_path / "s.npz"], "hold NaN or inf"),
+    (tmp_path / "models").mkdir()  # a run's checkpoint folder given where its newest checkpoint was meant
+    for step in (2, 10):
+        (tmp_path / "models" / f"{step}.pt").write_bytes(b"")
+    cases = [([tmp_path / "models", tmp_path / "s.npz"],
+              f"a checkpoint is given as its file, e.g. {tmp_path / 'models' / '10.pt'}"),
+             ([tmp_path / "nan.npz", tmp_path / "s.npz"], "hold NaN or inf"),
              ([tmp_path / "s.npz", tmp_path / "skew.npz"], "sigma is not symmetric"),
              ([tmp_path / "s.npz", tmp_path / "neg.npz"], "negative eigenvalues"),
              (["--save-stats", tmp_path / "s.npz", tmp_path / "a_folder"], "is a folder; give a file name"),
@@ -66,7 +71,9 @@ def test_fid_bad_inputs_are_one_line(tmp_path, capsys):
              ([tmp_path / "other.pt", tmp_path / "s.npz"], "not a training checkpoint of this package"),
              ([tmp_path / "floats.npz", tmp_path / "s.npz"], "expected a uint8 image array"),
              ([tmp_path / "missing", tmp_path / "s.npz"], "does not exist"),
-             (["compare", tmp_path / "nothing_here"], "has no fid.csv"),
+             (["compare", tmp_path / "nothing_here"], "nothing_here does not exist; pass <log_path>/<version>"),
+             (["compare", tmp_path / "a_folder"], "has no fid.csv and no config.json"),
+             (["compare", tmp_path / "s.npz"], "s.npz is a file; pass the folder of its run"),
              ([tmp_path / "s.npz", tmp_path / "s.npz", "--metrics", "fid,ssim"], "choose a comma list")]
     for argv, message in cases:
         err = one_line_exit_2(capsys, fid.main, [*map(str, argv), "--fid_weights", str(tmp_path / "s.npz")]
