@@ -8,7 +8,6 @@ compare report's statistics of runs. fid.py is this module's command line.
 Nothing here prints or exits: a mistake a user can fix raises utils.UserError, whose
 message is the one line the command line prints (warnings, such as weights other than the
 published ones, go to stderr). Progress bars only with progress=True."""
-import re
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +131,11 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
         if saved and saved != fid_resize:
             raise UserError(f"{r.spec} was computed with --fid_resize {saved}; rerun with --fid_resize {saved}")
         saved = r.meta.get("key", {}).get("weights")
-        if isinstance(saved, str) and re.fullmatch(r"[0-9a-f]{16}", saved):  # older files: a file name
+        if inception.is_weights_id(saved):  # older files name a file instead
             weights.setdefault(saved, r.spec)
-    if weights and len(stats) < len(sides) and network.fingerprint():
-        weights.setdefault(network.fingerprint(), f"the FID weights {network.weights}")
+    ours = network.fingerprint() if weights and len(stats) < len(sides) else None
+    if ours:
+        weights.setdefault(ours, f"the FID weights {network.weights}")
     if len(weights) > 1:
         (a_id, a_from), (b_id, b_from) = list(weights.items())[:2]
         raise UserError(f"{a_from} was computed with FID weights {a_id}..., {b_from} with {b_id}...: FIDs across "

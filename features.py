@@ -21,6 +21,7 @@ from checkpoint import generator_from_checkpoint
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
 from distributed import gather_rows
 from files import atomic_open, check_array_file, csv_rows_until, file_lock
+from folders import checkpoints
 from inception import FEATURES, check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, load_stats, save_stats
 from plots import plot_fid
@@ -67,8 +68,8 @@ def load_images(path):
             bad += 1
     if not images:  # the error alone says it all: one line, no warning above it
         unreadable = f" ({bad} file(s) with an image name could not be read)" if bad else ""
-        checkpoints = sorted(path.glob("*.pt"), key=lambda p: (len(p.stem), p.stem))
-        hint = f"; a checkpoint is given as its file, e.g. {checkpoints[-1]}" if checkpoints else ""
+        found = checkpoints(path)  # a run's model folder, given for its newest checkpoint
+        hint = f"; a checkpoint is given as its file, e.g. {found[max(found)]}" if found else ""
         raise UserError(f"no readable images ({', '.join(sorted(IMAGE_EXTS))}) under {path}{unreadable}{hint}")
     if bad:
         warn(f"skipped {bad} unreadable image file(s) under {path}")

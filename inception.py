@@ -3,6 +3,7 @@ and torch-fidelity port it), its two input pipelines (TF1 resize or pytorch-fid'
 weights: found, downloaded once, verified against the published file."""
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -329,6 +330,11 @@ def load_inception(weights_path, resize="tf1", device="cpu", precision="fp32"):
 
 
 _weights_ids = {}
+
+
+def is_weights_id(text) -> bool:
+    """Whether `text` is a weights_id (statistics files from before it recorded a file name)."""
+    return isinstance(text, str) and re.fullmatch(r"[0-9a-f]{16}", text) is not None
 
 
 def weights_id(path) -> str:
