@@ -15,7 +15,7 @@ import torch
 
 import inception  # by its name: tests put a stand-in network in its place
 from checkpoint import generator_from_checkpoint
-from choices import PRDC_K
+from choices import FID_SAMPLES, PRDC_K
 from compare import load_groups, statistics_rows
 from data_loader import as_nhwc_uint8
 from device import pick_device
@@ -91,7 +91,7 @@ def _stats_only(source) -> bool:
 
 
 def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid_precision="tf32", device="auto",
-            batch_size=50, fid_samples=10000, ema=False, trust_checkpoint=False, isc_splits=10, kid_subsets=100,
+            batch_size=50, fid_samples=FID_SAMPLES, ema=False, trust_checkpoint=False, isc_splits=10, kid_subsets=100,
             kid_subset_size=1000, prdc_k=PRDC_K, progress=False) -> dict:
     """The metrics (a comma list or a list of names of the registry) of image set `a`
     against `b`: {column: value}, e.g. {"fid": 31.2, "kid": 0.011, "kid_std": 0.001}.
@@ -109,6 +109,8 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
     # what needs per-image features is checked before minutes of feature extraction
     for i, source in enumerate((a, b)):
         _in_memory(source)
+        if isinstance(source, (str, Path)) and not Path(source).exists():  # not after a generator's minutes
+            raise UserError(f"{source} does not exist")
         if source is not None and _stats_only(source):
             what = source if isinstance(source, (str, Path)) else "the dict"
             for m in names:
@@ -152,7 +154,7 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
 
 
 def statistics(images, out=None, *, fid_weights=None, fid_resize="tf1", fid_precision="tf32", device="auto",
-               batch_size=50, fid_samples=10000, ema=False, trust_checkpoint=False, progress=False) -> dict:
+               batch_size=50, fid_samples=FID_SAMPLES, ema=False, trust_checkpoint=False, progress=False) -> dict:
     """FID statistics of an image set (any input of metrics() but statistics): {"mu", "sigma",
     "n"}, and written to `out` (.npz, as fid.py --save-stats) when given. Either can be
     passed to metrics() later."""

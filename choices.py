@@ -15,12 +15,16 @@ TRANSFORMS = ("color", "translation", "cutout")  # DiffAugment (diffaug.py), in 
 RESIZE_MODES = ("tf1", "pytorch")  # the FID input pipelines (inception.FIDInception)
 PRECISIONS = ("fp32", "tf32")  # the FID network's arithmetic on CUDA
 METRICS = ("fid", "is", "kid", "prdc")  # metrics.METRICS implements each, in this order (the fid.csv columns)
+FID_SAMPLES = 10000  # generated images per FID, in training and for a checkpoint input of fid.py
 PRDC_K = 5  # nearest neighbours of precision/recall/density/coverage, as both papers use
 
 
 def parse_policy(text) -> str:
     """'cutout,color' -> 'color,cutout' (canonical order); '' / 'none' -> ''. ValueError otherwise."""
-    names = {t.strip().lower() for t in str(text).split(",") if t.strip()} - {"none"}
+    names = {t.strip().lower() for t in str(text).split(",") if t.strip()}
+    if "none" in names and len(names) > 1:  # 'none,color' would quietly mean color
+        raise ValueError(f"none turns augmentation off, so it goes alone; choose from {','.join(TRANSFORMS)}")
+    names -= {"none"}
     unknown = names - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown transform(s) {', '.join(sorted(unknown))}; choose from {','.join(TRANSFORMS)}")

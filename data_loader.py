@@ -358,6 +358,15 @@ def build_dataset(cfg) -> ImageDataset:
                         f"(chmod -R a+rX '{e.filename}') or pass another --image_path") from None
 
 
+def training_set(cfg) -> ImageDataset:
+    """build_dataset, refused (one line) when it cannot fill one --batch_size batch: what a
+    run checks at its start, and a sweep once before any of its cells starts."""
+    dataset = build_dataset(cfg)
+    if len(dataset) < cfg.batch_size:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")
+    return dataset
+
+
 def _build_dataset(cfg) -> ImageDataset:
     root = Path(cfg.image_path)
     size = cfg.imsize

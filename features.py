@@ -5,6 +5,7 @@ weights are in inception.py, the metrics in metrics.py, the command line in fid.
 import csv
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from batches import loader_batches, worker_options
 from checkpoint import generator_from_checkpoint
+from choices import FID_SAMPLES
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
 from distributed import gather_rows
 from files import atomic_open, check_array_file, csv_rows_until, file_lock
@@ -300,7 +302,12 @@ class Resolved:
     cache: dict = field(default_factory=dict)  # as Reference.cache
 
 
-def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_samples=10000, ema=False,
+def is_checkpoint(spec) -> bool:
+    """Whether resolve_input takes `spec` as a training checkpoint (by its .pt name)."""
+    return Path(spec).suffix.lower() == ".pt"
+
+
+def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_samples=FID_SAMPLES, ema=False,
                   trust=False):
     """Turn a CLI input into statistics (+ features when computed from images).
     `get_model` is called only when features must be computed, so stats-only runs
@@ -308,8 +315,11 @@ def resolve_input(spec, get_model, batch_size=50, device=None, progress=True, n_
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{spec} does not exist")
-    if path.suffix.lower() == ".pt":
+    if is_checkpoint(path):
         G, cfg = generator_from_checkpoint(path, ema, trust)  # a bad file fails before the network loads
+        if progress and torch.device(device or "cpu").type == "cpu" and n_samples >= FID_SAMPLES:
+            print(f"note: generating and measuring {n_samples} images of {path.name} on the CPU takes many minutes; "
+                  f"--fid_samples N for a quicker, noisier FID", file=sys.stderr, flush=True)
         z = fixed_latents(cfg.seed, "fid", whole_batches(n_samples, cfg.batch_size), cfg.z_dim)
         pool3, logits = generated_features(G.to(device), get_model(), z, batch_size, device, cfg.fid_g_mode,
                                            progress=progress, gen_batch=cfg.batch_size, n=n_samples)

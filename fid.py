@@ -10,7 +10,7 @@ Flags are parsed before torch is imported, so `--help` and a bad flag answer at 
 import inspect
 import sys
 
-from choices import METRICS, PRDC_K, PRECISIONS, RESIZE_MODES
+from choices import FID_SAMPLES, METRICS, PRDC_K, PRECISIONS, RESIZE_MODES
 from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least, json_line
 
 
@@ -34,8 +34,8 @@ def _parse_args(argv):
     p.add_argument("--kid_subset_size", type=int_at_least(2), default=1000)  # the unbiased MMD divides by m(m-1)
     p.add_argument("--isc_splits", type=int_at_least(1), default=10)
     p.add_argument("--prdc_k", type=int_at_least(1), default=PRDC_K, help="nearest neighbours of --metrics prdc")
-    p.add_argument("--fid_samples", type=int_at_least(2), default=10000,  # a covariance needs 2
-                   help="images generated from a checkpoint input")
+    p.add_argument("--fid_samples", type=int_at_least(2), default=None,  # a covariance needs 2
+                   help=f"images generated from a checkpoint input (default: {FID_SAMPLES})")
     p.add_argument("--ema", action="store_true", help="checkpoint inputs: use the EMA generator")
     p.add_argument(TRUST_FLAG, action="store_true",
                    help="checkpoint inputs: load one of a version before 0.2 (pickled numpy RNG state); unpickling "
@@ -55,6 +55,7 @@ def _run(args):
     if len(args.inputs) != need:
         raise UserError(f"expected {need} input(s), got {len(args.inputs)}"
                        + ("; usage: --save-stats INPUT OUT.npz" if args.save_stats else ""))
+    _check_generator_flags(args)
     if args.save_stats:
         src, out = args.inputs
         stats = api.statistics(src, out, **_options(args, api.statistics))
@@ -65,6 +66,19 @@ def _run(args):
                          for m in metrics)
     print(json_line(result) if args.json else text)
     return 0
+
+
+def _check_generator_flags(args):
+    """--fid_samples and --ema shape what a checkpoint input generates: refused where no input
+    is one (they would do nothing: every image of a folder or array counts)."""
+    from features import is_checkpoint
+    given = [flag for flag, on in (("--fid_samples", args.fid_samples is not None), ("--ema", args.ema)) if on]
+    if given and not any(is_checkpoint(i) for i in args.inputs[:1 if args.save_stats else None]):
+        raise UserError(f"{' and '.join(given)} only shape{'s' * (len(given) == 1)} the images generated from a "
+                        f"checkpoint (.pt) input, and no input is one (every image of a folder or array counts): "
+                        f"drop {' and '.join(given)}")
+    if args.fid_samples is None:
+        args.fid_samples = FID_SAMPLES
 
 
 def _options(args, function):

@@ -9,7 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from choices import FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRDC_K, PRECISIONS, RESIZE_MODES, TRANSFORMS
+from choices import FID_SAMPLES, FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS, PRDC_K, PRECISIONS, RESIZE_MODES
+from choices import TRANSFORMS
 from choices import count_or_all, parse_metrics, parse_policy, sbatch_options, slurm_mem, slurm_time, span_list
 from choices import int_list, span_text, str2auto, str2bool
 from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("metrics")
     g.add_argument("--fid_step", type=int, default=None,
                    help="FID every N steps and at the end; 0 = off (default: 10000 on GPU, off on CPU)")
-    g.add_argument("--fid_samples", type=int, default=10000, help="generated images per FID")
+    g.add_argument("--fid_samples", type=int, default=FID_SAMPLES, help="generated images per FID")
     g.add_argument("--fid_ref_samples", type=count_or_all, default=50000,
                    help="cap on real images in the reference statistics (a fixed random subset); all (or 0): "
                         "every image of the dataset, as the original code (all 202,599 CelebA images)")

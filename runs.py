@@ -82,6 +82,17 @@ def _number(row, key, path, kind=float):
     return value
 
 
+def settings_now(folder) -> dict:
+    """The config a run trains with now: that of its latest resumed start
+    (config_resumed_at_<step>.json, which the command that resumed it may have changed), else
+    its config.json; in today's terms (migrate_config). {} for a run that wrote neither."""
+    d = Path(folder)
+    resumed = sorted(d.glob("config_resumed_at_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1])
+                     if p.stem.rsplit("_", 1)[1].isdigit() else -1)
+    path = resumed[-1] if resumed else d / "config.json"
+    return migrate_config(_read_json(path)) if path.is_file() else {}
+
+
 def load_run(folder, column="fid") -> Run:
     """A run folder: one that holds config.json counts as started, even with no fid.csv (it
     stopped or failed before its first FID)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from choices import SLURM_SIGNAL_DELAY_S
 from files import atomic_open, file_lock
-from sweep import cell_argv, cell_result, cell_state, grid, report
+from sweep import cell_argv, cell_result, cell_state, check_start, grid, report
 from utils import REPO, UserError
 
 # Requeues after a time limit (preemptions are not counted) before submitit gives a cell up:
@@ -100,6 +100,7 @@ def submit_sweep(cfg, argv, main_py) -> int:
     if missing:
         raise UserError(f"--launcher slurm: no {'/'.join(missing)} on this machine's PATH; run the sweep where "
                         f"you submit Slurm jobs (a login node)")
+    check_start(cfg)
     folder = Path(cfg.log_path).resolve() / f"{cfg.sweep_name}_slurm"
     record_path = folder / "sweep.json"
     with file_lock(folder / ".submit.lock"):  # two commands at once: the second sees the first's jobs

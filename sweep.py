@@ -3,6 +3,7 @@
 own process, skips finished cells, resumes started ones, and ends with the compare report."""
 import argparse
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from choices import span_text
 from folders import checkpoints, run_started
+from utils import UserError
 
 SWEEP_FLAGS = ("--span", "--g_span", "--d_span", "--seed", "--version", "--jobs",  # what each cell sets for itself
                "--launcher", "--slurm_partition", "--slurm_time", "--slurm_gpus", "--slurm_cpus",  # the sweep's
@@ -56,6 +58,31 @@ def grid(cells) -> str:
     """'6 cells (span [none, 0, 3] × seed ['1', '2'])' of cfg.sweep's [(g_span, d_span, seed, version)]."""
     spans = dict.fromkeys(cell_spans(g, d) for g, d, _, _ in cells)
     return f"{len(cells)} cells (span [{', '.join(spans)}] × seed {sorted({str(seed) for _, _, seed, _ in cells})})"
+
+
+def check_start(cfg):
+    """What a sweep checks once, before any cell starts (UserError, one line): its data, on
+    which every cell would otherwise fail alone; and that the cells it ran before ran with
+    this command's settings. Under the same names, other settings (another --g_lr, say)
+    would report the finished cells as the new experiment and continue the started ones
+    under their checkpoints' settings: two experiments mixed in one report."""
+    from data_loader import training_set  # here: a Slurm job imports this module, and starts its cell without torch
+    from parameter import default_diffaug
+    from runs import NOT_SETTINGS, settings_now
+    training_set(cfg)
+    own = {f.lstrip("-") for f in SWEEP_FLAGS + SWEEP_SWITCHES} - {"g_span", "d_span"}  # the sweep's, not the cells'
+    for g_span, d_span, _, version in cfg.sweep:
+        saved = settings_now(Path(cfg.log_path) / version)
+        cell = {**vars(cfg), "g_span": g_span, "d_span": d_span, "diffaug": default_diffaug(cfg)
+                if cfg.diffaug is None else cfg.diffaug}  # as the cell's own start resolves them
+        cell = json.loads(json.dumps(cell, default=str))  # as its config.json holds them
+        differ = [k for k in cell if k in saved and k not in NOT_SETTINGS | own and cell[k] != saved[k]]
+        if differ:
+            shown = lambda config: ", ".join(f"{k}={span_text(config[k]) if k in ('g_span', 'd_span') else config[k]}"
+                                             for k in differ)
+            raise UserError(f"sweep '{cfg.sweep_name}': its cell {version} ran with {shown(saved)}, where this "
+                            f"command gives {shown(cell)}; give its settings to continue the sweep, or another "
+                            f"--version to start a new one beside it")
 
 
 class _Cell:
@@ -115,6 +142,10 @@ def run_sweep(cfg, argv, main_py) -> int:
     trains on unwatched holding its run's lock. At the end it prints the comparison of
     `fid.py compare` and writes its plots and HTML page beside the cells' log folders.
     Returns the exit code."""
+    from run import lock_run  # here: a Slurm job imports this module, and starts its cell without torch
+    # one process runs a sweep: a second copy would find the first's cells locked and report them failed
+    lock_run(Path(cfg.log_path).resolve() / f".{cfg.sweep_name}.sweep.lock", f"sweep '{cfg.sweep_name}'")
+    check_start(cfg)
     cells = [_Cell(*c) for c in cfg.sweep]
     todo = []
     for c in cells:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import checkpoint
 from batches import make_batches
-from data_loader import build_dataset
+from data_loader import training_set
 from device import pick_device
 from distributed import convert_sync_bn, dist_info
 from files import atomic_open, csv_rows_until, remove_stale_temp_files
@@ -239,9 +239,7 @@ class Trainer:
                         if self.dirs[k].is_dir())
             if stale:
                 warn(f"removed {stale} half-written file(s) of an interrupted earlier run of '{cfg.version}'")
-        dataset = build_dataset(cfg)
-        if len(dataset) < cfg.batch_size:
-            raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")
+        dataset = training_set(cfg)
         # the real images D's attention distance is measured on: the same 64 for every run on this data
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:64]
         self.attn_real = torch.stack([dataset[int(i)] for i in pick]).float().div_(127.5).sub_(1)

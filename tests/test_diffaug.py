@@ -99,6 +99,8 @@ def test_policy_is_parsed_in_canonical_order_and_bad_names_are_one_line(tmp_path
     assert choices.parse_policy("none") == choices.parse_policy("") == ""
     r = run_main([*TINY, "--diffaug", "colour"], cwd=tmp_path)
     assert r.returncode == 2 and "--diffaug 'colour': unknown transform(s) colour" in r.stderr
+    r = run_main([*TINY, "--diffaug", "none,color"], cwd=tmp_path)  # not quietly color
+    assert r.returncode == 2 and "--diffaug 'none,color': none turns augmentation off, so it goes alone" in r.stderr
     assert configure(["--dataset", "emoji"]).diffaug == "color,translation,cutout"
     assert configure(["--dataset", "celeb"]).diffaug == ""
     assert configure(["--diffaug", "none"]).version == "sagan_emoji_span0_nodiffaug"

@@ -22,7 +22,7 @@ import inception
 import metrics
 import utils
 import fid  # noqa: E402
-from conftest import IS_SPLITS, KID_SUBSET_SIZE, KID_SUBSETS, N_IMAGES, rel_err  # noqa: E402
+from conftest import IS_SPLITS, KID_SUBSET_SIZE, KID_SUBSETS, N_IMAGES, make_trainer, rel_err  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +103,36 @@ def test_cli_user_errors_are_one_line(env, capsys, tmp_path, monkeypatch):
     # stats-only inputs need no weights at all
     metrics.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
     assert _value(_cli(capsys, tmp_path / "s.npz", tmp_path / "s.npz"), "FID") == 0
+
+
+def test_generator_flags_without_a_checkpoint_input_are_refused_and_a_cpu_checkpoint_gets_a_note(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    images = tmp_path / "a.npy"
+    np.save(images, np.zeros((4, 8, 8, 3), np.uint8))
+    for flags, named in ((["--fid_samples", "100"], "--fid_samples only shapes"), (["--ema"], "--ema only shapes"),
+                         (["--fid_samples", "9", "--ema"], "--fid_samples and --ema only shape")):
+        for argv in ([images, images], ["--save-stats", images, tmp_path / "s.npz"]):
+            with pytest.raises(SystemExit) as e:  # before any image is read: no weights needed
+                fid.main([*map(str, argv), *flags, "--device", "cpu"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
+            assert "no input is one" in err and "drop " + " and ".join(f for f in flags if f.startswith("--")) in err
+    assert not (tmp_path / "s.npz").exists()
+    # a checkpoint input on the CPU at the default 10,000 images: a note before the work starts
+    # (here it stops at once: no FID weights, offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    ck = make_trainer(tmp_path).save_checkpoint()
+    for extra, note in (([], True), (["--fid_samples", "50"], False), (["--no_progress"], False)):
+        with pytest.raises(SystemExit):
+            fid.main([str(ck), str(images), "--device", "cpu", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 + note and err[-1].startswith("fid.py: error: no FID Inception weights found"), err
+        assert not note or err[0].startswith(f"note: generating and measuring 10000 images of {ck.name} on the CPU")
+    # ... and no note (nor minutes of generating) where another input is missing
+    with pytest.raises(SystemExit):
+        fid.main([str(ck), str(tmp_path / "missing"), "--device", "cpu"])
+    assert capsys.readouterr().err.strip() == f"fid.py: error: {tmp_path / 'missing'} does not exist"
 
 
 def test_cli_subcommand_dispatch(monkeypatch):

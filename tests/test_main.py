@@ -123,7 +123,7 @@ def test_ctrl_c_during_start_up_exits_quietly(tmp_path, monkeypatch):
     def interrupted(cfg):
         raise KeyboardInterrupt  # what SIGINT raises before training installs its own handler
 
-    monkeypatch.setattr(trainer, "build_dataset", interrupted)
+    monkeypatch.setattr(trainer, "training_set", interrupted)
     r = run_main(main_args(tmp_path, "--version", "i", "--total_step", "2"), cwd=tmp_path)
     assert r.returncode == 130 and r.stderr.strip() == "main.py: interrupted"
     # the run's lock went with it: the same command starts

@@ -85,6 +85,12 @@ def test_a_metrics_csv_of_another_network_is_refused_before_anything_is_touched(
     err = one_line(run_main(step_args(tmp_path, "--version", "c", "--total_step", "4", "--resume"), cwd=tmp_path))
     assert "columns of another network" in err
     assert {p: p.read_bytes() for p in (tmp_path / "logs/c").iterdir()} == before
+    # a damaged file (here: binary garbage where the header was) is no other network's log
+    metrics.write_bytes(b"\x8f\x02garbage;;\n" + "\n".join(lines[1:]).encode() + b"\n")
+    before = {p: p.read_bytes() for p in (tmp_path / "logs/c").iterdir()}
+    err = one_line(run_main(step_args(tmp_path, "--version", "c", "--total_step", "4", "--resume"), cwd=tmp_path))
+    assert "is not a metrics.csv main.py wrote" in err and "another network" not in err
+    assert {p: p.read_bytes() for p in (tmp_path / "logs/c").iterdir()} == before
 
 
 def test_a_signal_during_fid_says_the_fid_is_finished_first(capsys):

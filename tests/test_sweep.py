@@ -15,7 +15,8 @@ import torch
 
 from conftest import REPO, TINY, out_dirs, read_csv, run_main, small_data
 from run import configure
-from sweep import cell_argv
+from sweep import cell_argv, check_start
+from utils import UserError
 
 SWEEP = [a for a in TINY if a not in ("--seed", "3")]
 
@@ -76,6 +77,8 @@ def test_no_attention_and_one_network_sweeps_form_the_documented_cells():
     (["--span", "0,x"], "or a comma list of them, got '0,x'"),
     (["--seed", "1,1"], "repeats a value"),
     (["--span", "0,3", "--fid_step", "2", "--fid_weights", "no_such.pth"], "no_such.pth does not exist"),  # no cell runs
+    (["--span", "0,3", "--dataset", "folder", "--image_path", "no_such_dir"], "no images found under --image_path"),
+    (["--span", "0,3", "--batch_size", "9999"], "fewer than --batch_size 9999"),
 ])
 def test_sweep_mistakes_are_one_line(tmp_path, args, message):
     r = run_main([*SWEEP, *args], cwd=tmp_path)
@@ -143,6 +146,20 @@ def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path,
         assert all(torch.equal(done[net][k], redone[net][k]) for k in done[net])
     rows = list(csv.DictReader(open(tmp_path / f"logs/{cells[1]}/metrics.csv")))
     assert [r["step"] for r in rows] == ["2", "4"]
+    # the same sweep with another setting that shapes the result: refused before any cell
+    # starts (the finished cells would pass for the new setting), naming a cell and the setting
+    other = run_main([*args, "--g_lr", "3e-4"], cwd=tmp_path)
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stdout + other.stderr
+    assert f"its cell {cells[0]} ran with g_lr=0.0001, where this command gives g_lr=0.0003" in other.stderr
+    assert "starting" not in other.stdout and "continuing" not in other.stdout
+    # ... also where only the resumed cell's latest start (config_resumed_at_2.json) ran with it
+    resumed = tmp_path / f"logs/{cells[1]}/config_resumed_at_2.json"
+    resumed.write_text(json.dumps({**json.loads(resumed.read_text()), "d_lr": 1e-3}))
+    with pytest.raises(UserError, match=f"its cell {cells[1]} ran with d_lr=0.001, where this command gives d_lr=0.0004"):
+        check_start(configure(list(map(str, args))))
+    resumed.write_text(json.dumps({**json.loads(resumed.read_text()), "d_lr": 4e-4}))
+    # more steps, another FID batch size: the same experiment, continued
+    check_start(configure([*map(str, args), "--total_step", "6", "--fid_batch_size", "4", "--log_step", "1"]))
 
 
 def test_cell_results_and_the_summary_agree_with_the_cells():
@@ -219,6 +236,11 @@ def test_a_cell_stopped_alone_is_interrupted_and_cells_stop_with_a_killed_sweep(
         _wait(lambda: all(_cell_pid(lock) for lock in locks) and
               all(m.is_file() and len(m.read_text().splitlines()) > 1 for m in metrics), 180, "both cells to train")
         pids = [_cell_pid(lock) for lock in locks]
+        # a second copy of the sweep is refused in one line: it would find the cells locked and
+        # report them failed
+        second = run_main(args, cwd=tmp_path)
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stdout + second.stderr
+        assert f"sweep 'sagan_emoji_sweep' is being written by process {sweep.pid} " in second.stderr
         # a SIGTERM to one cell alone (a scheduler, a user): it saves a checkpoint, exits 0, and the
         # sweep reports it as interrupted, not as a failure
         os.kill(pids[0], signal.SIGTERM)
