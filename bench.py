@@ -30,7 +30,7 @@ from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 from batches import make_batches
-from choices import PRECISIONS, span_list, span_text
+from choices import FID_SAMPLES, PRECISIONS, span_list, span_text
 from data_loader import build_dataset
 from device import configure_backends, pick_device, set_tf32
 from features import Resolved, batches_from_array, extract_features, generated_features, load_images
@@ -191,7 +191,7 @@ def run(argv=None):
                                                     "(default: none, i.e. main.py's own defaults)")
     p.add_argument("--profile", type=int_at_least(0), default=0, help="profile this many steps per path (GPU)")
     p.add_argument("--skip_reference", action="store_true", help="time the fast path only")
-    p.add_argument("--fid_samples", type=int_at_least(2), default=None, help="default: 10000 GPU, 16 CPU")
+    p.add_argument("--fid_samples", type=int_at_least(2), default=None, help=f"default: {FID_SAMPLES} GPU, 16 CPU")
     p.add_argument("--fid_batch_size", type=int_at_least(1), default=None, help="default: 500 GPU, 16 CPU")
     p.add_argument("--fid_weights", default=None)
     p.add_argument("--out", default="bench_results/bench.json")
@@ -202,7 +202,7 @@ def run(argv=None):
     args.steps, args.warmup = pick(args.steps, 300, 5), pick(args.warmup, 30, 2)
     args.batch_size, args.imsize = pick(args.batch_size, 64, 8), pick(args.imsize, 64, 32)
     args.conv_dim, args.n_images = pick(args.conv_dim, 64, 16), pick(args.n_images, 4096, 64)
-    args.fid_samples, args.fid_batch_size = pick(args.fid_samples, 10000, 16), pick(args.fid_batch_size, 500, 16)
+    args.fid_samples, args.fid_batch_size = pick(args.fid_samples, FID_SAMPLES, 16), pick(args.fid_batch_size, 500, 16)
     if args.n_images < args.batch_size:  # every path would fail on it, after the JPEGs were made
         raise UserError(f"--n_images {args.n_images} is fewer than --batch_size {args.batch_size}; raise --n_images")
     out = check_output_file(args.out, "--out")  # now, not after minutes of timing

@@ -72,8 +72,11 @@ def _check_generator_flags(args):
     """--fid_samples and --ema shape what a checkpoint input generates: refused where no input
     is one (they would do nothing: every image of a folder or array counts)."""
     from features import is_checkpoint
+    from folders import checkpoints
     given = [flag for flag, on in (("--fid_samples", args.fid_samples is not None), ("--ema", args.ema)) if on]
-    if given and not any(is_checkpoint(i) for i in args.inputs[:1 if args.save_stats else None]):
+    inputs = args.inputs[:1 if args.save_stats else None]
+    # (a run's checkpoint folder given for its checkpoint gets its own hint, naming the file)
+    if given and not any(is_checkpoint(i) or checkpoints(i) for i in inputs):
         raise UserError(f"{' and '.join(given)} only shape{'s' * (len(given) == 1)} the images generated from a "
                         f"checkpoint (.pt) input, and no input is one (every image of a folder or array counts): "
                         f"drop {' and '.join(given)}")

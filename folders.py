@@ -22,6 +22,20 @@ def checkpoints(folder) -> dict:
     return {int(p.stem): p for p in folder.glob("*.pt") if p.stem.isdigit()} if folder.is_dir() else {}
 
 
+def resumed_config(log_folder, step: int) -> Path:
+    """Where a run resumed at `step` records its config, beside the config.json of its start."""
+    return Path(log_folder) / f"config_resumed_at_{step}.json"
+
+
+def run_configs(log_folder) -> list:
+    """The configs a run recorded: config.json (its start), then those of its resumed starts by
+    step; the ones that exist."""
+    folder = Path(log_folder)
+    resumed = {int(p.stem.rsplit("_", 1)[1]): p for p in folder.glob("config_resumed_at_*.json")
+               if p.stem.rsplit("_", 1)[1].isdigit()}
+    return [p for p in [folder / "config.json", *(resumed[s] for s in sorted(resumed))] if p.is_file()]
+
+
 def run_started(cfg) -> bool:
     """Whether run cfg.version has begun: checkpoints, or a config or logs it wrote (a run
     stopped before its first checkpoint). Such a run is continued, never started over."""

@@ -181,7 +181,7 @@ class RunLog:
         has other columns (another network's attention layers: not this run's log)."""
         path = t.dirs["log"] / "metrics.csv"
         header = csv_header(path)
-        if t.step > 0 and header is not None and header[:len(cls.COLUMNS)] != cls.COLUMNS:  # damaged, or no log
+        if t.step > 0 and header is not None and header[:1] != cls.COLUMNS[:1]:  # damaged, or no log at all
             raise UserError(f"{path} is not a metrics.csv main.py wrote (its first line is no header of one): "
                             f"move it away (the run then logs from step {t.step} on) or pick another --log_path")
         if t.step > 0 and header is not None and header != cls.columns(t):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from checkpoint import migrate_config
 from files import csv_rows_until
+from folders import run_configs
 from runlog import read_status
 from utils import UserError
 
@@ -68,9 +69,12 @@ def _read_csv(path: Path) -> list:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__})") from None
+        raise UserError(f"cannot read {path} ({type(e).__name__}); is it a file this package wrote?") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} holds no run's settings (a JSON object); is it a file this package wrote?")
+    return saved
 
 
 def _number(row, key, path, kind=float):
@@ -82,15 +86,10 @@ def _number(row, key, path, kind=float):
     return value
 
 
-def settings_now(folder) -> dict:
-    """The config a run trains with now: that of its latest resumed start
-    (config_resumed_at_<step>.json, which the command that resumed it may have changed), else
-    its config.json; in today's terms (migrate_config). {} for a run that wrote neither."""
-    d = Path(folder)
-    resumed = sorted(d.glob("config_resumed_at_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1])
-                     if p.stem.rsplit("_", 1)[1].isdigit() else -1)
-    path = resumed[-1] if resumed else d / "config.json"
-    return migrate_config(_read_json(path)) if path.is_file() else {}
+def saved_configs(folder) -> list:
+    """(path, config) of every config a run recorded (folders.run_configs), in today's terms
+    (migrate_config)."""
+    return [(path, migrate_config(_read_json(path))) for path in run_configs(folder)]
 
 
 def load_run(folder, column="fid") -> Run:
@@ -134,7 +133,7 @@ def _outcome(d, config, every, column) -> Outcome:
     if status.get("status") == "finished":
         return Outcome("finished", status["step"])
     # a resumed run may have raised --total_step: its later config files say so
-    totals = [c.get("total_step") for c in [config] + [_read_json(p) for p in d.glob("config_resumed_at_*.json")]]
+    totals = [c.get("total_step") for c in [config] + [_read_json(p) for p in run_configs(d) if p.name != "config.json"]]
     totals = [t for t in totals if isinstance(t, int)]
     if not totals and not status:
         return Outcome("unknown", last)

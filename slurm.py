@@ -22,7 +22,7 @@ from pathlib import Path
 
 from choices import SLURM_SIGNAL_DELAY_S
 from files import atomic_open, file_lock
-from sweep import cell_argv, cell_result, cell_state, check_start, grid, report
+from sweep import cell_argv, cell_result, cell_settings, cell_state, check_start, grid, report
 from utils import REPO, UserError
 
 # Requeues after a time limit (preemptions are not counted) before submitit gives a cell up:
@@ -100,7 +100,6 @@ def submit_sweep(cfg, argv, main_py) -> int:
     if missing:
         raise UserError(f"--launcher slurm: no {'/'.join(missing)} on this machine's PATH; run the sweep where "
                         f"you submit Slurm jobs (a login node)")
-    check_start(cfg)
     folder = Path(cfg.log_path).resolve() / f"{cfg.sweep_name}_slurm"
     record_path = folder / "sweep.json"
     with file_lock(folder / ".submit.lock"):  # two commands at once: the second sees the first's jobs
@@ -115,6 +114,7 @@ def submit_sweep(cfg, argv, main_py) -> int:
                 done.append(version)
             else:
                 todo.append(cell)
+        check_start(cfg, _queued_settings(cfg, record, waiting))
         print(f"sweep: {grid(cfg.sweep)} on Slurm, {len(done)} already finished, {len(waiting)} queued or "
               f"running, {len(todo)} to submit", flush=True)
         submitted = _submit(submitit, cfg, argv, main_py, folder, todo) if todo else {}
@@ -144,6 +144,29 @@ def submit_sweep(cfg, argv, main_py) -> int:
     failed = [f"{v}: {_log(folder, jobs[v])}" for v, r in results.items() if r.startswith("failed")]
     return report(cfg, [(v, "done before" if v in done else results[v]) for *_, v in cfg.sweep],
                   why="their logs: " + ", ".join(failed))
+
+
+def _queued_settings(cfg, record, waiting) -> dict:
+    """{version: (job id, its cell's settings)} of the queued cells, from the command that
+    submitted each (sweep.json): a job queued under other settings would run them whatever
+    this command says. Cells whose command no longer parses are left out."""
+    from device import pick_device  # here: a job on its node imports this module without torch
+    from parameter import parse_flags, resolve_device_defaults
+    from run import with_config
+    spans = {version: (g, d) for g, d, _, version in cfg.sweep}
+    queued = {}
+    for sub in record["submissions"]:
+        for version, job_id in sub.get("jobs", {}).items():
+            if waiting.get(version) != job_id:
+                continue
+            argv = shlex.split(sub["command"])[2:]  # python main.py ...
+            try:
+                then = with_config(parse_flags(argv), argv)
+            except UserError:
+                continue
+            resolve_device_defaults(then, pick_device(then.device).type)
+            queued[version] = (job_id, cell_settings(then, *spans[version]))
+    return queued
 
 
 def _read_record(path):

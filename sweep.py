@@ -60,29 +60,61 @@ def grid(cells) -> str:
     return f"{len(cells)} cells (span [{', '.join(spans)}] × seed {sorted({str(seed) for _, _, seed, _ in cells})})"
 
 
-def check_start(cfg):
-    """What a sweep checks once, before any cell starts (UserError, one line): its data, on
-    which every cell would otherwise fail alone; and that the cells it ran before ran with
-    this command's settings. Under the same names, other settings (another --g_lr, say)
-    would report the finished cells as the new experiment and continue the started ones
-    under their checkpoints' settings: two experiments mixed in one report."""
-    from data_loader import training_set  # here: a Slurm job imports this module, and starts its cell without torch
+def cell_settings(cfg, g_span, d_span) -> dict:
+    """A cell's settings as its config.json will hold them: the sweep's, with the cell's spans
+    and what the cell's own start resolves (--diffaug's default), through JSON."""
     from parameter import default_diffaug
-    from runs import NOT_SETTINGS, settings_now
-    training_set(cfg)
-    own = {f.lstrip("-") for f in SWEEP_FLAGS + SWEEP_SWITCHES} - {"g_span", "d_span"}  # the sweep's, not the cells'
+    cell = {**vars(cfg), "g_span": g_span, "d_span": d_span,
+            "diffaug": default_diffaug(cfg) if cfg.diffaug is None else cfg.diffaug}
+    return json.loads(json.dumps(cell, default=str))
+
+
+def check_start(cfg, queued=None):
+    """What a sweep checks once, before any cell starts (UserError, one line): its data, on
+    which every cell would otherwise fail alone (local cells only: a Slurm job may see or
+    stage data the submitting host does not); and that its cells ran, or are queued
+    (`queued`: {version: (job id, the settings the job runs with)}), with this command's
+    settings. Under the same names, other settings (another --g_lr, say) would report the
+    finished cells as the new experiment and continue the started ones under their
+    checkpoints' settings: two experiments mixed in one report. Every setting counts that
+    `fid.py compare` groups by (runs.NOT_SETTINGS are not), and the number of training images."""
+    from run import DEVICE_RESOLVED  # here: a Slurm job imports this module, and starts its cell without torch
+    from runs import NOT_SETTINGS, saved_configs
+    n_images = None
+    if cfg.launcher == "local":
+        from data_loader import training_set
+        n_images = len(training_set(cfg))
+    skip = NOT_SETTINGS | {f.lstrip("-") for f in SWEEP_FLAGS + SWEEP_SWITCHES} - {"g_span", "d_span"}
+    if cfg.launcher != "local":  # resolved by each job's node (unless given), not by this host
+        skip |= DEVICE_RESOLVED - set(cfg.given)
     for g_span, d_span, _, version in cfg.sweep:
-        saved = settings_now(Path(cfg.log_path) / version)
-        cell = {**vars(cfg), "g_span": g_span, "d_span": d_span, "diffaug": default_diffaug(cfg)
-                if cfg.diffaug is None else cfg.diffaug}  # as the cell's own start resolves them
-        cell = json.loads(json.dumps(cell, default=str))  # as its config.json holds them
-        differ = [k for k in cell if k in saved and k not in NOT_SETTINGS | own and cell[k] != saved[k]]
-        if differ:
-            shown = lambda config: ", ".join(f"{k}={span_text(config[k]) if k in ('g_span', 'd_span') else config[k]}"
-                                             for k in differ)
-            raise UserError(f"sweep '{cfg.sweep_name}': its cell {version} ran with {shown(saved)}, where this "
-                            f"command gives {shown(cell)}; give its settings to continue the sweep, or another "
-                            f"--version to start a new one beside it")
+        cell = cell_settings(cfg, g_span, d_span)
+        if n_images is not None:
+            cell["dataset_size"] = n_images
+        ran = [(f"ran ({path.name})", saved) for path, saved in saved_configs(Path(cfg.log_path) / version)]
+        if version in (queued or {}):
+            ran.append((f"is queued (job {queued[version][0]})", queued[version][1]))
+        for how, saved in ran:
+            differ = [k for k in cell if k not in skip and k in saved and cell[k] != saved[k]]
+            if differ:
+                raise UserError(f"sweep '{cfg.sweep_name}': its cell {version} {how} with {_as_flags(saved, differ)}, "
+                                f"where this command gives {_as_flags(cell, differ)}; give the cell's settings to "
+                                f"continue this sweep, or another --version to start a new sweep beside it")
+
+
+def _as_flags(config, keys) -> str:
+    """Settings as the flags that give them: '--g_lr 0.0001, --diffaug none, no --ema_decay'."""
+    from parameter import flag_words
+    shown = []
+    for k in keys:
+        if k == "dataset_size":
+            shown.append(f"{config[k]} training images")
+            continue
+        try:
+            shown.append(" ".join(flag_words({k: config[k]})) or f"no --{k}")
+        except KeyError:  # not a flag
+            shown.append(f"{k}={config[k]}")
+    return ", ".join(shown)
 
 
 class _Cell:

@@ -20,7 +20,7 @@ from data_loader import training_set
 from device import pick_device
 from distributed import convert_sync_bn, dist_info
 from files import atomic_open, csv_rows_until, remove_stale_temp_files
-from folders import checkpoint_path, run_dirs
+from folders import checkpoint_path, resumed_config, run_dirs
 from gan_step import GANStep
 from parameter import resume_command
 from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals, TensorBoard
@@ -147,7 +147,7 @@ class Trainer:
                 "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name()}
         path = self.dirs["log"] / "config.json"
         if self.cfg.start_checkpoint:  # a resumed run: keep the original, record this part beside it
-            path = path.with_name(f"config_resumed_at_{self.step}.json")
+            path = resumed_config(path.parent, self.step)
         # else the run starts at step 0 and writes its own, also over the config of an earlier
         # start that stopped before its first checkpoint (its seed and span may differ)
         text = json.dumps(info, indent=2, default=str)

@@ -133,6 +133,8 @@ def test_fid_reads_a_pre_0_2_checkpoint_only_when_trusted(tmp_path, capsys):
     ck["rng"]["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
     torch.save(ck, path)
     capsys.readouterr()
+    import metrics
+    metrics.save_stats(tmp_path / "ref.npz", np.zeros(3), np.eye(3))  # what it is measured against: there
     err = one_line_exit_2(capsys, fid.main, [path, tmp_path / "ref.npz"])
     assert "--trust_checkpoint" in err
     G, cfg = checkpoint.generator_from_checkpoint(path, trust=True)  # what fid.py --trust_checkpoint builds

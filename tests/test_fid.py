@@ -118,6 +118,11 @@ def test_generator_flags_without_a_checkpoint_input_are_refused_and_a_cpu_checkp
             assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
             assert "no input is one" in err and "drop " + " and ".join(f for f in flags if f.startswith("--")) in err
     assert not (tmp_path / "s.npz").exists()
+    (tmp_path / "run").mkdir()  # a run's checkpoint folder where its checkpoint was meant: the hint naming it
+    (tmp_path / "run" / "4.pt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "run"), str(images), "--ema", "--device", "cpu"])
+    assert f"a checkpoint is given as its file, e.g. {tmp_path / 'run' / '4.pt'}" in capsys.readouterr().err
     # a checkpoint input on the CPU at the default 10,000 images: a note before the work starts
     # (here it stops at once: no FID weights, offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

@@ -202,6 +202,12 @@ def test_the_same_command_submits_nothing_while_its_jobs_are_queued_nor_after_th
     assert f"sagan_emoji_span2_32px_seed4: job {jobs['sagan_emoji_span2_32px_seed4']}, pending (JobHeldUser), log " \
         in again.stdout
     assert queued() == sorted(jobs.values()) and len(_record(tmp_path)["submissions"]) == 1
+    # the same sweep with another setting while its jobs wait: they would run the old one
+    other = run_main([*command, "--g_lr", "3e-4"], cwd=tmp_path)
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stdout + other.stderr
+    assert (f"its cell sagan_emoji_span0_32px_seed4 is queued (job {jobs['sagan_emoji_span0_32px_seed4']}) with "
+            f"--g_lr 0.0001, where this command gives --g_lr 0.0003") in other.stderr
+    assert queued() == sorted(jobs.values()) and len(_record(tmp_path)["submissions"]) == 1
     _slurm("scontrol", "release", array)
     waited = run_main([*command, "--wait"], cwd=tmp_path)
     assert waited.returncode == 0 and "0 to submit" in waited.stdout and "2/2 cells finished" in waited.stdout

@@ -150,16 +150,42 @@ def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path,
     # starts (the finished cells would pass for the new setting), naming a cell and the setting
     other = run_main([*args, "--g_lr", "3e-4"], cwd=tmp_path)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stdout + other.stderr
-    assert f"its cell {cells[0]} ran with g_lr=0.0001, where this command gives g_lr=0.0003" in other.stderr
+    assert f"its cell {cells[0]} ran (config.json) with --g_lr 0.0001, where this command gives --g_lr 0.0003" \
+        in other.stderr
     assert "starting" not in other.stdout and "continuing" not in other.stdout
-    # ... also where only the resumed cell's latest start (config_resumed_at_2.json) ran with it
+    # ... also where only a resumed start of a cell (config_resumed_at_2.json) ran with it; and
+    # settings shown as the flags that give them
     resumed = tmp_path / f"logs/{cells[1]}/config_resumed_at_2.json"
-    resumed.write_text(json.dumps({**json.loads(resumed.read_text()), "d_lr": 1e-3}))
-    with pytest.raises(UserError, match=f"its cell {cells[1]} ran with d_lr=0.001, where this command gives d_lr=0.0004"):
+    saved = json.loads(resumed.read_text())
+    resumed.write_text(json.dumps({**saved, "d_lr": 1e-3, "diffaug": "", "ema_decay": 0.9}))
+    with pytest.raises(UserError, match=re.escape(
+            f"its cell {cells[1]} ran (config_resumed_at_2.json) with --diffaug none, --d_lr 0.001, --ema_decay 0.9, "
+            f"where this command gives --diffaug color,translation,cutout, --d_lr 0.0004, --ema_decay 0.0;")):
         check_start(configure(list(map(str, args))))
-    resumed.write_text(json.dumps({**json.loads(resumed.read_text()), "d_lr": 4e-4}))
+    # ... and other training images (here: one image fewer)
+    resumed.write_text(json.dumps({**saved, "dataset_size": saved["dataset_size"] + 1}))
+    with pytest.raises(UserError, match=f"with {saved['dataset_size'] + 1} training images, where this command "
+                                        f"gives {saved['dataset_size']} training images"):
+        check_start(configure(list(map(str, args))))
+    resumed.write_text(json.dumps(saved))
     # more steps, another FID batch size: the same experiment, continued
     check_start(configure([*map(str, args), "--total_step", "6", "--fid_batch_size", "4", "--log_step", "1"]))
+
+
+def test_a_slurm_sweep_leaves_what_the_device_resolves_to_its_nodes(tmp_path):
+    from sweep import cell_settings
+    args = [*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,3", "--seed", "1"]
+    cfg = configure([*args, "--launcher", "slurm"])
+    cell = tmp_path / "logs" / cfg.sweep[0][3]
+    cell.mkdir(parents=True)  # a cell that ran on a GPU node with the GPU's defaults
+    gpu = {"amp": "bf16", "compile": "default", "channels_last": True, "cuda_graph": True, "fid_step": 10000}
+    (cell / "config.json").write_text(json.dumps({**cell_settings(cfg, 0, 0), **gpu}))
+    check_start(cfg)  # submitted from a login node without a GPU: not a difference
+    with pytest.raises(UserError, match="ran \\(config.json\\) with --amp bf16, where this command gives --amp none"):
+        check_start(configure([*args, "--launcher", "slurm", "--amp", "none"]))  # given: every node runs it
+    with pytest.raises(UserError, match="with --amp bf16, --compile default, --channels_last true, --cuda_graph true, "
+                                        "--fid_step 10000, where"):
+        check_start(configure(args))  # local cells resolve them on this machine, as this command does
 
 
 def test_cell_results_and_the_summary_agree_with_the_cells():
