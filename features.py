@@ -26,7 +26,6 @@ from files import atomic_open, check_array_file, csv_rows_until, file_lock
 from folders import checkpoints
 from inception import FEATURES, check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, load_stats, save_stats
-from plots import plot_fid
 from sampling import fixed_latents, uint8_batches, whole_batches
 from utils import UserError, is_tty, warn
 
@@ -283,6 +282,7 @@ class FIDMonitor:
             w.writeheader()
             w.writerows(rows)
         if rows:
+            from plots import plot_fid  # here: matplotlib, 0.4 s, for the runs that measure FID
             plot_fid({self.cfg.version: rows}, self.path.with_name("fid.png"))
 
 
