@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from choices import METRICS
 from files import atomic_open
 from sagan_models import build_generator
 from utils import TRUST_FLAG, UserError, __version__
@@ -88,7 +89,10 @@ def load(path, mmap=False, trust=False, training=False) -> Checkpoint:
 def migrate_config(config: dict) -> dict:
     """A saved config (checkpoint or config.json) in today's terms: settings that did not
     exist yet get the value those runs trained with."""
-    return {**LEGACY_SETTINGS, **config}
+    config = {**LEGACY_SETTINGS, **config}
+    if isinstance(config.get("metrics"), list):  # held in the order given before 15ff3b8, today the registry's
+        config["metrics"] = [m for m in METRICS if m in config["metrics"]]
+    return config
 
 
 def generator_from_checkpoint(path, ema=False, trust=False):

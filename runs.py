@@ -133,7 +133,8 @@ def _outcome(d, config, every, column) -> Outcome:
     if status.get("status") == "finished":
         return Outcome("finished", status["step"])
     # a resumed run may have raised --total_step: its later config files say so
-    totals = [c.get("total_step") for c in [config] + [_read_json(p) for p in run_configs(d) if p.name != "config.json"]]
+    resumed = [_read_json(p) for p in run_configs(d) if p.name != "config.json"]
+    totals = [c.get("total_step") for c in [config] + resumed]
     totals = [t for t in totals if isinstance(t, int)]
     if not totals and not status:
         return Outcome("unknown", last)

@@ -167,3 +167,10 @@ def test_a_checkpoint_written_before_the_redesign_resumes_bit_exactly(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "logs/old/metrics.csv")))
     assert [(r["step"], r["d_loss"], r["g_loss"]) for r in rows] == [("3", "1.89838", "-0.0214987"),
                                                                      ("4", "1.91674", "-0.0493473")]
+
+
+def test_configs_of_older_versions_read_in_today_s_terms():
+    from checkpoint import migrate_config
+    old = migrate_config({"imsize": 64, "metrics": ["kid", "fid"]})  # before 15ff3b8: the order given
+    assert old["metrics"] == ["fid", "kid"] and (old["fully_masked"], old["diffaug"]) == ("skip", "")
+    assert migrate_config({"diffaug": "color", "metrics": ["fid"]})["diffaug"] == "color"  # what it says stays
