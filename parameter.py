@@ -15,8 +15,6 @@ from choices import count_or_all, parse_metrics, parse_policy, sbatch_options, s
 from choices import int_list, span_text, str2auto, str2bool
 from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
 
-# Optimizer settings: a resumed run keeps the checkpoint's unless the command line gives new ones.
-OPTIMIZER_KEYS = ("g_lr", "d_lr", "beta1", "beta2")
 
 DATASETS = ("emoji", "celeb", "lsun", "folder")
 IMAGE_PATH = "./data"  # --image_path's default: there --dataset emoji falls back to the bundled set
@@ -253,8 +251,13 @@ def validate(cfg, world=1):
             err(f"--seed {seed} is out of range; use an integer in [0, 2^63)")
     if cfg.resume and cfg.pretrained_model is not None:
         err("--resume and --pretrained_model both say where to start; give one")
+    check_batch_split(cfg, world)
+
+
+def check_batch_split(cfg, world):
+    """UserError unless --batch_size splits evenly over the torchrun processes."""
     if cfg.batch_size % world:
-        err(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
+        raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
 
 
 def resolve_device_defaults(cfg, device: str, world: int = 1):

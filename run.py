@@ -11,7 +11,7 @@ import checkpoint
 from device import pick_device
 from files import check_writable
 from folders import OUTPUT_FOLDERS, checkpoints, run_dirs, run_started
-from parameter import (OPTIMIZER_KEYS, Config, build_parser, default_diffaug, flag_words, parse_flags,
+from parameter import (Config, build_parser, check_batch_split, default_diffaug, flag_words, parse_flags,
                        resolve_device_defaults)
 from utils import UserError, warn
 
@@ -71,11 +71,25 @@ NOT_FROM_CONFIG = {"version", "log_path", "model_save_path", "sample_path", "att
 DEVICE_RESOLVED = {"amp", "compile", "channels_last", "cache", "cuda_graph", "fid_step", "fid_batch_size"}
 
 
+def _flag_dests() -> set:
+    return {a.dest for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+
+
+def inherited(saved: dict, given, dests) -> set:
+    """The settings (of `dests`) a run takes from a saved config (a run's config.json, a
+    checkpoint's): all it holds but those the command line gave itself, where this process
+    runs and writes (NOT_FROM_CONFIG, Slurm's), and what the device decided unless that
+    run's command line gave it (DEVICE_RESOLVED)."""
+    skip = NOT_FROM_CONFIG | {k for k in dests if k.startswith("slurm_")} | set(given) | \
+        (DEVICE_RESOLVED - set(saved.get("given") or ()))
+    return set(dests) & set(saved) - skip
+
+
 def config_argv(saved: dict, given=()) -> list:
     """The flags (command-line words) that give a run the settings of `saved`, a run's
     config.json, under the flags the command line gave itself (`given`, which parse_flags
     reads after these). UserError if it holds none of them."""
-    dests = {a.dest for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+    dests = _flag_dests()
     if not isinstance(saved, dict) or not dests & set(saved):
         raise UserError("it holds none of main.py's settings; pass the config.json a run wrote "
                         "(<log_path>/<version>/config.json)")
@@ -83,9 +97,7 @@ def config_argv(saved: dict, given=()) -> list:
         raise UserError("it holds some of main.py's settings but no imsize: no run's config.json; pass the "
                         "config.json a run wrote (<log_path>/<version>/config.json)")
     saved = checkpoint.migrate_config(saved)  # settings that did not exist yet: what such runs trained with
-    skip = NOT_FROM_CONFIG | {k for k in dests if k.startswith("slurm_")} | set(given) | \
-        (DEVICE_RESOLVED - set(saved.get("given") or ()))
-    settings = {k: saved[k] for k in sorted(dests & set(saved) - skip)}
+    settings = {k: saved[k] for k in sorted(inherited(saved, given, dests))}
     # one span for both networks is --span (so that a --span given overrides both); the
     # spans of G and D apart only where they differ, and not under a --span given
     spans = {k: settings.pop(k, None) for k in ("span", "g_span", "d_span")}
@@ -169,8 +181,8 @@ def _drawn_seed() -> int:
 def resolve_start(cfg):
     """The checkpoint the run starts from (cfg.start_checkpoint: its path, or None for a new
     run), refusing what would overwrite a run; a checkpoint's architecture, data and seed
-    (RUN_KEYS) replace the flags', and so do its optimizer settings (OPTIMIZER_KEYS) unless
-    the command line gave them. Raises UserError."""
+    (RUN_KEYS) replace the flags', and so does every other setting it holds that the command
+    line did not give again (inherited; given ones apply from its step on). Raises UserError."""
     folder = run_dirs(cfg)["model_save"]
     found = checkpoints(folder)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -213,8 +225,15 @@ def resolve_start(cfg):
     differ = [f"{k}={saved[k]}" for k in RUN_KEYS if k in given and getattr(cfg, k) != saved[k]]
     for k in RUN_KEYS:
         setattr(cfg, k, saved[k])
-    for k in set(OPTIMIZER_KEYS) - given:
-        setattr(cfg, k, saved.get(k, getattr(cfg, k)))
+    # every other setting the command line did not give again: the run's, not the parser's
+    # defaults (a bare `--resume` must not swap in other data, batch size or FID settings)
+    taken = inherited(saved, given, _flag_dests()) - set(RUN_KEYS) - {"span", "g_span", "d_span"}
+    for k in taken:
+        setattr(cfg, k, saved[k])
+    cfg.given = sorted(set(cfg.given) | taken)  # set by the run's command: kept by its next resume too
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_device_defaults(cfg, cfg.device, world)  # what the run's command gave may not run here (--cuda_graph)
+    check_batch_split(cfg, world)
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
     if differ and rank0:
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")

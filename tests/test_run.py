@@ -184,6 +184,29 @@ def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path)
 
 
 @pytest.mark.slow
+def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_did(tmp_path):
+    from run import unlock_run
+    ran = {"batch_size": 4, "d_iters": 2, "lambda_gp": 5.0, "fid_samples": 16, "metrics": ["fid", "kid"],
+           "fid_g_mode": "eval", "attn_impl": "dense", "g_lr": 2e-4, "total_step": 4, "channels_last": True}
+    main.main(main_args(tmp_path, "--version", "k", "--total_step", "4", "--batch_size", "4", "--d_iters", "2",
+                        "--lambda_gp", "5", "--fid_samples", "16", "--metrics", "kid,fid", "--fid_g_mode", "eval",
+                        "--attn_impl", "dense", "--g_lr", "2e-4", "--channels_last"))
+    bare = [*out_dirs(tmp_path), "--version", "k", "--device", "cpu"]  # no data, sizes or FID flags: the run's
+    cfg = configure([*bare, "--resume", "--d_lr", "1e-4"])
+    unlock_run()
+    assert {k: getattr(cfg, k) for k in ran} == ran and cfg.d_lr == 1e-4  # given: the new value
+    assert (cfg.image_path, cfg.dataset, cfg.num_workers) == (small_data()[-1], "emoji", 0)
+    # ... and so on: what the run's first command gave, also past a resume that did not repeat it
+    main.main([*bare, "--resume", "--total_step", "6"])
+    cfg = configure([*bare, "--resume"])
+    unlock_run()
+    assert {k: getattr(cfg, k) for k in ran} == {**ran, "total_step": 6}
+    # sampling draws in the run's batches and BatchNorm mode, as its FID did
+    cfg = configure([*bare, "--train", "false", "--n_samples", "3"])
+    assert (cfg.batch_size, cfg.fid_g_mode) == (4, "eval")
+
+
+@pytest.mark.slow
 def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path, capsys):
     main.main(main_args(tmp_path, "--version", "early", "--total_step", "5", "--model_save_step", "100"))
     (tmp_path / "models" / "early" / "5.pt").unlink()  # as if it died before saving
