@@ -256,11 +256,16 @@ def show(groups, out, column="fid", reach=None, flag="--out", csv_out=None, html
         print(f"{what}: {path}")
 
 
+def attention_path(out) -> Path:
+    """The attention-distance plot written beside the FID plot `out`."""
+    return Path(out).with_name(Path(out).stem + "_attention.png")
+
+
 def write_outputs(groups, out, column, reach, tests, flag="--out", csv_out=None, html_out=None,
                   html_flag="--html", table=None) -> dict:
     """show's files, without a word: {what: path} of those written. table: report_table's
     (rows, notes) when already built."""
-    attention_out = Path(out).with_name(Path(out).stem + "_attention.png")
+    attention_out = attention_path(out)
     path, written = out, {}  # the file being written, for the message
     try:
         plot_groups(groups, out, column, higher_is_better(column))
@@ -316,9 +321,15 @@ def compare(argv) -> int:
     args = p.parse_args(argv)
     column = args.column + ("_ema" if args.ema else "")
     out = check_output_file(figure_path(args.out, "--out"), "--out")  # before reading any run
+    outputs = {"--out": out, "the attention plot beside --out": attention_path(out)}
     for name in ("csv", "html"):
-        if getattr(args, name):
-            check_output_file(getattr(args, name), f"--{name}")
+        if getattr(args, name) is not None:
+            outputs[f"--{name}"] = check_output_file(getattr(args, name), f"--{name}")
+    named = {}
+    for what, path in outputs.items():  # one output written over another would be lost
+        first = named.setdefault(path.resolve(), what)
+        if first != what:
+            raise UserError(f"{first} and {what} both name {path}; give each its own file")
     folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
     headers = [h for h in (csv_header(d / "fid.csv") for d in folders) if h is not None]
     if headers and not any(column in h for h in headers):  # a metric the runs left off: no empty table

@@ -331,14 +331,17 @@ def _from_path(path: Path, size: int, crop, name: str) -> ImageDataset:
     --cache files (CACHE_PREFIX) are not arrays here: one beside the images would
     otherwise stand in for them, at its own size, in every later run."""
     desc = {"dataset": name, "path": str(path.resolve())}
-    if path.is_file() and path.suffix in ARRAY_EXTS:
+    if path.is_file() and path.suffix.lower() in ARRAY_EXTS:
         return ArrayDataset(load_array(path), size, crop, desc)
     try:
-        arrays = sorted(p for p in path.iterdir() if p.suffix in ARRAY_EXTS and not p.name.startswith(CACHE_PREFIX)) \
-            if path.is_dir() else []
+        arrays = sorted(p for p in path.iterdir() if p.suffix.lower() in ARRAY_EXTS
+                        and not p.name.startswith(CACHE_PREFIX)) if path.is_dir() else []
     except OSError as e:
         raise unreadable_folder(path, e) from None
     if len(arrays) == 1:
+        if _walk_images(path):  # which did the user mean? neither may quietly stand in for the other
+            raise UserError(f"{path} holds images and the array {arrays[0].name}: point --image_path at "
+                            f"{arrays[0]} to train on the array, or move it out of the folder to train on the images")
         desc["path"] = str(arrays[0].resolve())
         return ArrayDataset(load_array(arrays[0]), size, crop, desc)
     return FileDataset(path, size, crop, desc)

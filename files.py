@@ -74,6 +74,8 @@ def check_output_file(path, flag) -> Path:
     """Before the work: UserError (one line) if `path` cannot become a file, because it is
     a folder or its folder cannot be created or written, or if it is a file of a run (one in
     a folder holding a config.json): a report never writes over a run's logs."""
+    if not str(path).strip():  # Path("") would be the current folder
+        raise UserError(f"{flag} is empty; give a file name")
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")

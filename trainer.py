@@ -138,8 +138,8 @@ class Trainer:
     def _diverged(self, what) -> Diverged:
         where = f"the last good checkpoint is {self.last_saved}.pt in {self.dirs['model_save']}" \
             if self.last_saved is not None else "no checkpoint was saved yet"
-        return Diverged(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr or "
-                         f"--adv_loss hinge")
+        other_loss = " or --adv_loss hinge" if self.cfg.adv_loss != "hinge" else ""
+        return Diverged(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr{other_loss}")
 
     def _write_config(self, n_images):
         info = {**vars(self.cfg), "package_version": __version__, "git_commit": git_commit(),

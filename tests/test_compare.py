@@ -294,7 +294,13 @@ def test_compare_outputs_it_cannot_write_are_one_line_before_any_work(tmp_path):
              (["--out", tmp_path / "a_file" / "p.png"], f"--out: {tmp_path / 'a_file'} is a file"),
              (["--csv", tmp_path], f"--csv {tmp_path} is a folder; give a file name"),
              (["--out", tmp_path / "p.v2"], "--out " + str(tmp_path / "p.v2") + ": cannot draw a .v2 file; end the "
-                                                                               "name in one of")]
+                                                                               "name in one of"),
+             (["--csv", ""], "--csv is empty; give a file name"), (["--html", ""], "--html is empty"),
+             # two outputs in one file: one would be lost
+             (["--out", tmp_path / "s.png", "--csv", tmp_path / "s.png"], f"--out and --csv both name {tmp_path}"),
+             (["--csv", tmp_path / "s.x", "--html", tmp_path / "." / "s.x"], "--csv and --html both name"),
+             (["--out", tmp_path / "f.png", "--html", tmp_path / "f_attention.png"],
+              "the attention plot beside --out and --html both name")]
     for extra, message in cases:
         r = run_main(["compare", run, *extra], entry=fid.main)
         assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -94,6 +94,20 @@ def test_flat_folder(flat_folder, capsys):
     assert all(tuple(ds[i].shape) == (3, 8, 8) for i in range(len(ds)))
 
 
+def test_an_array_beside_images_is_refused_and_array_suffixes_are_any_case(flat_folder, tmp_path):
+    np.save(flat_folder / "old.npy", np.zeros((6, 8, 8, 3), np.uint8))  # images and an array: which was meant?
+    cfg = SimpleNamespace(dataset="folder", image_path=str(flat_folder), imsize=8)
+    with pytest.raises(UserError, match=f"holds images and the array old.npy: point --image_path at "
+                                        f"{flat_folder / 'old.npy'} to train on the array, or move it out"):
+        build_dataset(cfg)
+    (tmp_path / "alone").mkdir()
+    with open(tmp_path / "alone" / "UP.NPY", "wb") as f:  # (given a name, np.save would add .npy)
+        np.save(f, np.zeros((5, 8, 8, 3), np.uint8))
+    for where in (tmp_path / "alone", tmp_path / "alone" / "UP.NPY"):  # the folder holding it, the file itself
+        ds = build_dataset(SimpleNamespace(dataset="folder", image_path=str(where), imsize=8))
+        assert isinstance(ds, ArrayDataset) and len(ds) == 5
+
+
 def test_flat_folder_through_build_dataset(flat_folder, capsys):
     cfg = SimpleNamespace(dataset="folder", image_path=str(flat_folder), imsize=8)
     ds = build_dataset(cfg)

@@ -184,6 +184,7 @@ def test_nan_stops_the_run_naming_the_last_good_checkpoint(tmp_path, capsys):
     with pytest.raises(UserError) as e:
         t.train()
     assert str(e.value).startswith("a loss became NaN/inf by step 3; the last good checkpoint is 2.pt")
+    assert str(e.value).endswith("Try a lower --d_lr/--g_lr")  # the run's loss is hinge already
     assert sorted(p.name for p in (tmp_path / "models" / "n").glob("*.pt")) == ["1.pt", "2.pt"]
 
 
