@@ -66,7 +66,17 @@ def _in_memory(source):
         return source
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return as_nhwc_uint8(source.cpu() if torch.is_tensor(source) else source, "images")
+    if source is not None and not isinstance(source, (str, Path)):  # a list of arrays: np.stack it first
+        raise UserError(f"an input is a path (folder, image array, statistics or checkpoint file), a uint8 image "
+                        f"array or tensor, or a dict of statistics; got a {type(source).__name__}")
     return None
+
+
+def _check_counts(**counts):
+    """UserError unless each keyword option is an integer >= 1 (as fid.py's flags are)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _resolve(source, network, batch_size, progress, fid_samples, ema, trust_checkpoint) -> Resolved:
@@ -103,6 +113,8 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
     left out); KID and PRDC (`a` measured against `b`, the real images) need images on both
     sides. The other options are fid.py's flags."""
     names = parse_metrics(metrics if isinstance(metrics, str) else ",".join(metrics))
+    _check_counts(batch_size=batch_size, fid_samples=fid_samples, isc_splits=isc_splits, kid_subsets=kid_subsets,
+                  kid_subset_size=kid_subset_size, prdc_k=prdc_k)
     if b is None and any(METRICS[m].needs != "logits" for m in names):
         raise UserError(f"{', '.join(m.upper() for m in names if METRICS[m].needs != 'logits')} compares two "
                         f"image sets: pass b")
@@ -166,6 +178,8 @@ def statistics(images, out=None, *, fid_weights=None, fid_resize="tf1", fid_prec
         if Path(out).exists() and not _is_stats_file(out):  # images, a checkpoint: never written over
             raise UserError(f"--save-stats: {out} exists and holds no statistics; give another file name")
         check_writable(Path(out).absolute().parent, "--save-stats")
+    _check_counts(batch_size=batch_size, fid_samples=fid_samples)
+    _in_memory(images)
     if _stats_only(images):
         what = images if isinstance(images, (str, Path)) else "the dict"
         raise UserError(f"{what} holds statistics already; pass images")

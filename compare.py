@@ -19,7 +19,7 @@ from plots import figure_path, plot_attention, plot_groups
 from report_html import write_page
 from runs import load_run
 from stats import compare_arms, holm_within, reach_summary, summarize
-from utils import OneLineParser, UserError, json_line, write_failed
+from utils import OneLineParser, UserError, finite_float, json_line, write_failed
 
 
 CSV_COLUMNS = ["group", "g_span", "d_span", "step", "n_started", "n", "mean", "std", "ci95_low", "ci95_high", "note",
@@ -305,7 +305,7 @@ def compare(argv) -> int:
     p.add_argument("--column", default="fid", choices=[c for m in METRICS.values() for c in m.columns],
                    help="the fid.csv column to compare (a metric of --metrics, e.g. recall)")
     p.add_argument("--ema", action="store_true", help="compare the EMA generators (<column>_ema)")
-    p.add_argument("--reach", type=float, default=None, metavar="F",
+    p.add_argument("--reach", type=finite_float, default=None, metavar="F",
                    help="also report per run the first step with a value <= F (>= F where higher is better: is, "
                         "precision, recall, density, coverage), and per group its median, range and how many runs "
                         "never got there")
@@ -337,6 +337,9 @@ def compare(argv) -> int:
         raise UserError(f"no run logged {column}; runs trained with " +
                         ("--fid_step N log it" if metric == "fid" else f"--metrics fid,{metric} log it"))
     groups = load_groups(folders, column)
+    if args.ema and not any(r.fid for g in groups for r in g.runs) and \
+            any(r.fid for g in load_groups(folders, args.column) for r in g.runs):  # not a table of dashes
+        raise UserError(f"no run logged {column}: they trained without an EMA generator (--ema_decay); drop --ema")
     if not args.json:
         show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
         return 0

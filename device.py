@@ -9,9 +9,15 @@ from utils import UserError
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # the API takes any name; the flags are checked
+        raise UserError(f"device {name!r}: choose auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+    return device
 
 
 def tf32_flags():

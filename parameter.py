@@ -192,7 +192,7 @@ def _unknown_flag_message(unknown, parser):
     return f"unknown argument {flag}{hint}"
 
 
-def validate(cfg, world=1):
+def validate(cfg):
     """UserError (one line) for a value no run can use."""
     def err(message):
         raise UserError(message)
@@ -251,13 +251,6 @@ def validate(cfg, world=1):
             err(f"--seed {seed} is out of range; use an integer in [0, 2^63)")
     if cfg.resume and cfg.pretrained_model is not None:
         err("--resume and --pretrained_model both say where to start; give one")
-    check_batch_split(cfg, world)
-
-
-def check_batch_split(cfg, world):
-    """UserError unless --batch_size splits evenly over the torchrun processes."""
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
 
 
 def resolve_device_defaults(cfg, device: str, world: int = 1):
@@ -311,13 +304,12 @@ def _span_part(g_span, d_span) -> str:
     return f"span{span_text(g_span)}" if g_span == d_span else f"g{span_text(g_span)}_d{span_text(d_span)}"
 
 
-def parse_flags(argv=None, world=None):
+def parse_flags(argv=None):
     """The command line as an argparse Namespace, validated (UserError otherwise), with
     `given` (the flags the command line gave) and `sweep` (the grid's cells, or None for
     one run). One run: g_span, d_span ints (NO_ATTENTION, -1: no attention layers), span
     their common value or None when G and D differ (never "no attention"); seed an int or
     None, version its name. A sweep keeps its lists in its cells."""
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     parser = build_parser()
     # argparse leaves attributes it finds on the namespace alone unless the flag is given:
     # the sentinel tells which flags the command line gave (the resume hint repeats those,
@@ -331,7 +323,7 @@ def parse_flags(argv=None, world=None):
     cfg.given = sorted(k for k in dests if getattr(cfg, k) is not unset)
     for k in set(dests) - set(cfg.given):
         setattr(cfg, k, parser.get_default(k))
-    validate(cfg, world)
+    validate(cfg)
     cfg.sweep = sweep_cells(cfg)
     check_launcher(cfg)
     if not cfg.sweep:

@@ -11,7 +11,7 @@ import checkpoint
 from device import pick_device
 from files import check_writable
 from folders import OUTPUT_FOLDERS, checkpoints, run_dirs, run_started
-from parameter import (Config, build_parser, check_batch_split, default_diffaug, flag_words, parse_flags,
+from parameter import (Config, build_parser, default_diffaug, flag_words, parse_flags,
                        resolve_device_defaults)
 from utils import UserError, warn
 
@@ -136,8 +136,8 @@ def configure(argv=None, flags=None) -> Config:
     UserError (one line) for anything a user can fix."""
     cfg = with_config(parse_flags(argv), argv) if flags is None else flags
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    resolve_device_defaults(cfg, pick_device(cfg.device).type, world)
     if cfg.sweep:  # the cells resolve their own start, each in its own process
+        resolve_device_defaults(cfg, pick_device(cfg.device).type, world)
         for key in OUTPUT_FOLDERS:
             check_writable(getattr(cfg, f"{key}_path"), f"--{key}_path")
         _check_fid_weights(cfg)  # once, not in every cell
@@ -145,13 +145,18 @@ def configure(argv=None, flags=None) -> Config:
     for key, folder in run_dirs(cfg).items():  # at start, not at the first sample step hours later
         if cfg.train or key == "sample":
             check_writable(folder, f"--{key}_path")
-    _check_fid_weights(cfg)
     if cfg.train and int(os.environ.get("RANK", "0")) == 0:  # one writer per run, before anything is read or written
         # a lock in every output root: two runs that share any one of the run's folders
         # (same --version and --model_save_path, other --log_path) cannot both write
         for root in dict.fromkeys(Path(getattr(cfg, f"{k}_path")).resolve() for k in OUTPUT_FOLDERS):
             lock_run(root / f".{cfg.version}.lock", f"run '{cfg.version}'")
     resolve_start(cfg)
+    # after the start's settings: what the run's command gave (a --cuda_graph) may not run
+    # here, and its checkpoint's --adv_loss decides --compile's auto
+    resolve_device_defaults(cfg, pick_device(cfg.device).type, world)
+    _check_fid_weights(cfg)
+    if cfg.batch_size % world:  # the run's batch size: given, or its checkpoint's
+        raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
     if cfg.diffaug is None:  # not given and not from a checkpoint
         cfg.diffaug = default_diffaug(cfg)
     if cfg.seed is None:
@@ -231,9 +236,6 @@ def resolve_start(cfg):
     for k in taken:
         setattr(cfg, k, saved[k])
     cfg.given = sorted(set(cfg.given) | taken)  # set by the run's command: kept by its next resume too
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    resolve_device_defaults(cfg, cfg.device, world)  # what the run's command gave may not run here (--cuda_graph)
-    check_batch_split(cfg, world)
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
     if differ and rank0:
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")

@@ -23,6 +23,7 @@ from files import atomic_open, csv_rows_until, remove_stale_temp_files
 from folders import checkpoint_path, resumed_config, run_dirs
 from gan_step import GANStep
 from parameter import resume_command
+from runs import saved_configs
 from runlog import AttentionLog, Diverged, Interval, RunLog, RunStatus, StopSignals, TensorBoard
 from sagan_models import (attention_layers, build_discriminator, build_generator, forward_capturing_attention_inputs,
                           layer_distances)
@@ -240,6 +241,8 @@ class Trainer:
             if stale:
                 warn(f"removed {stale} half-written file(s) of an interrupted earlier run of '{cfg.version}'")
         dataset = training_set(cfg)
+        if self.is_main and cfg.start_checkpoint:
+            self._note_other_data(len(dataset))
         # the real images D's attention distance is measured on: the same 64 for every run on this data
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:64]
         self.attn_real = torch.stack([dataset[int(i)] for i in pick]).float().div_(127.5).sub_(1)
@@ -251,6 +254,17 @@ class Trainer:
             if cfg.fid_step == 0 and self.device.type == "cpu":
                 print("note: FID is off on CPU unless asked for: --fid_step N (--fid_samples M)")
         return iter(stream), fid_monitor
+
+    def _note_other_data(self, n_images):
+        """A resumed run whose training set changed since its last start: said, not refused
+        (images added on purpose continue the run)."""
+        try:
+            configs = saved_configs(self.dirs["log"])
+        except UserError:  # a damaged config is the report's to refuse, not the resume's
+            return
+        before = configs[-1][1].get("dataset_size") if configs else None
+        if before is not None and before != n_images:
+            warn(f"the training set has {n_images} images; the run trained on {before} until step {self.step}")
 
     def _close_interval(self, log, signalled):
         """At a log step: the interval's mean losses (global under torchrun), the NaN check,

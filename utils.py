@@ -47,6 +47,17 @@ def git_commit():
         return None
 
 
+def finite_float(text):
+    """argparse type: a finite number (a target of nan or inf is never reached, nor missed)."""
+    value = float(text)  # a ValueError: argparse says "invalid float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+finite_float.__name__ = "float"  # what argparse calls it in messages
+
+
 def int_at_least(low):
     """argparse type: an integer >= low (0 steps, splits or subsets would divide by zero or
     print nan as a result)."""

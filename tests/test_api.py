@@ -107,7 +107,12 @@ def test_user_mistakes_raise_user_error_never_exit(two_sets, capsys):
              (lambda: api.statistics({"mu": np.zeros(8), "sigma": np.eye(8)}), "holds statistics already"),
              (lambda: api.generate(root / "a.npy", 4), "cannot read checkpoint"),
              (lambda: api.generate(root / "a.npy", 0), "n must be at least 1"),
-             (lambda: api.compare_runs([root]), "has no fid.csv")]
+             (lambda: api.compare_runs([root]), "has no fid.csv"),
+             (lambda: api.metrics(a, a, device="gpu"), "device 'gpu': choose auto, cpu or cuda"),
+             (lambda: api.metrics(a, a, batch_size=0), "batch_size must be an integer >= 1, got 0"),
+             (lambda: api.metrics(a, a, kid_subsets=2.5), "kid_subsets must be an integer >= 1, got 2.5"),
+             (lambda: api.statistics(list(a)), "a uint8 image array or tensor, or a dict of statistics; got a list"),
+             (lambda: api.metrics(a, tuple(a)), "got a tuple")]
     for call, message in cases:
         with pytest.raises(utils.UserError, match=re.escape(message)):
             call()

@@ -300,7 +300,10 @@ def test_compare_outputs_it_cannot_write_are_one_line_before_any_work(tmp_path):
              (["--out", tmp_path / "s.png", "--csv", tmp_path / "s.png"], f"--out and --csv both name {tmp_path}"),
              (["--csv", tmp_path / "s.x", "--html", tmp_path / "." / "s.x"], "--csv and --html both name"),
              (["--out", tmp_path / "f.png", "--html", tmp_path / "f_attention.png"],
-              "the attention plot beside --out and --html both name")]
+              "the attention plot beside --out and --html both name"),
+             (["--reach", "nan"], "argument --reach: expected a finite number, got 'nan'"),
+             (["--reach", "inf"], "expected a finite number"),
+             (["--ema"], "no run logged fid_ema: they trained without an EMA generator (--ema_decay); drop --ema")]
     for extra, message in cases:
         r = run_main(["compare", run, *extra], entry=fid.main)
         assert r.returncode == 2 and message in r.stderr, r.stderr

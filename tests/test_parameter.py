@@ -34,7 +34,7 @@ def test_every_choice_help_offers_is_accepted_on_either_device():
     assert ("--compile", "default") in offered and len(offered) > 20
     for flag, choice in offered:
         for device in ("cpu", "cuda"):
-            resolve_device_defaults(parse_flags([flag, choice, *context.get(flag, [])], world=1), device)
+            resolve_device_defaults(parse_flags([flag, choice, *context.get(flag, [])]), device)
 
 # ---------------------------------------------------------------------------- resume hint
 @pytest.mark.parametrize("start", [["--resume", "false"], ["--pretrained_model=2"], ["--resume", "true"]],

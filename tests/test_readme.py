@@ -52,7 +52,7 @@ def parses(argv, monkeypatch):
         return "skipped"
     script, *flags = args
     if script == "main.py":
-        parameter.parse_flags(flags, world=1)
+        parameter.parse_flags(flags)
         return script
     original = utils.OneLineParser.parse_args
 

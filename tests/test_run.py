@@ -184,7 +184,8 @@ def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path)
 
 
 @pytest.mark.slow
-def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_did(tmp_path):
+def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_did(tmp_path, capsys,
+                                                                                    monkeypatch):
     from run import unlock_run
     ran = {"batch_size": 4, "d_iters": 2, "lambda_gp": 5.0, "fid_samples": 16, "metrics": ["fid", "kid"],
            "fid_g_mode": "eval", "attn_impl": "dense", "g_lr": 2e-4, "total_step": 4, "channels_last": True}
@@ -197,13 +198,29 @@ def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_d
     assert {k: getattr(cfg, k) for k in ran} == ran and cfg.d_lr == 1e-4  # given: the new value
     assert (cfg.image_path, cfg.dataset, cfg.num_workers) == (small_data()[-1], "emoji", 0)
     # ... and so on: what the run's first command gave, also past a resume that did not repeat it
-    main.main([*bare, "--resume", "--total_step", "6"])
+    # (which here trains on other images: said, not refused)
+    (tmp_path / "other").mkdir()
+    np.savez(tmp_path / "other" / "emoji64.npz", images=np.zeros((6, 64, 64, 3), np.uint8))
+    capsys.readouterr()
+    main.main([*bare, "--resume", "--total_step", "6", "--image_path", str(tmp_path / "other")])
+    assert "warning: the training set has 6 images; the run trained on 64 until step 4" in capsys.readouterr().err
     cfg = configure([*bare, "--resume"])
     unlock_run()
     assert {k: getattr(cfg, k) for k in ran} == {**ran, "total_step": 6}
     # sampling draws in the run's batches and BatchNorm mode, as its FID did
     cfg = configure([*bare, "--train", "false", "--n_samples", "3"])
     assert (cfg.batch_size, cfg.fid_g_mode) == (4, "eval")
+    # under torchrun the batch that must split over the processes is the run's, given or inherited
+    from utils import UserError
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for argv, size in (([*bare, "--resume"], 4), ([*bare, "--resume", "--batch_size", "6"], None),
+                       ([*bare, "--resume", "--batch_size", "8"], 8), (main_args(tmp_path, "--version", "k3"), 8)):
+        if size is None:
+            assert configure(argv).batch_size == 6
+        else:
+            with pytest.raises(UserError, match=f"--batch_size {size} must divide evenly over the 3 torchrun"):
+                configure(argv)
+        unlock_run()
 
 
 @pytest.mark.slow
