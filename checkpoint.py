@@ -90,8 +90,10 @@ def migrate_config(config: dict) -> dict:
     """A saved config (checkpoint or config.json) in today's terms: settings that did not
     exist yet get the value those runs trained with."""
     config = {**LEGACY_SETTINGS, **config}
-    if isinstance(config.get("metrics"), list):  # held in the order given before 15ff3b8, today the registry's
-        config["metrics"] = [m for m in METRICS if m in config["metrics"]]
+    if isinstance(config.get("metrics"), (str, list)):  # a string before af542ff, a list in the order given
+        given = [m.strip() for m in config["metrics"].split(",")] if isinstance(config["metrics"], str) \
+            else config["metrics"]
+        config["metrics"] = [m for m in METRICS if m in given]  # before 15ff3b8; today in the registry's
     return config
 
 

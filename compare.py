@@ -337,8 +337,7 @@ def compare(argv) -> int:
         raise UserError(f"no run logged {column}; runs trained with " +
                         ("--fid_step N log it" if metric == "fid" else f"--metrics fid,{metric} log it"))
     groups = load_groups(folders, column)
-    if args.ema and not any(r.fid for g in groups for r in g.runs) and \
-            any(r.fid for g in load_groups(folders, args.column) for r in g.runs):  # not a table of dashes
+    if args.ema and not any(r.config.get("ema_decay") for g in groups for r in g.runs):  # not a table of dashes
         raise UserError(f"no run logged {column}: they trained without an EMA generator (--ema_decay); drop --ema")
     if not args.json:
         show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)

@@ -240,17 +240,21 @@ def validate(cfg):
         cfg.metrics = parse_metrics(cfg.metrics)
     except ValueError as e:
         err(str(e))
-    metrics = cfg.metrics
-    if cfg.fid_samples < 2 or ("is" in metrics and cfg.fid_samples < 10):
-        err(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
-    if "prdc" in metrics and (cfg.fid_samples <= PRDC_K or 0 < cfg.fid_ref_samples <= PRDC_K):
-        err(f"--metrics prdc needs more than its {PRDC_K} nearest neighbours on each side: raise --fid_samples "
-            f"({cfg.fid_samples}) and --fid_ref_samples ({cfg.fid_ref_samples}) above {PRDC_K}")
+    check_metric_samples(cfg)
     for seed in cfg.seed or []:
         if not 0 <= seed < 2**63:
             err(f"--seed {seed} is out of range; use an integer in [0, 2^63)")
     if cfg.resume and cfg.pretrained_model is not None:
         err("--resume and --pretrained_model both say where to start; give one")
+
+
+def check_metric_samples(cfg):
+    """UserError unless --metrics can be computed on --fid_samples and --fid_ref_samples."""
+    if cfg.fid_samples < 2 or ("is" in cfg.metrics and cfg.fid_samples < 10):
+        raise UserError(f"--fid_samples {cfg.fid_samples} is too few: FID needs >= 2 images, IS >= 10 (its splits)")
+    if "prdc" in cfg.metrics and (cfg.fid_samples <= PRDC_K or 0 < cfg.fid_ref_samples <= PRDC_K):
+        raise UserError(f"--metrics prdc needs more than its {PRDC_K} nearest neighbours on each side: raise "
+                        f"--fid_samples ({cfg.fid_samples}) and --fid_ref_samples ({cfg.fid_ref_samples}) above {PRDC_K}")
 
 
 def resolve_device_defaults(cfg, device: str, world: int = 1):
@@ -313,7 +317,7 @@ def parse_flags(argv=None):
     parser = build_parser()
     # argparse leaves attributes it finds on the namespace alone unless the flag is given:
     # the sentinel tells which flags the command line gave (the resume hint repeats those,
-    # and a resumed run keeps its checkpoint's optimizer settings unless they are given).
+    # and a resumed run keeps its checkpoint's settings where they are not given).
     unset = object()
     dests = [a.dest for a in parser._actions if a.option_strings and a.dest != "help"]
     cfg, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv,

@@ -11,7 +11,7 @@ import checkpoint
 from device import pick_device
 from files import check_writable
 from folders import OUTPUT_FOLDERS, checkpoints, run_dirs, run_started
-from parameter import (Config, build_parser, default_diffaug, flag_words, parse_flags,
+from parameter import (Config, build_parser, check_metric_samples, default_diffaug, flag_words, parse_flags,
                        resolve_device_defaults)
 from utils import UserError, warn
 
@@ -59,7 +59,8 @@ RUN_KEYS = ("model", "imsize", "z_dim", "g_conv_dim", "d_conv_dim", "g_span", "d
             "fully_masked", "original_attention", "adv_loss", "diffaug", "dataset", "seed", "ema_decay")
 
 
-# What --config never takes from a config.json: the run's name and output roots (a run started
+# What --config never takes from a config.json, nor a resumed run from its checkpoint
+# (run.inherited): the run's name and output roots (a run started
 # from another's settings must not write into that run's folders), how that run started (a
 # sweep's launcher and its Slurm resources included), and the device (the file holds the
 # device's name, not the flag).
@@ -130,9 +131,9 @@ def with_config(flags, argv):
 
 def configure(argv=None, flags=None) -> Config:
     """The run's one config, resolved once and frozen: the flags (parsed from argv unless
-    given), the device's defaults, and for one run its start: the checkpoint it continues
-    (its settings replace the flags'), the lock that makes this process the run's only
-    writer, and the random seed (drawn when none is given; the same on every torchrun rank).
+    given), the device's defaults, and for one run its start: the lock that makes this
+    process the run's only writer, the checkpoint it continues (its settings where the flags
+    do not give them; see resolve_start), and the random seed (drawn when none is given; the same on every torchrun rank).
     UserError (one line) for anything a user can fix."""
     cfg = with_config(parse_flags(argv), argv) if flags is None else flags
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -233,8 +234,21 @@ def resolve_start(cfg):
     # every other setting the command line did not give again: the run's, not the parser's
     # defaults (a bare `--resume` must not swap in other data, batch size or FID settings)
     taken = inherited(saved, given, _flag_dests()) - set(RUN_KEYS) - {"span", "g_span", "d_span"}
-    for k in taken:
-        setattr(cfg, k, saved[k])
+    choices = {a.dest: a.choices for a in build_parser()._actions if a.choices}
+    for k in sorted(taken):
+        if k in choices and saved[k] not in choices[k]:  # a value an older version offered: the flag's default
+            taken.discard(k)
+            if rank0:
+                warn(f"the run's --{k} {saved[k]} is no longer a choice ({', '.join(map(str, choices[k]))}); "
+                     f"using the default")
+        else:
+            setattr(cfg, k, saved[k])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "cuda_graph" in taken and cfg.cuda_graph is True and \
+            (not cfg.train or world > 1 or pick_device(cfg.device).type != "cuda"):
+        cfg.cuda_graph = "auto"  # what the run's GPU could replay, this start cannot: the device decides
+        taken.discard("cuda_graph")
+    check_metric_samples(cfg)  # the flags given now with the run's others
     cfg.given = sorted(set(cfg.given) | taken)  # set by the run's command: kept by its next resume too
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
     if differ and rank0:

@@ -62,7 +62,8 @@ class CellJob:
         state = cell_state(self.cfg, self.version)
         if state == "done":
             return "ok"
-        args = cell_argv(self.argv, self.g_span, self.d_span, self.seed, self.version, resume=state == "started")
+        args = cell_argv(self.argv, self.g_span, self.d_span, self.seed, self.version, state == "started",
+                         self.cfg.total_step)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if "OMP_NUM_THREADS" not in env and "SLURM_CPUS_PER_TASK" in env:  # the job's CPUs, not the node's
             env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]

@@ -23,8 +23,10 @@ SWEEP_FLAGS = ("--span", "--g_span", "--d_span", "--seed", "--version", "--jobs"
 SWEEP_SWITCHES = ("--wait",)  # the sweep's too, without a value
 
 
-def cell_argv(argv, g_span, d_span, seed, version, resume):
-    """The sweep's command line for one cell: its own spans, seed and name, the rest as given."""
+def cell_argv(argv, g_span, d_span, seed, version, resume, total_step):
+    """The sweep's command line for one cell: its own spans, seed and name, the rest as given;
+    resumed, with the --total_step the sweep counts it done at (a resumed run would take its
+    checkpoint's, and the sweep would start it again and again)."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -38,7 +40,7 @@ def cell_argv(argv, g_span, d_span, seed, version, resume):
     spans = ["--span", span_text(g_span)] if g_span == d_span else \
         ["--g_span", span_text(g_span), "--d_span", span_text(d_span)]
     out += [*spans, "--version", version] + (["--seed", str(seed)] if seed is not None else [])
-    return out + (["--resume"] if resume else [])
+    return out + (["--total_step", str(total_step), "--resume"] if resume else [])
 
 
 def cell_state(cfg, version):
@@ -205,7 +207,7 @@ def run_sweep(cfg, argv, main_py) -> int:
                 cell, resume = todo.pop(0)
                 cell.slot = min(set(range(cfg.jobs)) - {c.slot for c in running})
                 running.append(cell)  # before it starts: a signal from now on reaches it (on_signal)
-                args = cell_argv(argv, cell.g_span, cell.d_span, cell.seed, cell.version, resume)
+                args = cell_argv(argv, cell.g_span, cell.d_span, cell.seed, cell.version, resume, cfg.total_step)
                 _launch(cell, args, main_py, cfg, gpus, prefix=cfg.jobs > 1)
                 if stop["signal"] is not None:  # the signal came while it was starting
                     cell.proc.send_signal(stop["signal"])

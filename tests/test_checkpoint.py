@@ -174,3 +174,4 @@ def test_configs_of_older_versions_read_in_today_s_terms():
     old = migrate_config({"imsize": 64, "metrics": ["kid", "fid"]})  # before 15ff3b8: the order given
     assert old["metrics"] == ["fid", "kid"] and (old["fully_masked"], old["diffaug"]) == ("skip", "")
     assert migrate_config({"diffaug": "color", "metrics": ["fid"]})["diffaug"] == "color"  # what it says stays
+    assert migrate_config({"metrics": "is, fid"})["metrics"] == ["fid", "is"]  # before af542ff: the flag's text

@@ -79,7 +79,7 @@ def tiny_sweep(project, real_pictures=False):
     for k, (name, span, seed, fids, status, steps, attn) in enumerate(SWEEP):
         d = make_run(project / "logs", name, fids, status, seed=seed, g_span=span, d_span=span, total_step=20)
         cfg = json.loads((d / "config.json").read_text())
-        cfg.update(log_path="./logs", sample_path="./samples", attn_path="./attn")
+        cfg.update(log_path="./logs", sample_path="./samples", attn_path="./attn", ema_decay=0.999)  # _fake_ema grids
         (d / "config.json").write_text(json.dumps(cfg))
         if attn and fids:
             with open(d / "attention.csv", "w", newline="") as f:

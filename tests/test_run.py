@@ -187,10 +187,10 @@ def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path)
 def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_did(tmp_path, capsys,
                                                                                     monkeypatch):
     from run import unlock_run
-    ran = {"batch_size": 4, "d_iters": 2, "lambda_gp": 5.0, "fid_samples": 16, "metrics": ["fid", "kid"],
+    ran = {"batch_size": 4, "d_iters": 2, "lambda_gp": 5.0, "fid_samples": 16, "metrics": ["fid", "is", "kid"],
            "fid_g_mode": "eval", "attn_impl": "dense", "g_lr": 2e-4, "total_step": 4, "channels_last": True}
     main.main(main_args(tmp_path, "--version", "k", "--total_step", "4", "--batch_size", "4", "--d_iters", "2",
-                        "--lambda_gp", "5", "--fid_samples", "16", "--metrics", "kid,fid", "--fid_g_mode", "eval",
+                        "--lambda_gp", "5", "--fid_samples", "16", "--metrics", "kid,is,fid", "--fid_g_mode", "eval",
                         "--attn_impl", "dense", "--g_lr", "2e-4", "--channels_last"))
     bare = [*out_dirs(tmp_path), "--version", "k", "--device", "cpu"]  # no data, sizes or FID flags: the run's
     cfg = configure([*bare, "--resume", "--d_lr", "1e-4"])
@@ -221,6 +221,23 @@ def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_d
             with pytest.raises(UserError, match=f"--batch_size {size} must divide evenly over the 3 torchrun"):
                 configure(argv)
         unlock_run()
+    monkeypatch.delenv("WORLD_SIZE")
+    # a flag given now is checked with the run's other settings: its IS needs 10 images
+    with pytest.raises(UserError, match="--fid_samples 4 is too few: FID needs >= 2 images, IS >= 10"):
+        configure([*bare, "--resume", "--fid_samples", "4"])
+    unlock_run()
+    # what the run's command gave that cannot run here (a CUDA graph on a CPU), or that this
+    # version no longer offers, is left to the device / the default
+    path = tmp_path / "models" / "k" / "6.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["config"].update(cuda_graph=True, compile="max-autotune", given=ck["config"]["given"] + ["cuda_graph", "compile"])
+    torch.save(ck, path)
+    capsys.readouterr()
+    for extra in (["--resume"], ["--train", "false", "--n_samples", "3"]):
+        cfg = configure([*bare, *extra])
+        unlock_run()
+        assert (cfg.cuda_graph, cfg.compile) == (False, "none")
+    assert "warning: the run's --compile max-autotune is no longer a choice" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ def test_launcher_flags_that_cannot_apply_are_one_line(tmp_path, args, message):
 def test_a_cell_runs_without_the_launcher_flags():
     argv = ["--span", "0,3", "--launcher", "slurm", "--slurm_time", "1-0", "--wait", "--slurm_sbatch=--hold",
             "--d_lr", "1e-4", "--slurm_setup", "module load cuda", "--slurm_gpus=0", "--seed", "1,2"]
-    assert cell_argv(argv, 3, 3, 2, "v", resume=False) == ["--d_lr", "1e-4", "--span", "3", "--version", "v",
+    assert cell_argv(argv, 3, 3, 2, "v", resume=False, total_step=9) == ["--d_lr", "1e-4", "--span", "3", "--version", "v",
                                                        "--seed", "2"]
 
 

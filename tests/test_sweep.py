@@ -39,8 +39,8 @@ def test_cells_are_named_by_span_and_seed_and_keep_every_other_flag():
     assert configure([*SWEEP, "--span", "1", "--seed", "0,1"]).sweep[1] == (1, 1, 1, "sagan_emoji_span1_32px_seed1")
     assert configure([*SWEEP, "--span", "3"]).sweep is None
     argv = ["--span=0,3", "--d_lr", "1e-4", "--seed", "1,2", "--jobs", "2", "--version", "v"]
-    assert cell_argv(argv, 3, 3, 2, "v_span3_seed2", resume=True) == [
-        "--d_lr", "1e-4", "--span", "3", "--version", "v_span3_seed2", "--seed", "2", "--resume"]
+    assert cell_argv(argv, 3, 3, 2, "v_span3_seed2", resume=True, total_step=500) == [
+        "--d_lr", "1e-4", "--span", "3", "--version", "v_span3_seed2", "--seed", "2", "--total_step", "500", "--resume"]
 
 
 def test_no_attention_and_one_network_sweeps_form_the_documented_cells():
@@ -62,9 +62,9 @@ def test_no_attention_and_one_network_sweeps_form_the_documented_cells():
     cfg = configure([*SWEEP, "--span", "none"])
     assert (cfg.g_span, cfg.d_span, cfg.span, cfg.version) == (none, none, none, "sagan_emoji_spannone_32px")
     # a cell's command line names its spans as the user would
-    assert cell_argv(["--g_span", "none,0", "--d_span=3"], none, 3, 1, "c", resume=False) == [
+    assert cell_argv(["--g_span", "none,0", "--d_span=3"], none, 3, 1, "c", resume=False, total_step=9) == [
         "--g_span", "none", "--d_span", "3", "--version", "c", "--seed", "1"]
-    assert cell_argv(["--span", "none,0"], none, none, None, "c", resume=False) == ["--span", "none", "--version", "c"]
+    assert cell_argv(["--span", "none,0"], none, none, None, "c", False, 9) == ["--span", "none", "--version", "c"]
 
 
 @pytest.mark.parametrize("args, message", [
