@@ -201,7 +201,10 @@ def resolve_start(cfg):
             _newest_loadable(found, cfg, "sampling")
     elif cfg.resume:
         if not found:
-            if run_started(cfg):  # it stopped before its first checkpoint
+            if run_started(cfg):  # it stopped before its first checkpoint: from step 0, as it started
+                started = run_dirs(cfg)["log"] / "config.json"
+                if started.is_file():
+                    _continue_with(cfg, _read_config(started), rank0, binding=False)
                 return
             raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
@@ -226,14 +229,23 @@ def resolve_start(cfg):
         ck, why = _read_checkpoint(found[step], cfg)
         if ck is None:
             raise UserError(why)
-    saved = ck.config
+    _continue_with(cfg, ck.config, rank0)
+    cfg.start_checkpoint = str(found[step])
+
+
+def _continue_with(cfg, saved, rank0, binding=True):
+    """A continued run's settings from `saved`: a checkpoint's config, whose architecture,
+    data and seed (RUN_KEYS, binding) replace the flags' (a note names a flag given that
+    differs); or the config.json of a start that saved no checkpoint, which trains again
+    from step 0 with the flags given. Every setting the command line did not give is the
+    run's, not the parser's default (a bare `--resume` must not swap in other data, batch
+    size or FID settings), checked as the flags are."""
     given = set(cfg.given) | ({"g_span", "d_span"} if "span" in cfg.given else set())
-    differ = [f"{k}={saved[k]}" for k in RUN_KEYS if k in given and getattr(cfg, k) != saved[k]]
-    for k in RUN_KEYS:
+    keys = [k for k in RUN_KEYS if k in saved] if binding else []
+    differ = [f"{k}={saved[k]}" for k in keys if k in given and getattr(cfg, k) != saved[k]]
+    for k in keys:
         setattr(cfg, k, saved[k])
-    # every other setting the command line did not give again: the run's, not the parser's
-    # defaults (a bare `--resume` must not swap in other data, batch size or FID settings)
-    taken = inherited(saved, given, _flag_dests()) - set(RUN_KEYS) - {"span", "g_span", "d_span"}
+    taken = inherited(saved, given, _flag_dests()) - set(keys) - {"span"}
     choices = {a.dest: a.choices for a in build_parser()._actions if a.choices}
     for k in sorted(taken):
         if k in choices and saved[k] not in choices[k]:  # a value an older version offered: the flag's default
@@ -253,7 +265,17 @@ def resolve_start(cfg):
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
     if differ and rank0:
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
-    cfg.start_checkpoint = str(found[step])
+
+
+def _read_config(path) -> dict:
+    """A run's config.json, in today's terms; UserError (one line) for a file it cannot read."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); move it away to start the run over") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} holds no run's settings; move it away to start the run over")
+    return checkpoint.migrate_config(saved)
 
 
 def _newest_loadable(found, cfg, what):

@@ -248,6 +248,15 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path, caps
     assert f"a config or logs in {tmp_path / 'logs' / 'early'}, no checkpoint yet" in err and "--resume" in err
     main.main(main_args(tmp_path, "--version", "early", "--total_step", "5", "--resume"))  # the one way forward works
     assert (tmp_path / "models" / "early" / "5.pt").exists()
+    # ... and a bare --resume starts it over with the flags given and, for the rest, the
+    # settings of its config.json, not the parser's defaults
+    main.main(main_args(tmp_path, "--version", "e2", "--total_step", "3", "--model_save_step", "100",
+                        "--batch_size", "4", "--g_lr", "2e-4", "--seed", "7"))
+    (tmp_path / "models" / "e2" / "3.pt").unlink()
+    main.main([*out_dirs(tmp_path), "--version", "e2", "--resume", "--device", "cpu", "--seed", "8"])
+    again = json.loads((tmp_path / "logs" / "e2" / "config.json").read_text())
+    assert (again["batch_size"], again["g_lr"], again["seed"], again["total_step"]) == (4, 2e-4, 8, 3)
+    assert (tmp_path / "models" / "e2" / "3.pt").exists()
 
 
 # ---------------------------------------------------------------------------- --config FILE
