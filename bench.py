@@ -205,6 +205,16 @@ def run(argv=None):
     args.fid_samples, args.fid_batch_size = pick(args.fid_samples, FID_SAMPLES, 16), pick(args.fid_batch_size, 500, 16)
     if args.n_images < args.batch_size:  # every path would fail on it, after the JPEGs were made
         raise UserError(f"--n_images {args.n_images} is fewer than --batch_size {args.batch_size}; raise --n_images")
+    own = ("--dataset", "--image_path", "--imsize", "--batch_size", "--g_conv_dim", "--d_conv_dim", "--device",
+           "--seed", "--fid_step", "--span", "--version")  # what bench.py sets for every path (measure)
+    clash = [w.split("=")[0] for w in args.fast_flags.split() if w.split("=")[0] in own]
+    if clash:  # the table's header would name the benchmark's value, not the one timed
+        raise UserError(f"--fast_flags: {', '.join(clash)} is bench.py's own; give bench.py's flag instead "
+                        f"(--batch_size, --imsize, --conv_dim, --spans, --device)")
+    if args.profile and not gpu:
+        raise UserError("--profile counts GPU kernels: it needs a CUDA device; drop it")
+    if args.fid_weights is not None:  # now, not after the training paths were timed
+        resolve_weights(args.fid_weights, download=False, quiet=True)
     out = check_output_file(args.out, "--out")  # now, not after minutes of timing
     tmp = Path(tempfile.mkdtemp(prefix="sagan_bench_"))
     try:

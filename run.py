@@ -151,11 +151,12 @@ def configure(argv=None, flags=None) -> Config:
         # (same --version and --model_save_path, other --log_path) cannot both write
         for root in dict.fromkeys(Path(getattr(cfg, f"{k}_path")).resolve() for k in OUTPUT_FOLDERS):
             lock_run(root / f".{cfg.version}.lock", f"run '{cfg.version}'")
+    given_now = set(cfg.given)
     resolve_start(cfg)
     # after the start's settings: what the run's command gave (a --cuda_graph) may not run
     # here, and its checkpoint's --adv_loss decides --compile's auto
     resolve_device_defaults(cfg, pick_device(cfg.device).type, world)
-    _check_fid_weights(cfg)
+    _check_fid_weights(cfg, inherited="fid_weights" in set(cfg.given) - given_now)
     if cfg.batch_size % world:  # the run's batch size: given, or its checkpoint's
         raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
     if cfg.diffaug is None:  # not given and not from a checkpoint
@@ -165,11 +166,14 @@ def configure(argv=None, flags=None) -> Config:
     return Config(**vars(cfg))
 
 
-def _check_fid_weights(cfg):
+def _check_fid_weights(cfg, inherited=False):
     """A --fid_weights file that is not there: one line before any network is built or any
     cell launched (the trainer resolves the weights for its FID monitor, the default ones
-    included, which it may download)."""
+    included, which it may download). `inherited`: the path came from the run's start."""
     if cfg.train and cfg.fid_step > 0 and cfg.fid_weights is not None:
+        if inherited and not Path(cfg.fid_weights).is_file():  # "omit it" would not help: the run's FID needs them
+            raise UserError(f"the run measured FID with --fid_weights {cfg.fid_weights}, which is not here; give "
+                            f"--fid_weights PATH of the same weights (or --fid_step 0 to continue without FID)")
         from inception import resolve_weights
         resolve_weights(cfg.fid_weights)
 

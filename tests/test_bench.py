@@ -45,6 +45,10 @@ def no_timing(monkeypatch):
     (["--fid_batch_size", "0"], "--fid_batch_size: must be at least 1"),
     (["--steps", "two"], "--steps: expected an integer, got 'two'"),
     (["--n_images", "4", "--batch_size", "8"], "--n_images 4 is fewer than --batch_size 8"),
+    # refused at start, not after the paths were timed (or timed with a batch the table does not name)
+    (["--fast_flags=--batch_size=4 --amp none"], "--fast_flags: --batch_size is bench.py's own"),
+    (["--profile", "2"], "--profile counts GPU kernels: it needs a CUDA device"),
+    (["--fid_weights", "no_such.pth"], "no_such.pth does not exist"),
 ])
 def test_counts_it_cannot_run_with_are_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(bench, "make_jpegs", lambda *a: pytest.fail("refused only after starting the work"))

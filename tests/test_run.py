@@ -238,6 +238,16 @@ def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_d
         unlock_run()
         assert (cfg.cuda_graph, cfg.compile) == (False, "none")
     assert "warning: the run's --compile max-autotune is no longer a choice" in capsys.readouterr().err
+    # FID weights the run's command named, not on this machine: omitting the flag cannot help
+    ck["config"].update(compile="none", fid_step=2, fid_weights=str(tmp_path / "moved.pth"),
+                        given=ck["config"]["given"] + ["fid_step", "fid_weights"])
+    torch.save(ck, path)
+    with pytest.raises(UserError, match=f"the run measured FID with --fid_weights {tmp_path / 'moved.pth'}, which "
+                                        f"is not here; give --fid_weights PATH of the same weights"):
+        configure([*bare, "--resume"])
+    unlock_run()
+    configure([*bare, "--resume", "--fid_step", "0"])  # the way on without FID
+    unlock_run()
 
 
 @pytest.mark.slow
