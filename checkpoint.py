@@ -5,6 +5,7 @@ A checkpoint is `<model_save_path>/<version>/<step>.pt`, a torch.save archive of
 holding tensors and plain Python values only, so that it loads with weights_only=True:
 unpickling an arbitrary .pt can run code hidden in it."""
 import argparse
+import json
 import random
 import zipfile
 from dataclasses import dataclass, fields
@@ -95,6 +96,18 @@ def migrate_config(config: dict) -> dict:
             else config["metrics"]
         config["metrics"] = [m for m in METRICS if m in given]  # before 15ff3b8; today in the registry's
     return config
+
+
+def read_config(path, fix="is it a file this package wrote?") -> dict:
+    """A run's config.json (or config_resumed_at_<step>.json) in today's terms (migrate_config);
+    UserError (one line, ending in `fix`) for a file that is no JSON object."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} holds no run's settings (a JSON object); {fix}")
+    return migrate_config(saved)
 
 
 def generator_from_checkpoint(path, ema=False, trust=False):

@@ -208,7 +208,8 @@ def resolve_start(cfg):
             if run_started(cfg):  # it stopped before its first checkpoint: from step 0, as it started
                 started = run_dirs(cfg)["log"] / "config.json"
                 if started.is_file():
-                    _continue_with(cfg, _read_config(started), rank0, binding=False)
+                    _continue_with(cfg, checkpoint.read_config(started, "move it away to start the run over"),
+                                   rank0, binding=False)
                 return
             raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
@@ -269,17 +270,6 @@ def _continue_with(cfg, saved, rank0, binding=True):
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
     if differ and rank0:
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
-
-
-def _read_config(path) -> dict:
-    """A run's config.json, in today's terms; UserError (one line) for a file it cannot read."""
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}); move it away to start the run over") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path} holds no run's settings; move it away to start the run over")
-    return checkpoint.migrate_config(saved)
 
 
 def _newest_loadable(found, cfg, what):

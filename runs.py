@@ -2,13 +2,12 @@
 metric column, attention.csv and status.json (how its last process ended), checked as read
 (one-line errors for files this package did not write)."""
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpoint import migrate_config
+from checkpoint import read_config
 from files import csv_rows_until
 from folders import run_configs
 from runlog import read_status
@@ -67,16 +66,6 @@ def _read_csv(path: Path) -> list:
         raise UserError(f"cannot read {path} ({type(e).__name__}); is it a file this package wrote?") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}); is it a file this package wrote?") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path} holds no run's settings (a JSON object); is it a file this package wrote?")
-    return saved
-
-
 def _number(row, key, path, kind=float):
     try:
         value = kind(row[key])
@@ -88,8 +77,8 @@ def _number(row, key, path, kind=float):
 
 def saved_configs(folder) -> list:
     """(path, config) of every config a run recorded (folders.run_configs), in today's terms
-    (migrate_config)."""
-    return [(path, migrate_config(_read_json(path))) for path in run_configs(folder)]
+    (checkpoint.read_config)."""
+    return [(path, read_config(path)) for path in run_configs(folder)]
 
 
 def load_run(folder, column="fid") -> Run:
@@ -104,7 +93,7 @@ def load_run(folder, column="fid") -> Run:
                         f"--fid_step N")
     config = {}
     if (d / "config.json").is_file():
-        config = migrate_config(_read_json(d / "config.json"))  # runs from before a setting existed group with their equals
+        config = read_config(d / "config.json")  # runs from before a setting existed group with their equals
     path = d / "fid.csv"
     rows = _read_csv(path) if path.is_file() else []
     every = {_number(r, "step", path, int): _number(r, column, path) for r in rows if r.get(column) not in (None, "")}
@@ -133,7 +122,7 @@ def _outcome(d, config, every, column) -> Outcome:
     if status.get("status") == "finished":
         return Outcome("finished", status["step"])
     # a resumed run may have raised --total_step: its later config files say so
-    resumed = [_read_json(p) for p in run_configs(d) if p.name != "config.json"]
+    resumed = [read_config(p) for p in run_configs(d) if p.name != "config.json"]
     totals = [c.get("total_step") for c in [config] + resumed]
     totals = [t for t in totals if isinstance(t, int)]
     if not totals and not status:
