@@ -250,8 +250,9 @@ def _continue_with(cfg, saved, rank0, binding=True):
     differ = [f"{k}={saved[k]}" for k in keys if k in given and getattr(cfg, k) != saved[k]]
     for k in keys:
         setattr(cfg, k, saved[k])
-    taken = inherited(saved, given, _flag_dests()) - set(keys) - {"span"}
-    choices = {a.dest: a.choices for a in build_parser()._actions if a.choices}
+    actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    taken = inherited(saved, given, {a.dest for a in actions}) - set(keys) - {"span"}
+    choices = {a.dest: a.choices for a in actions if a.choices}
     for k in sorted(taken):
         if k in choices and saved[k] not in choices[k]:  # a value an older version offered: the flag's default
             taken.discard(k)
