@@ -76,8 +76,11 @@ def group_runs(runs) -> list:
             groups.append(Group("", run.settings, [run]))
         else:
             hit.runs.append(run)
-    keys = sorted({k for g in groups for k in g.settings})
-    varying = [k for k in keys if len({json.dumps(g.settings.get(k), sort_keys=True) for g in groups}) > 1]
+    # what labels a group: the settings that vary among groups with a config (a folder with
+    # fid.csv only has no settings, and would make every setting of the others "vary")
+    known = [g for g in groups if g.runs[0].config]
+    keys = sorted({k for g in known for k in g.settings})
+    varying = [k for k in keys if len({json.dumps(g.settings.get(k), sort_keys=True) for g in known}) > 1]
     for g in groups:
         parts, s = [], g.settings
         if "g_span" in s and s.get("g_span") == s.get("d_span"):

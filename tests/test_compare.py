@@ -205,6 +205,18 @@ def test_runs_without_seeds_to_group_compare_as_before(tmp_path):
     assert line(r.stdout, "10") == ["5.00 (n = 1: no interval)", "7.00 (n = 1: no interval)"]
 
 
+
+def test_a_run_without_config_json_beside_others_leaves_their_labels_short(tmp_path):
+    # a folder holding fid.csv only (config.json lost, or logged by other code) is a group of
+    # its own, named by its folder; the settings that label the others are those that vary
+    # among the runs that have a config, not every setting they hold
+    runs = [make_run(tmp_path, "x", {10: 5.0}, seed=1), make_run(tmp_path, "y", {10: 7.0}, seed=2, g_span=1, d_span=1)]
+    bare = make_run(tmp_path, "bare", {10: 9.0})
+    (bare / "config.json").unlink()
+    r = run_main(["compare", *runs, bare, "--out", tmp_path / "p.png"], entry=fid.main)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split() == ["step", "x", "(span", "0)", "y", "(span", "1)", "bare"]
+
 @pytest.mark.parametrize("name, content, message", [
     ("fid.csv", b"step,fid\n\xff\xfe,1\n", "cannot read"),
     ("fid.csv", b"step,fid\n10,abc\n", "malformed row"),
