@@ -175,10 +175,22 @@ def cached_images(dataset: ImageDataset, num_workers=0, log=print, device="cpu")
         if images is not None:  # not what this key writes: someone else's file under our name
             warn(f"--cache: {path} holds {images.dtype} {images.shape}, not uint8 {shape}; decoding again")
     log(f"--cache: decoding {len(dataset):,} images once into {path}")
+    _note_other_caches(path, log)
     images = decode_all(dataset, num_workers, device=device)
     with atomic_open(path) as f:  # a file object keeps np.save from renaming it
         np.save(f, images.numpy())
     return images
+
+
+def _note_other_caches(path: Path, log):
+    """One line naming the cache files already beside a new one: written for other images
+    (a file changed, added or removed since) or other settings (another size or crop). Kept,
+    since another run may still use one; said, since at CelebA scale each is gigabytes."""
+    others = sorted(p for p in path.parent.glob(f"{CACHE_PREFIX}*.npy") if p != path)
+    if others:
+        size = sum(p.stat().st_size for p in others) / 1e6
+        log(f"--cache: kept {len(others)} earlier cache file(s) in {path.parent} ({size:,.1f} MB), written for "
+            f"other images or settings: {', '.join(p.name for p in others)}; delete the ones no run uses")
 
 
 def make_batches(dataset, cfg, start, device, rank=0, world=1):
