@@ -205,12 +205,11 @@ def run(argv=None):
     args.fid_samples, args.fid_batch_size = pick(args.fid_samples, FID_SAMPLES, 16), pick(args.fid_batch_size, 500, 16)
     if args.n_images < args.batch_size:  # every path would fail on it, after the JPEGs were made
         raise UserError(f"--n_images {args.n_images} is fewer than --batch_size {args.batch_size}; raise --n_images")
-    own = ("--dataset", "--image_path", "--imsize", "--batch_size", "--g_conv_dim", "--d_conv_dim", "--device",
-           "--seed", "--fid_step", "--span", "--version")  # what bench.py sets for every path (measure)
+    own = {w for w in common_flags(args, device, Path()) if w.startswith("--")} | {"--span", "--version"}
     clash = [w.split("=")[0] for w in args.fast_flags.split() if w.split("=")[0] in own]
     if clash:  # the table's header would name the benchmark's value, not the one timed
         raise UserError(f"--fast_flags: {', '.join(clash)} is bench.py's own; give bench.py's flag instead "
-                        f"(--batch_size, --imsize, --conv_dim, --spans, --device)")
+                        f"(--batch_size, --imsize, --conv_dim, --spans, --device), or none for its data and folders")
     if args.profile and not gpu:
         raise UserError("--profile counts GPU kernels: it needs a CUDA device; drop it")
     if args.fid_weights is not None:  # now, not after the training paths were timed
@@ -223,16 +222,22 @@ def run(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def common_flags(args, device, tmp):
+    """The main.py flags bench.py sets for every path: its sizes and device, its data and run
+    folders under `tmp` (removed afterwards), no FID during the timed steps."""
+    return ["--dataset", "folder", "--image_path", str(tmp / "data"), "--imsize", str(args.imsize),
+            "--batch_size", str(args.batch_size), "--g_conv_dim", str(args.conv_dim),
+            "--d_conv_dim", str(args.conv_dim), "--device", device.type, "--seed", "0", "--fid_step", "0",
+            "--log_path", str(tmp / "logs"), "--model_save_path", str(tmp / "models"),
+            "--sample_path", str(tmp / "samples"), "--attn_path", str(tmp / "attn")]
+
+
 def measure(args, device, tmp, out, argv):
     """Time every path and FID with the data and run folders under `tmp`; print the table
     and write it to `out`."""
     gpu = device.type == "cuda"
     make_jpegs(tmp / "data", args.n_images)
-    common = ["--dataset", "folder", "--image_path", str(tmp / "data"), "--imsize", str(args.imsize),
-              "--batch_size", str(args.batch_size), "--g_conv_dim", str(args.conv_dim),
-              "--d_conv_dim", str(args.conv_dim), "--device", device.type, "--seed", "0", "--fid_step", "0",
-              "--log_path", str(tmp / "logs"), "--model_save_path", str(tmp / "models"),
-              "--sample_path", str(tmp / "samples"), "--attn_path", str(tmp / "attn")]
+    common = common_flags(args, device, tmp)
     paths = {
         "reference": ["--amp", "none", "--compile", "none", "--attn_impl", "dense", "--channels_last", "false",
                       "--cache", "false", "--cuda_graph", "false", "--num_workers", str(args.num_workers)],

@@ -47,6 +47,8 @@ def no_timing(monkeypatch):
     (["--n_images", "4", "--batch_size", "8"], "--n_images 4 is fewer than --batch_size 8"),
     # refused at start, not after the paths were timed (or timed with a batch the table does not name)
     (["--fast_flags=--batch_size=4 --amp none"], "--fast_flags: --batch_size is bench.py's own"),
+    # its run folders are temporary and removed: a --log_path there would fill the user's own
+    (["--fast_flags", "--amp none --log_path=my_logs"], "--fast_flags: --log_path is bench.py's own"),
     (["--profile", "2"], "--profile counts GPU kernels: it needs a CUDA device"),
     (["--fid_weights", "no_such.pth"], "no_such.pth does not exist"),
 ])
