@@ -23,7 +23,7 @@ from choices import FID_SAMPLES
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
 from distributed import gather_rows
 from files import atomic_open, check_array_file, csv_rows_until, file_lock
-from folders import checkpoints
+from folders import STATS_FOLDER, checkpoints
 from inception import FEATURES, check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, load_stats, save_stats
 from sampling import fixed_latents, uint8_batches, whole_batches
@@ -235,7 +235,7 @@ class FIDMonitor:
         self.model = load_inception(weights, cfg.fid_resize, device, cfg.fid_precision)
         self.ref = reference_stats(
             dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, cfg.fid_batch_size, device,
-            Path(cfg.log_path) / "fid_stats", with_features=any(METRICS[m].needs == "features" for m in cfg.metrics),
+            Path(cfg.log_path) / STATS_FOLDER, with_features=any(METRICS[m].needs == "features" for m in cfg.metrics),
             num_workers=cfg.num_workers, progress=self.progress, rank=rank, world=world, images=images)
         self.z = fixed_latents(cfg.seed, "fid", whole_batches(cfg.fid_samples, cfg.batch_size), cfg.z_dim)
         # every column of the registry's metrics, of G and of its EMA: the numbers of a row

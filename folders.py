@@ -4,6 +4,7 @@ its cell (slurm.CellJob), in a process that should not spend seconds importing t
 from pathlib import Path
 
 OUTPUT_FOLDERS = ("log", "model_save", "sample", "attn")  # each under its --<name>_path root
+STATS_FOLDER = "fid_stats"  # under --log_path: the reference statistics every run there shares; no run's name
 
 
 def run_dirs(cfg) -> dict:

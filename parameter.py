@@ -13,6 +13,7 @@ from choices import FID_SAMPLES, FULLY_MASKED, IMAGE_SIZES, MASK_MODES, METRICS,
 from choices import TRANSFORMS
 from choices import count_or_all, parse_metrics, parse_policy, sbatch_options, slurm_mem, slurm_time, span_list
 from choices import int_list, span_text, str2auto, str2bool
+from folders import STATS_FOLDER
 from utils import TRUST_FLAG, OneLineParser, UserError, int_at_least
 
 
@@ -231,6 +232,9 @@ def validate(cfg):
     if cfg.version is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.version)):
         err(f"--version {cfg.version!r}: use letters, digits, '.', '_' and '-' (it names folders under "
             f"the output roots), starting with a letter or digit")
+    if cfg.version == STATS_FOLDER:  # a run there would mix its logs with every run's FID statistics
+        err(f"--version {STATS_FOLDER} is the folder of the FID reference statistics under --log_path; "
+            f"name the run otherwise")
     if cfg.diffaug is not None:
         try:
             cfg.diffaug = parse_policy(cfg.diffaug)
