@@ -37,6 +37,7 @@ from features import Resolved, batches_from_array, extract_features, generated_f
 from files import atomic_open, check_output_file
 from inception import FIDInception, load_inception, resolve_weights
 from metrics import METRICS, feature_stats
+from parameter import parse_flags, resolve_device_defaults
 from run import configure
 from sampling import fixed_latents, whole_batches
 from trainer import Trainer
@@ -210,6 +211,11 @@ def run(argv=None):
     if clash:  # the table's header would name the benchmark's value, not the one timed
         raise UserError(f"--fast_flags: {', '.join(clash)} is bench.py's own; give bench.py's flag instead "
                         f"(--batch_size, --imsize, --conv_dim, --spans, --device), or none for its data and folders")
+    for name, flags in path_flags(args).items():  # as main.py checks them: now, not after a path was timed
+        try:
+            resolve_device_defaults(parse_flags(common_flags(args, device, Path()) + flags), device.type)
+        except UserError as e:
+            raise UserError(f"the {name} path{' (--fast_flags)' if name == 'fast' else ''}: {e}") from None
     if args.profile and not gpu:
         raise UserError("--profile counts GPU kernels: it needs a CUDA device; drop it")
     if args.fid_weights is not None:  # now, not after the training paths were timed
@@ -232,12 +238,9 @@ def common_flags(args, device, tmp):
             "--sample_path", str(tmp / "samples"), "--attn_path", str(tmp / "attn")]
 
 
-def measure(args, device, tmp, out, argv):
-    """Time every path and FID with the data and run folders under `tmp`; print the table
-    and write it to `out`."""
-    gpu = device.type == "cuda"
-    make_jpegs(tmp / "data", args.n_images)
-    common = common_flags(args, device, tmp)
+def path_flags(args) -> dict:
+    """{path: its main.py flags}: "reference" every speed part off, "fast" main.py's defaults
+    with --fast_flags; the reference left out with --skip_reference."""
     paths = {
         "reference": ["--amp", "none", "--compile", "none", "--attn_impl", "dense", "--channels_last", "false",
                       "--cache", "false", "--cuda_graph", "false", "--num_workers", str(args.num_workers)],
@@ -245,6 +248,15 @@ def measure(args, device, tmp, out, argv):
     }
     if args.skip_reference:
         del paths["reference"]
+    return paths
+
+
+def measure(args, device, tmp, out, argv):
+    """Time every path and FID with the data and run folders under `tmp`; print the table
+    and write it to `out`."""
+    gpu = device.type == "cuda"
+    make_jpegs(tmp / "data", args.n_images)
+    common, paths = common_flags(args, device, tmp), path_flags(args)
     rows = []
     for span in args.spans:
         text = span_text(span)  # as main.py's --span takes it, and as the table shows it

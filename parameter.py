@@ -233,8 +233,7 @@ def validate(cfg):
         err(f"--version {cfg.version!r}: use letters, digits, '.', '_' and '-' (it names folders under "
             f"the output roots), starting with a letter or digit")
     if cfg.version == STATS_FOLDER:  # a run there would mix its logs with every run's FID statistics
-        err(f"--version {STATS_FOLDER} is the folder of the FID reference statistics under --log_path; "
-            f"name the run otherwise")
+        err(f"--version {STATS_FOLDER} is the FID statistics folder under --log_path; name the run otherwise")
     if cfg.diffaug is not None:
         try:
             cfg.diffaug = parse_policy(cfg.diffaug)

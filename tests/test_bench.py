@@ -49,6 +49,9 @@ def no_timing(monkeypatch):
     (["--fast_flags=--batch_size=4 --amp none"], "--fast_flags: --batch_size is bench.py's own"),
     # its run folders are temporary and removed: a --log_path there would fill the user's own
     (["--fast_flags", "--amp none --log_path=my_logs"], "--fast_flags: --log_path is bench.py's own"),
+    # main.py's own checks, before the reference path is timed (minutes on a GPU)
+    (["--fast_flags=--bogus"], "the fast path (--fast_flags): unknown argument --bogus"),
+    (["--fast_flags=--cuda_graph"], "the fast path (--fast_flags): --cuda_graph needs a CUDA device"),
     (["--profile", "2"], "--profile counts GPU kernels: it needs a CUDA device"),
     (["--fid_weights", "no_such.pth"], "no_such.pth does not exist"),
 ])

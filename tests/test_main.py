@@ -97,7 +97,7 @@ def test_a_pt_file_that_is_not_a_training_checkpoint_is_one_line(tmp_path, capsy
     (["--version", "../../x"], "--version '../../x'"),
     (["--version", "a/b"], "names folders under the output roots"),
     # its log folder would be the FID statistics every run shares (a later "delete its folders" loses them)
-    (["--version", "fid_stats"], "--version fid_stats is the folder of the FID reference statistics"),
+    (["--version", "fid_stats"], "--version fid_stats is the FID statistics folder under --log_path"),
 ])
 def test_bad_numbers_and_run_names_are_one_line(tmp_path, capsys, args, message):
     err = one_line_exit_2(capsys, main.main, main_args(tmp_path, "--total_step", "2", *args))
