@@ -16,8 +16,10 @@ from utils import UserError, warn, write_failed
 def feature_stats(pool3):
     """(mu, sigma) in float64; sigma unbiased (N-1), as both peers compute it."""
     pool3 = np.asarray(pool3, dtype=np.float64)
-    if pool3.ndim != 2 or len(pool3) < 2:
-        raise UserError(f"need at least 2 feature vectors for statistics, got shape {pool3.shape}")
+    if pool3.ndim != 2:
+        raise UserError(f"statistics are of (images, features) arrays, got shape {pool3.shape}")
+    if len(pool3) < 2:  # a covariance needs two; one image as an input (fid.py) or a --fid_ref_samples 1 set
+        raise UserError(f"statistics need at least 2 images, got {len(pool3)}")
     return pool3.mean(axis=0), np.cov(pool3, rowvar=False)
 
 

@@ -212,8 +212,8 @@ def validate(cfg):
             err(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.num_workers < 0:
         err("--num_workers must be >= 0")
-    if cfg.fid_ref_samples < 0:
-        err(f"--fid_ref_samples must be a count >= 1 or all, got {cfg.fid_ref_samples}")
+    if cfg.fid_ref_samples < 0 or cfg.fid_ref_samples == 1:  # statistics need two images (0 is all)
+        err(f"--fid_ref_samples must be a count >= 2 or all, got {cfg.fid_ref_samples}")
     if cfg.fid_step is not None and cfg.fid_step < 0:
         err("--fid_step must be >= 0 (0 turns FID off)")
     if cfg.fid_batch_size is not None and cfg.fid_batch_size < 1:

@@ -237,6 +237,15 @@ def test_junk_inputs_are_one_line_without_unpickling_advice(inputs, capsys):
         assert not any(a in line for a in UNSAFE_ADVICE), line
 
 
+def test_one_image_is_too_few_for_statistics_in_one_line(inputs, capsys, monkeypatch):
+    monkeypatch.setattr(inception, "load_inception", pixel_inception)
+    published(monkeypatch, inputs / "w.pth")
+    np.save(inputs / "one.npy", np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    line = assert_one_line_error(*run(capsys, [inputs / "one.npy", inputs / "imgs.npy", "--fid_weights",
+                                               inputs / "w.pth", "--no_progress"])[::2])
+    assert "statistics need at least 2 images, got 1" in line
+
+
 def test_object_arrays_are_refused_before_numpy_reads_them(inputs, monkeypatch):
     np.save(inputs / "obj.npy", np.array([None, 1], dtype=object))
     monkeypatch.setattr(features, "load_array", lambda *a: pytest.fail("the file must not be loaded"))

@@ -97,6 +97,7 @@ def test_a_pt_file_that_is_not_a_training_checkpoint_is_one_line(tmp_path, capsy
     (["--version", "../../x"], "--version '../../x'"),
     (["--version", "a/b"], "names folders under the output roots"),
     # its log folder would be the FID statistics every run shares (a later "delete its folders" loses them)
+    (["--fid_ref_samples", "1"], "--fid_ref_samples must be a count >= 2 or all, got 1"),
     (["--version", "fid_stats"], "--version fid_stats is the FID statistics folder under --log_path"),
 ])
 def test_bad_numbers_and_run_names_are_one_line(tmp_path, capsys, args, message):
