@@ -116,6 +116,11 @@ def with_config(flags, argv):
     if flags.config is None:
         return flags
     path = Path(flags.config)
+    existing = [f for f, on in (("--resume", flags.resume), ("--pretrained_model", flags.pretrained_model is not None),
+                                ("--train false", not flags.train)) if on]
+    if existing:  # which settings win would be a puzzle: the checkpoint's, or another run's file?
+        raise UserError(f"--config starts a new run from a saved config, and {existing[0]} goes on from a run's "
+                        f"checkpoint with its own settings: drop one of them")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -318,6 +318,16 @@ def test_a_bad_or_missing_config_file_is_one_line(tmp_path, capsys, content, mes
     assert f"--config {path}: " in err and message in err, err
 
 
+@pytest.mark.parametrize("start", [["--resume"], ["--pretrained_model", "2"], ["--train", "false"]])
+def test_config_with_a_start_from_a_checkpoint_is_one_line(tmp_path, capsys, start):
+    # --resume with another run's config.json silently trained on with that run's learning rates
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SAVED))
+    err = one_line_exit_2(capsys, main.main, ["--config", path, "--version", "a", *start])
+    assert f"--config starts a new run from a saved config, and {' '.join(start[:1])}" in err
+    assert "drop one of them" in err and not list(tmp_path.rglob("*.pt"))
+
+
 def test_image_path_without_dataset_folder_is_refused_and_leaves_no_run(tmp_path):
     # the likeliest first mistake: --image_path of one's own images without --dataset folder;
     # --dataset emoji (the default) would have trained the whole run on the bundled emoji
