@@ -216,6 +216,10 @@ class Trainer:
                     if fid_now:
                         with stop.busy(f"the FID of step {self.step}"):
                             self._evaluate_fid(fid_monitor)
+                        if stop.received and not stopping and self.world == 1:  # as it said: this step's checkpoint
+                            stopping = True
+                            if not save_now:
+                                self.save_checkpoint()
                 if stopping:
                     self._announce_stop()
                     break

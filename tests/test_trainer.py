@@ -92,6 +92,19 @@ def test_resumed_run_gives_the_same_losses(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_signal_during_a_fid_saves_that_steps_checkpoint_as_it_says(tmp_path, monkeypatch):
+    # the FID stands in as a step that takes long, and gets the Ctrl-C; before, the run said
+    # "finishing the FID of step 2 first, then saving a checkpoint" and trained step 3 first
+    import trainer
+    monkeypatch.setattr(trainer.Trainer, "_fid_monitor", lambda self, *a, **k: object())
+    monkeypatch.setattr(trainer.Trainer, "_evaluate_fid", lambda self, m: os.kill(os.getpid(), signal.SIGINT))
+    r = run_main(step_args(tmp_path, "--total_step", "6", "--model_save_step", "5", "--fid_step", "2"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "finishing the FID of step 2 first, then saving a checkpoint" in r.stderr
+    assert "stopped by signal at step 2" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "models").rglob("*.pt")) == ["2.pt"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, sig):
     args = train_args(tmp_path, "--total_step", "100000", "--version", "s", "--log_step", "1",
