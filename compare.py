@@ -335,11 +335,16 @@ def compare(argv) -> int:
             raise UserError(f"{first} and {what} both name {path}; give each its own file")
     folders = list(dict.fromkeys(Path(d).resolve() for d in args.runs))  # a folder given twice is one run
     headers = [h for h in (csv_header(d / "fid.csv") for d in folders) if h is not None]
+    metric = next(name for name, m in METRICS.items() if args.column in m.columns)
     if headers and not any(column in h for h in headers):  # a metric the runs left off: no empty table
-        metric = next(name for name, m in METRICS.items() if args.column in m.columns)
         raise UserError(f"no run logged {column}; runs trained with " +
                         ("--fid_step N log it" if metric == "fid" else f"--metrics fid,{metric} log it"))
     groups = load_groups(folders, column)
+    stated = [(r.config or {}).get("metrics") for g in groups for r in g.runs]  # as every config.json holds them
+    if all(stated) and not any(metric in m for m in stated):  # not a table of dashes
+        logged = [name for name in METRICS if any(name in m for m in stated)]
+        raise UserError(f"no run logged {column}: they trained with --metrics {','.join(logged)}; pass --column "
+                        f"{METRICS[logged[0]].columns[0]} (or another column of theirs)")
     if args.ema and not any(r.config.get("ema_decay") for g in groups for r in g.runs):  # not a table of dashes
         raise UserError(f"no run logged {column}: they trained without an EMA generator (--ema_decay); drop --ema")
     if not args.json:

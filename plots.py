@@ -16,19 +16,20 @@ from files import atomic_open  # noqa: E402
 from sagan_models import attention_layers  # noqa: E402
 from utils import UserError  # noqa: E402
 
-def plot_fid(runs: dict, path):
-    """FID against step, a line per run; its EMA generator dashed in the same colour."""
+def plot_fid(runs: dict, path, column="fid", higher=False):
+    """A fid.csv column (FID, or the first metric of a run without FID) against step, a line
+    per run; its EMA generator dashed in the same colour."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for label, rows in runs.items():
         color = None
-        for key, style in (("fid", "-o"), ("fid_ema", "--s")):
+        for key, style in ((column, "-o"), (column + "_ema", "--s")):
             pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
             if pts:
                 line, = ax.plot(*zip(*pts), style, ms=3, color=color,
                                 label=label + (" (EMA)" if key == "fid_ema" else ""))
                 color = line.get_color()
     ax.set_xlabel("generator step")
-    ax.set_ylabel("FID (lower is better)")
+    ax.set_ylabel(f"{'FID' if column == 'fid' else column} ({'higher' if higher else 'lower'} is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

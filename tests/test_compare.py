@@ -285,6 +285,19 @@ def test_a_metric_column_where_higher_is_better(tmp_path):
     assert "no run logged fid; runs trained with --fid_step N log it" in one_line(r)
 
 
+def test_runs_trained_without_fid_are_told_which_column_they_logged(tmp_path):
+    # --metrics is: fid.csv keeps its fid columns, empty; the report was a table of dashes
+    runs = []
+    for seed in (0, 1):
+        d = make_run(tmp_path, f"is_seed{seed}", None, seed=seed, metrics=["is"], total_step=100)
+        (d / "fid.csv").write_text(f"step,fid,fid_ema,samples,seconds,is,is_std\n100,,,1000,1.0,{3 + seed},0.1\n")
+        runs.append(d)
+    r = run_main(["compare", *runs, "--out", tmp_path / "c.png"], entry=fid.main)
+    assert "no run logged fid: they trained with --metrics is; pass --column is" in one_line(r)
+    out, by = compare_csv(tmp_path, runs, "--column", "is")
+    assert line(out, "best is")[0].split()[0] == "3.50"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--bogus"], "fid.py: error: unrecognized arguments: --bogus (see python fid.py compare --help)"),
     ([], "the following arguments are required: RUN_LOG_DIR"),

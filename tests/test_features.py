@@ -309,3 +309,20 @@ def test_compare_prints_a_table_and_writes_one_plot(two_runs):
     assert [l for l in lines if l.strip().startswith("at step")] and out.stat().st_size > 1000
     bad = run_main(["compare", root / "nope"], cwd=root, entry=fid.main)
     assert bad.returncode == 2 and "nope does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_run_without_fid_plots_its_first_metric(tmp_path):
+    # --metrics is: fid.png plotted the empty fid column (matplotlib warned of an empty legend
+    # at every FID step); now it plots IS, which the legend names
+    import warnings
+    from types import SimpleNamespace
+    from features import FIDMonitor
+    monitor = FIDMonitor.__new__(FIDMonitor)  # the writer alone: no Inception
+    monitor.cfg, monitor.path = SimpleNamespace(version="r", metrics=["is"]), tmp_path / "fid.csv"
+    monitor.columns = ["step", "fid", "fid_ema", "samples", "seconds", "is", "is_std"]
+    rows = [{"step": s, "fid": "", "fid_ema": "", "samples": 8, "seconds": 1.0, "is": 2.0 + s, "is_std": 0.1}
+            for s in (5, 10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor._write(rows)
+    assert (tmp_path / "fid.png").stat().st_size > 1000
