@@ -5,6 +5,7 @@ A checkpoint is `<model_save_path>/<version>/<step>.pt`, a torch.save archive of
 holding tensors and plain Python values only, so that it loads with weights_only=True:
 unpickling an arbitrary .pt can run code hidden in it."""
 import argparse
+import errno
 import json
 import random
 import zipfile
@@ -53,7 +54,11 @@ def save(ck: Checkpoint, path) -> None:
         with atomic_open(path) as f:
             torch.save({f_.name: getattr(ck, f_.name) for f_ in fields(ck)}, f)
     except RuntimeError as e:
-        raise OSError(f"{str(e).splitlines()[0][:100]}") from None
+        first = str(e).splitlines()[0][:100]
+        if "unexpected pos" in first:  # torch's zip writer wrote fewer bytes than it gave: the disk or quota is full
+            raise OSError(errno.ENOSPC, f"no space left on the device, or the quota is used up; torch: {first}") \
+                from None
+        raise OSError(first) from None
 
 
 def load(path, mmap=False, trust=False, training=False) -> Checkpoint:
