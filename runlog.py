@@ -26,7 +26,8 @@ class Diverged(UserError):
 
 class RunStatus:
     """status.json in the run's log folder: {"status", "step", "total_step", "reason"} of the
-    last process that trained the run. "running" from the start of training, so a process
+    last process that trained the run. "running" from the start of training (its step: the
+    one it started from; metrics.csv tells progress), so a process
     that dies without a word (kill -9, out of memory, power cut) leaves that; at the end
     "finished" (--total_step reached), "stopped" (a signal: a checkpoint was saved, resume
     continues it), "diverged" (NaN/inf) or "failed" (any other error, its first line in
