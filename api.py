@@ -221,4 +221,5 @@ def compare_runs(runs, ema=False, reach=None) -> list:
     runs started, n, mean, std, 95% interval, failures, the test against span 0 and its p,
     Holm's p, the bootstrap interval, and with reach=F the steps at which FID <= F); None
     where a number is undefined (std of one run). ema=True: of the EMA generators' FID."""
+    runs = [runs] if isinstance(runs, (str, Path)) else runs  # one run folder, not its characters
     return statistics_rows(load_groups(runs, "fid_ema" if ema else "fid"), reach)

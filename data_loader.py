@@ -401,8 +401,8 @@ def _build_dataset(cfg) -> ImageDataset:
     # folder: any images under --image_path, nested or flat, or an array file
     ds = _from_path(root, size, "square", "folder") if root.exists() else None
     if ds is None or len(ds) == 0:
-        raise UserError(f"no images found under --image_path {root}: point it at a folder of images "
-                        f"(any depth) or a .npy/.npz uint8 array (N, H, W, 3)")
+        raise UserError(f"{'no images found under' if root.exists() else 'there is no'} --image_path {root}: point "
+                        f"it at a folder of images (any depth) or a .npy/.npz uint8 array (N, H, W, 3)")
     return ds
 
 

@@ -53,8 +53,10 @@ def _run(args):
     metrics = parse_metrics(args.metrics)
     need = 2 if args.save_stats or any(METRICS[m].needs != "logits" for m in metrics) else 1
     if len(args.inputs) != need:
-        raise UserError(f"expected {need} input(s), got {len(args.inputs)}"
-                       + ("; usage: --save-stats INPUT OUT.npz" if args.save_stats else ""))
+        fix = "usage: --save-stats INPUT OUT.npz" if args.save_stats else \
+            f"--metrics {','.join(metrics)} takes one set of images" if need == 1 else \
+            "FID, KID and PRDC compare two sets: give INPUT1 INPUT2"
+        raise UserError(f"expected {need} input(s), got {len(args.inputs)}; {fix}")
     _check_generator_flags(args)
     if args.save_stats:
         src, out = args.inputs

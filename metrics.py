@@ -68,7 +68,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu", factor1=None, facto
                       for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise UserError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                       f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}")
+                       f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}; both must be of the same network's "
+                       f"features (FID-Inception: 2048), e.g. both written by fid.py --save-stats")
     a = _sqrt_factor(sigma1) if factor1 is None else factor1
     b = _sqrt_factor(sigma2) if factor2 is None else factor2
     ab = a.T @ b
@@ -221,9 +222,13 @@ def _is_stats_file(path):
         return False
     try:
         with np.load(path, allow_pickle=False) as f:
-            return "mu" in f.files and "sigma" in f.files
+            has = [k for k in ("mu", "sigma") if k in f.files]
     except (OSError, ValueError, zipfile.BadZipFile):
         return False  # load_images() reports it
+    if len(has) == 1:  # half of a statistics file: not images either
+        raise UserError(f"{path} holds {has[0]} but no {({'mu', 'sigma'} - set(has)).pop()}: statistics files hold "
+                        f"both (fid.py --save-stats writes them)")
+    return len(has) == 2
 
 
 def load_stats(path):

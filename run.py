@@ -287,7 +287,8 @@ def _newest_loadable(found, cfg, what):
         if ck is not None:
             if skipped and int(os.environ.get("RANK", "0")) == 0:
                 warn(f"{what}: using step {step}, skipping {'; '.join(skipped)}"
-                     + (" (training writes the later steps again)" if what == "--resume" else ""))
+                     + (" (training writes the later steps again; a file it does not write again stays: delete "
+                        "it)" if what == "--resume" else ""))
             return step, ck
         skipped.append(why)
     raise UserError(f"{what}: {skipped[0]}; nor can any older checkpoint be used")

@@ -138,6 +138,8 @@ def test_compare_runs_gives_the_numbers_of_fid_py_compare(tmp_path, capsys):
     runs.append(make_run(tmp_path, "s3_alone", {500: 35, 1000: 25}, g_span=3, d_span=3, seed=0))
     rows = api.compare_runs(runs, reach=41)
     assert capsys.readouterr().out == ""
+    one = api.compare_runs(str(runs[-1]))  # one folder as a string: a list of one, not its characters
+    assert one == api.compare_runs([runs[-1]]) and {r["group"] for r in one} == {"s3_alone (span 3)"}
     by = {(r["group"], r["step"]): r for r in rows}
     # span 0 at step 1000: 30, 32, 34 -> mean 32, std 2 (ddof 1), CI 32 ± t(0.975, 2)·2/√3
     half = 4.302652729911275 * 2 / 3 ** 0.5

@@ -337,3 +337,13 @@ def test_crops_and_resizes_are_torchvisions_on_every_shape():
         for crop, side in (("square", min(w, h)), (23, 23), (max(w, h) + 3, max(w, h) + 3)):
             ref = TF.resize(TF.center_crop(img, side), [16, 16], InterpolationMode.BILINEAR, antialias=True)
             assert np.array_equal(crop_resize(img, crop, 16).permute(1, 2, 0).numpy(), np.asarray(ref)), (w, h, crop)
+
+
+def test_an_image_path_that_is_missing_or_empty_says_which(tmp_path):
+    from conftest import folder_cfg
+    from utils import UserError
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="there is no --image_path .*gone: point it at a folder of images"):
+        build_dataset(folder_cfg(tmp_path / "gone", 16))
+    with pytest.raises(UserError, match="no images found under --image_path .*empty: point it at a folder"):
+        build_dataset(folder_cfg(tmp_path / "empty", 16))

@@ -237,6 +237,23 @@ def test_junk_inputs_are_one_line_without_unpickling_advice(inputs, capsys):
         assert not any(a in line for a in UNSAFE_ADVICE), line
 
 
+def test_the_wrong_number_of_inputs_names_what_each_metric_takes(inputs, capsys):
+    imgs = inputs / "imgs.npy"
+    line = assert_one_line_error(*run(capsys, [imgs, imgs, "--metrics", "is"])[::2])
+    assert "expected 1 input(s), got 2; --metrics is takes one set of images" in line
+    line = assert_one_line_error(*run(capsys, [imgs])[::2])
+    assert "expected 2 input(s), got 1; FID, KID and PRDC compare two sets: give INPUT1 INPUT2" in line
+
+
+def test_half_a_statistics_file_or_another_networks_is_one_line_naming_why(inputs, capsys):
+    np.savez(inputs / "mu_only.npz", mu=np.zeros(3))
+    line = assert_one_line_error(*run(capsys, [inputs / "mu_only.npz", inputs / "s.npz"])[::2])
+    assert "mu_only.npz holds mu but no sigma: statistics files hold both" in line  # not "expected a uint8 image"
+    metrics.save_stats(inputs / "s10.npz", np.zeros(10), np.eye(10))
+    line = assert_one_line_error(*run(capsys, [inputs / "s10.npz", inputs / "s.npz"])[::2])
+    assert "statistics do not match: mu (10,) vs (3,)" in line and "same network's features" in line
+
+
 def test_one_image_is_too_few_for_statistics_in_one_line(inputs, capsys, monkeypatch):
     monkeypatch.setattr(inception, "load_inception", pixel_inception)
     published(monkeypatch, inputs / "w.pth")

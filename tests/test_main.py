@@ -14,7 +14,7 @@ from conftest import main_args, one_line_exit_2, out_dirs
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "celeb", "--image_path", "nowhere"], "kaggle.com/datasets/jessicali9530/celeba-dataset"),
     (["--dataset", "lsun", "--image_path", "nowhere"], "kaggle.com"),
-    (["--dataset", "folder", "--image_path", "nowhere"], "no images found under --image_path nowhere"),
+    (["--dataset", "folder", "--image_path", "nowhere"], "there is no --image_path nowhere"),
     (["--spna", "3"], "unknown argument --spna; did you mean --span?"),
     (["--imsize", "48"], "--imsize 48 is not supported; use 32, 64 or 128"),
     (["--span", "-1"], "argument --span: expected a span (an integer >= 0, 0 = plain SAGAN, or none"),

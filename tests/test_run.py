@@ -61,6 +61,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     r = run_main([*args, "--total_step", "10", "--resume"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "--resume: using step 5, skipping cannot read checkpoint" in r.stderr and "10.pt" in r.stderr
+    assert "a file it does not write again stays: delete it" in r.stderr
     again = torch.load(tmp_path / "models/t/10.pt", weights_only=False)
     assert all(torch.equal(good["G"][k], again["G"][k]) for k in good["G"])  # resume is exact
     rows = read_csv(tmp_path / "logs/t/metrics.csv")

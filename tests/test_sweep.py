@@ -77,7 +77,7 @@ def test_no_attention_and_one_network_sweeps_form_the_documented_cells():
     (["--span", "0,x"], "or a comma list of them, got '0,x'"),
     (["--seed", "1,1"], "repeats a value"),
     (["--span", "0,3", "--fid_step", "2", "--fid_weights", "no_such.pth"], "no_such.pth does not exist"),  # no cell runs
-    (["--span", "0,3", "--dataset", "folder", "--image_path", "no_such_dir"], "no images found under --image_path"),
+    (["--span", "0,3", "--dataset", "folder", "--image_path", "no_such_dir"], "there is no --image_path no_such_dir"),
     (["--span", "0,3", "--batch_size", "9999"], "fewer than --batch_size 9999"),
 ])
 def test_sweep_mistakes_are_one_line(tmp_path, args, message):
