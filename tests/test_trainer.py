@@ -105,6 +105,7 @@ def test_a_signal_during_a_fid_saves_that_steps_checkpoint_as_it_says(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "models").rglob("*.pt")) == ["2.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_a_loadable_checkpoint_and_exits_0(tmp_path, sig):
     args = train_args(tmp_path, "--total_step", "100000", "--version", "s", "--log_step", "1",
