@@ -26,7 +26,7 @@ def plot_fid(runs: dict, path, column="fid", higher=False):
             pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
             if pts:
                 line, = ax.plot(*zip(*pts), style, ms=3, color=color,
-                                label=label + (" (EMA)" if key == "fid_ema" else ""))
+                                label=label + (" (EMA)" if key.endswith("_ema") else ""))
                 color = line.get_color()
     ax.set_xlabel("generator step")
     ax.set_ylabel(f"{'FID' if column == 'fid' else column} ({'higher' if higher else 'lower'} is better)")

@@ -311,7 +311,7 @@ def test_compare_prints_a_table_and_writes_one_plot(two_runs):
     assert bad.returncode == 2 and "nope does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_a_run_without_fid_plots_its_first_metric(tmp_path):
+def test_a_run_without_fid_plots_its_first_metric(tmp_path, monkeypatch):
     # --metrics is: fid.png plotted the empty fid column (matplotlib warned of an empty legend
     # at every FID step); now it plots IS, which the legend names
     import warnings
@@ -322,7 +322,17 @@ def test_a_run_without_fid_plots_its_first_metric(tmp_path):
     monitor.columns = ["step", "fid", "fid_ema", "samples", "seconds", "is", "is_std"]
     rows = [{"step": s, "fid": "", "fid_ema": "", "samples": 8, "seconds": 1.0, "is": 2.0 + s, "is_std": 0.1}
             for s in (5, 10)]
+    for row in rows:
+        row["is_ema"] = row["is"] + 1
+    monitor.columns.append("is_ema")
+    import plots
+    drawn, real_save = [], plots.plt.Figure.savefig
+
+    def save(fig, *a, **k):  # the legend's labels as drawn
+        drawn.extend(t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts())
+        return real_save(fig, *a, **k)
+    monkeypatch.setattr(plots.plt.Figure, "savefig", save)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor._write(rows)
-    assert (tmp_path / "fid.png").stat().st_size > 1000
+    assert drawn == ["r", "r (EMA)"] and (tmp_path / "fid.png").stat().st_size > 1000
