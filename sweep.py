@@ -86,11 +86,16 @@ def check_start(cfg, queued=None):
     if cfg.launcher == "local":
         from data_loader import training_set
         n_images = len(training_set(cfg))
-    skip = NOT_SETTINGS | {f.lstrip("-") for f in SWEEP_FLAGS + SWEEP_SWITCHES} - {"g_span", "d_span"}
+    # a cell's seed counts too: a folder of the cell's name trained with another seed would join
+    # the report as this seed, and pairing by seed would pair other runs
+    skip = (NOT_SETTINGS | {f.lstrip("-") for f in SWEEP_FLAGS + SWEEP_SWITCHES}) - {"g_span", "d_span", "seed"}
     if cfg.launcher != "local":  # resolved by each job's node (unless given), not by this host
         skip |= DEVICE_RESOLVED - set(cfg.given)
-    for g_span, d_span, _, version in cfg.sweep:
+    for g_span, d_span, seed, version in cfg.sweep:
         cell = cell_settings(cfg, g_span, d_span)
+        cell["seed"] = seed  # None (no --seed): each cell draws its own, whatever it is
+        if seed is None:
+            cell.pop("seed")
         if n_images is not None:
             cell["dataset_size"] = n_images
         ran = [(f"ran ({path.name})", saved) for path, saved in saved_configs(Path(cfg.log_path) / version)]

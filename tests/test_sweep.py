@@ -188,6 +188,23 @@ def test_a_slurm_sweep_leaves_what_the_device_resolves_to_its_nodes(tmp_path):
         check_start(configure(args))  # local cells resolve them on this machine, as this command does
 
 
+def test_a_folder_of_a_cells_name_trained_with_another_seed_is_refused(tmp_path):
+    # it would join the report as the cell's seed (and be paired as that seed): wrong numbers
+    from sweep import cell_settings
+    cfg = configure([*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,3", "--seed", "1,2"])
+    g_span, d_span, seed, version = cfg.sweep[0]
+    (tmp_path / "logs" / version).mkdir(parents=True)
+    config = tmp_path / "logs" / version / "config.json"
+    config.write_text(json.dumps({**cell_settings(cfg, g_span, d_span), "seed": 5}))
+    with pytest.raises(UserError, match=f"its cell {version} ran \\(config.json\\) with --seed 5, where this command "
+                                        f"gives --seed {seed};"):
+        check_start(cfg)
+    config.write_text(json.dumps({**cell_settings(cfg, g_span, d_span), "seed": seed}))
+    check_start(cfg)  # its own seed: the cell, continued
+    # without --seed every cell draws its own: nothing to compare
+    check_start(configure([*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,3"]))
+
+
 def test_cell_results_and_the_summary_agree_with_the_cells():
     from sweep import cell_result, sweep_summary
     # a cell that stopped cleanly on a SIGTERM of its own (checkpoint saved, exit 0) before --total_step
