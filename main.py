@@ -59,6 +59,9 @@ def run(argv):
     from device import configure_backends, pick_device
     from run import configure, with_config
     flags = with_config(flags, argv)  # --config FILE: reads the file, so after the fast answer to bad flags
+    if flags.sweep and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run the whole sweep
+        raise UserError("--span/--seed lists make a sweep, which starts each cell as its own process: run it with "
+                        "python main.py, not under torchrun")
     if flags.sweep and flags.launcher == "slurm":  # one Slurm job per cell
         from slurm import submit_sweep
         return submit_sweep(configure(flags=flags), argv, os.path.abspath(__file__))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, out_dirs, read_csv, run_main, small_data
+from conftest import REPO, TINY, one_line, out_dirs, read_csv, run_main, small_data
 from run import configure
 from sweep import cell_argv, check_start
 from utils import UserError
@@ -203,6 +203,15 @@ def test_a_folder_of_a_cells_name_trained_with_another_seed_is_refused(tmp_path)
     check_start(cfg)  # its own seed: the cell, continued
     # without --seed every cell draws its own: nothing to compare
     check_start(configure([*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,3"]))
+
+
+def test_a_sweep_under_torchrun_is_one_line(tmp_path, monkeypatch):
+    # each rank started the whole sweep, and the second found the first's lock
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = run_main([*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,3", "--seed", "1"], cwd=tmp_path)
+    assert "a sweep, which starts each cell as its own process: run it with python main.py, not under torchrun" \
+        in one_line(r)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_cell_results_and_the_summary_agree_with_the_cells():
