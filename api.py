@@ -8,6 +8,8 @@ compare report's statistics of runs. fid.py is this module's command line.
 Nothing here prints or exits: a mistake a user can fix raises utils.UserError, whose
 message is the one line the command line prints (warnings, such as weights other than the
 published ones, go to stderr). Progress bars only with progress=True."""
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 import inception  # by its name: tests put a stand-in network in its place
 from checkpoint import generator_from_checkpoint
 from choices import FID_SAMPLES, PRDC_K
-from compare import load_groups, statistics_rows
+from compare import check_logged, load_groups, statistics_rows
 from data_loader import as_nhwc_uint8
 from device import pick_device
 from features import Resolved, batches_from_array, extract_features, resolve_input
@@ -73,9 +75,10 @@ def _in_memory(source):
 
 
 def _check_counts(**counts):
-    """UserError unless each keyword option is an integer >= 1 (as fid.py's flags are)."""
+    """UserError unless each keyword option is an integer >= 1 (as fid.py's flags are); numpy's
+    integers are integers."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise UserError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -112,6 +115,8 @@ def metrics(a, b=None, metrics="fid", *, fid_weights=None, fid_resize="tf1", fid
     (N, 3, H, W) (numpy or torch), or a dict with mu and sigma. IS is of `a` alone (b may be
     left out); KID and PRDC (`a` measured against `b`, the real images) need images on both
     sides. The other options are fid.py's flags."""
+    if not isinstance(metrics, (str, list, tuple)) or not all(isinstance(m, str) for m in metrics):
+        raise UserError(f"metrics is a comma list or a list of names of {list(METRICS)}; got {metrics!r}")
     names = parse_metrics(metrics if isinstance(metrics, str) else ",".join(metrics))
     _check_counts(batch_size=batch_size, fid_samples=fid_samples, isc_splits=isc_splits, kid_subsets=kid_subsets,
                   kid_subset_size=kid_subset_size, prdc_k=prdc_k)
@@ -204,11 +209,10 @@ def generate(checkpoint, n=64, *, ema=False, device="auto", batch_size=None, tru
     drawn in batches of the run's --batch_size unless batch_size is given: with BatchNorm on
     batch statistics an image depends on its batch, so these are the images --train false
     writes at that --batch_size."""
-    if int(n) < 1:
-        raise UserError(f"n must be at least 1, got {n}")
+    _check_counts(n=n, **({} if batch_size is None else {"batch_size": batch_size}))
     G, cfg = generator_from_checkpoint(checkpoint, ema, trust_checkpoint)
     device = pick_device(device)
-    size = batch_size or cfg.batch_size
+    size = cfg.batch_size if batch_size is None else int(batch_size)
     z = fixed_latents(cfg.seed, "eval", whole_batches(int(n), size), cfg.z_dim)
     batches = uint8_batches(G.to(device), z, range(0, int(n), size), size, device, cfg.fid_g_mode, n=int(n))
     return torch.cat([b.cpu() for b in batches]).permute(0, 2, 3, 1).numpy()
@@ -222,4 +226,10 @@ def compare_runs(runs, ema=False, reach=None) -> list:
     Holm's p, the bootstrap interval, and with reach=F the steps at which FID <= F); None
     where a number is undefined (std of one run). ema=True: of the EMA generators' FID."""
     runs = [runs] if isinstance(runs, (str, Path)) else runs  # one run folder, not its characters
-    return statistics_rows(load_groups(runs, "fid_ema" if ema else "fid"), reach)
+    if not isinstance(runs, (list, tuple)) or not runs or not all(isinstance(r, (str, Path)) for r in runs):
+        raise UserError(f"runs is a list of run folders (<log_path>/<version>); got {runs!r}")
+    if reach is not None and (isinstance(reach, bool) or not isinstance(reach, numbers.Real)
+                              or not math.isfinite(reach)):
+        raise UserError(f"reach is a finite number (an FID to reach), got {reach!r}")
+    groups = check_logged(load_groups(runs, "fid_ema" if ema else "fid"), "fid", ema)
+    return statistics_rows(groups, reach)

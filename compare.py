@@ -293,6 +293,21 @@ def write_outputs(groups, out, column, reach, tests, flag="--out", csv_out=None,
     return written
 
 
+def check_logged(groups, column="fid", ema=False) -> list:
+    """`groups`, unless their configs say no run logged `column` (of the EMA generator with
+    ema=True): then UserError naming what they did log, not a table of dashes."""
+    shown = column + ("_ema" if ema else "")
+    stated = [(r.config or {}).get("metrics") for g in groups for r in g.runs]  # as every config.json holds them
+    metric = next(name for name, m in METRICS.items() if column in m.columns)
+    if all(stated) and not any(metric in m for m in stated):
+        logged = [name for name in METRICS if any(name in m for m in stated)]
+        raise UserError(f"no run logged {shown}: they trained with --metrics {','.join(logged)}; pass --column "
+                        f"{METRICS[logged[0]].columns[0]} (or another column of theirs)")
+    if ema and not any((r.config or {}).get("ema_decay") for g in groups for r in g.runs):
+        raise UserError(f"no run logged {shown}: they trained without an EMA generator (--ema_decay); drop --ema")
+    return groups
+
+
 def load_groups(folders, column="fid") -> list:
     """The runs of `folders` (<log_path>/<version>; one given twice is one run), grouped."""
     return group_runs([load_run(d, column) for d in dict.fromkeys(Path(d).resolve() for d in folders)])
@@ -339,14 +354,7 @@ def compare(argv) -> int:
     if headers and not any(column in h for h in headers):  # a metric the runs left off: no empty table
         raise UserError(f"no run logged {column}; runs trained with " +
                         ("--fid_step N log it" if metric == "fid" else f"--metrics fid,{metric} log it"))
-    groups = load_groups(folders, column)
-    stated = [(r.config or {}).get("metrics") for g in groups for r in g.runs]  # as every config.json holds them
-    if all(stated) and not any(metric in m for m in stated):  # not a table of dashes
-        logged = [name for name in METRICS if any(name in m for m in stated)]
-        raise UserError(f"no run logged {column}: they trained with --metrics {','.join(logged)}; pass --column "
-                        f"{METRICS[logged[0]].columns[0]} (or another column of theirs)")
-    if args.ema and not any(r.config.get("ema_decay") for g in groups for r in g.runs):  # not a table of dashes
-        raise UserError(f"no run logged {column}: they trained without an EMA generator (--ema_decay); drop --ema")
+    groups = check_logged(load_groups(folders, column), args.column, args.ema)
     if not args.json:
         show(groups, out, column, args.reach, csv_out=args.csv, html_out=args.html)
         return 0

@@ -106,8 +106,19 @@ def test_user_mistakes_raise_user_error_never_exit(two_sets, capsys):
              (lambda: api.metrics(a, a, "fid,ssim"), "choose a comma list"),
              (lambda: api.statistics({"mu": np.zeros(8), "sigma": np.eye(8)}), "holds statistics already"),
              (lambda: api.generate(root / "a.npy", 4), "cannot read checkpoint"),
-             (lambda: api.generate(root / "a.npy", 0), "n must be at least 1"),
+             (lambda: api.generate(root / "a.npy", 0), "n must be an integer >= 1, got 0"),
+             # counts are checked before the checkpoint is read; these were torch's TypeErrors or ran
+             (lambda: api.generate(root / "a.npy", 2.7), "n must be an integer >= 1, got 2.7"),
+             (lambda: api.generate(root / "a.npy", None), "n must be an integer >= 1, got None"),
+             (lambda: api.generate(root / "a.npy", "5"), "n must be an integer >= 1, got '5'"),
+             (lambda: api.generate(root / "a.npy", 4, batch_size=-3), "batch_size must be an integer >= 1, got -3"),
+             (lambda: api.generate(root / "a.npy", 4, batch_size=0), "batch_size must be an integer >= 1, got 0"),
+             (lambda: api.metrics(a, a, metrics=None), "metrics is a comma list or a list of names"),
              (lambda: api.compare_runs([root]), "has no fid.csv"),
+             (lambda: api.compare_runs(5), "runs is a list of run folders"),
+             (lambda: api.compare_runs([]), "runs is a list of run folders"),
+             (lambda: api.compare_runs([root], reach="5000"), "reach is a finite number"),
+             (lambda: api.compare_runs([root], reach=float("nan")), "reach is a finite number"),
              (lambda: api.metrics(a, a, device="gpu"), "device 'gpu': choose auto, cpu or cuda"),
              (lambda: api.metrics(a, a, batch_size=0), "batch_size must be an integer >= 1, got 0"),
              (lambda: api.metrics(a, a, kid_subsets=2.5), "kid_subsets must be an integer >= 1, got 2.5"),
@@ -117,6 +128,7 @@ def test_user_mistakes_raise_user_error_never_exit(two_sets, capsys):
         with pytest.raises(utils.UserError, match=re.escape(message)):
             call()
     assert capsys.readouterr().out == ""
+    api._check_counts(batch_size=np.int64(8))  # numpy's integers are integers
 
 
 @pytest.mark.slow
@@ -138,6 +150,9 @@ def test_compare_runs_gives_the_numbers_of_fid_py_compare(tmp_path, capsys):
     runs.append(make_run(tmp_path, "s3_alone", {500: 35, 1000: 25}, g_span=3, d_span=3, seed=0))
     rows = api.compare_runs(runs, reach=41)
     assert capsys.readouterr().out == ""
+    with pytest.raises(utils.UserError, match=re.escape("no run logged fid_ema: they trained without an EMA "
+                                                        "generator (--ema_decay); drop --ema")):
+        api.compare_runs(runs, ema=True)  # as fid.py compare --ema: not rows of n = 0
     one = api.compare_runs(str(runs[-1]))  # one folder as a string: a list of one, not its characters
     assert one == api.compare_runs([runs[-1]]) and {r["group"] for r in one} == {"s3_alone (span 3)"}
     by = {(r["group"], r["step"]): r for r in rows}
