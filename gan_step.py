@@ -2,11 +2,16 @@
 device, with DiffAugment on everything D sees, the EMA of G, and the optimizers; on CUDA
 the whole step can be one CUDA graph. Everything around the step (data, logs, outputs,
 checkpoints) is the Trainer's."""
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffaug import augment
+
+NO_BUFFER_SYNC = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+    else {"broadcast_buffers": False}
 
 
 def persistent_buffers(model):
@@ -51,8 +56,9 @@ class GANStep:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # No buffer broadcast: spectral-norm vectors follow identical weights on every
-            # rank anyway, BatchNorm keeps per-rank statistics, masks are constants.
-            G, D = (DDP(m, device_ids=ids, broadcast_buffers=False) for m in (G, D))
+            # rank anyway, BatchNorm keeps per-rank statistics, masks are constants. (torch 2.13
+            # renamed the flag and warns at the old name; 2.11 knows only the old one.)
+            G, D = (DDP(m, device_ids=ids, **NO_BUFFER_SYNC) for m in (G, D))
         D_frozen = self.D
         if self.cfg.compile == "default":
             G, D, D_frozen = (torch.compile(m) for m in (G, D, D_frozen))
