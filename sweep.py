@@ -237,20 +237,25 @@ def report(cfg, results, why="their output above says why") -> int:
     that logged FID (as `fid.py compare` prints it) and the command that compares them
     again. Returns the sweep's exit code."""
     from compare import group_runs, load_run, show  # here: a Slurm job imports this module, and needs no report
+    from metrics import METRICS
     line, code = sweep_summary(results, why)
     print(line, flush=True)
     dirs = [Path(cfg.log_path) / version for version, _ in results]
     started = [d for d in dirs if (d / "config.json").is_file() or (d / "fid.csv").is_file()]
+    column = METRICS[cfg.metrics[0]].columns[0]  # FID, or the first metric of a sweep without it
     if any((d / "fid.csv").is_file() for d in dirs):  # every cell started counts, with FID or not
-        show(group_runs([load_run(d) for d in started]), Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png",
-             flag="--log_path", html_out=Path(cfg.log_path) / f"{cfg.sweep_name}_report.html",
-             html_flag="--log_path")
+        show(group_runs([load_run(d, column) for d in started]),
+             Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png", column, flag="--log_path",
+             html_out=Path(cfg.log_path) / f"{cfg.sweep_name}_report.html", html_flag="--log_path")
     elif cfg.fid_step == 0:
         print("sweep: no FID logged (FID is off: --fid_step 0, the default on a CPU; give --fid_step N)")
     else:
         print("sweep: no FID logged (no cell wrote a row of fid.csv; the cells' output says why)")
     if started:  # a cell refused at its start checks wrote nothing to compare
-        print("compare again with: python fid.py compare " + " ".join(str(d) for d in started), flush=True)
+        again = "python fid.py compare " + " ".join(str(d) for d in started) + \
+            (f" --column {column}" if column != "fid" else "")
+        print(f"compare again with: {again}" + (f"\n(of the EMA generators: {again} --ema)" if cfg.ema_decay else ""),
+              flush=True)
     return code
 
 

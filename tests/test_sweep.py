@@ -249,6 +249,28 @@ def test_the_report_compares_the_cells_that_started_and_says_why_no_fid(tmp_path
     assert lines[1:] == ["sweep: no FID logged (FID is off: --fid_step 0, the default on a CPU; give --fid_step N)"]
 
 
+def test_the_report_of_a_sweep_without_fid_or_with_ema_compares_what_it_logged(tmp_path, capsys):
+    # --metrics is: the report's table and command were of the empty fid column; --ema_decay:
+    # the EMA generators' numbers were not pointed to
+    from sweep import report
+    cfg = configure([*SWEEP, *out_dirs(tmp_path), "--span", "0,3", "--seed", "0", "--fid_step", "2",
+                     "--metrics", "is", "--ema_decay", "0.9"])
+    cells = [version for *_, version in cfg.sweep]
+    for i, cell in enumerate(cells):
+        d = tmp_path / "logs" / cell
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"g_span": cfg.sweep[i][0], "d_span": cfg.sweep[i][1], "seed": 0,
+                                                   "metrics": ["is"], "ema_decay": 0.9, "total_step": 2}))
+        (d / "fid.csv").write_text(f"step,fid,fid_ema,samples,seconds,is,is_std,is_ema,is_std_ema\n"
+                                   f"2,,,8,1.0,{3 + i},0.1,{4 + i},0.1\n")
+    assert report(cfg, [(c, "ok") for c in cells]) == 0
+    out = capsys.readouterr().out
+    best = next(l for l in out.splitlines() if l.strip().startswith("best is"))
+    assert best.split()[2:4] == ["3.00", "(1/1)"]
+    again = "python fid.py compare " + " ".join(str(tmp_path / "logs" / c) for c in cells) + " --column is"
+    assert f"compare again with: {again}\n(of the EMA generators: {again} --ema)" in out
+
+
 def _cell_pid(lock):
     """The process named in a run lock ("process PID (main.py ...)"), or None before it is written."""
     m = re.match(r"process (\d+) ", lock.read_text()) if lock.is_file() else None
