@@ -17,7 +17,7 @@ import torch
 
 import inception  # by its name: tests put a stand-in network in its place
 from checkpoint import generator_from_checkpoint
-from choices import FID_SAMPLES, PRDC_K
+from choices import FID_SAMPLES, PRDC_K, PRECISIONS, RESIZE_MODES
 from compare import check_logged, load_groups, statistics_rows
 from data_loader import as_nhwc_uint8
 from device import pick_device
@@ -33,6 +33,10 @@ class _Network:
     need none, so statistics alone need no weights."""
 
     def __init__(self, fid_weights, fid_resize, fid_precision, device):
+        for name, value, allowed in (("fid_resize", fid_resize, RESIZE_MODES), ("fid_precision", fid_precision,
+                                                                               PRECISIONS)):
+            if value not in allowed:  # before a statistics file's "computed with" names the other choice
+                raise UserError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
         # a bad path fails before anything else
         self.weights = inception.resolve_weights(fid_weights) if fid_weights is not None else None
         self.resize, self.precision, self.device, self.model = fid_resize, fid_precision, device, None
