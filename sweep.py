@@ -242,6 +242,10 @@ def report(cfg, results, why="their output above says why") -> int:
     print(line, flush=True)
     dirs = [Path(cfg.log_path) / version for version, _ in results]
     started = [d for d in dirs if (d / "config.json").is_file() or (d / "fid.csv").is_file()]
+    gone = [v for v, result in results if result in ("done before", "ok") and not (Path(cfg.log_path) / v).is_dir()]
+    if gone:  # finished by its checkpoints, yet the report would leave it out without a word
+        print(f"sweep: not in the report: {', '.join(gone)}: finished (its checkpoints say) but its log folder is "
+              f"not in {cfg.log_path}; move it back there to count it", flush=True)
     column = METRICS[cfg.metrics[0]].columns[0]  # FID, or the first metric of a sweep without it
     if any((d / "fid.csv").is_file() for d in dirs):  # every cell started counts, with FID or not
         show(group_runs([load_run(d, column) for d in started]),

@@ -269,6 +269,12 @@ def test_the_report_of_a_sweep_without_fid_or_with_ema_compares_what_it_logged(t
     assert best.split()[2:4] == ["3.00", "(1/1)"]
     again = "python fid.py compare " + " ".join(str(tmp_path / "logs" / c) for c in cells) + " --column is"
     assert f"compare again with: {again}\n(of the EMA generators: {again} --ema)" in out
+    # a finished cell whose log folder was moved away is named, not silently left out
+    (tmp_path / "logs" / cells[1]).rename(tmp_path / "moved")
+    report(cfg, [(c, "done before") for c in cells])
+    out = capsys.readouterr().out
+    assert f"sweep: not in the report: {cells[1]}: finished (its checkpoints say) but its log folder is not in " \
+        f"{tmp_path / 'logs'}; move it back there to count it" in out
 
 
 def _cell_pid(lock):
