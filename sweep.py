@@ -99,8 +99,8 @@ def check_start(cfg, queued=None):
         if n_images is not None:
             cell["dataset_size"] = n_images
         ran = [(f"ran ({path.name})", saved) for path, saved in saved_configs(Path(cfg.log_path) / version)]
-        if version in (queued or {}):
-            ran.append((f"is queued (job {queued[version][0]})", queued[version][1]))
+        if version in (queued or {}):  # its seed is in its name, and the submitting command holds the list
+            ran.append((f"is queued (job {queued[version][0]})", {**queued[version][1], "seed": seed}))
         for how, saved in ran:
             differ = [k for k in cell if k not in skip and k in saved and cell[k] != saved[k]]
             if differ:
