@@ -154,7 +154,7 @@ def _queued_settings(cfg, record, waiting) -> dict:
     from device import pick_device  # here: a job on its node imports this module without torch
     from parameter import parse_flags, resolve_device_defaults
     from run import with_config
-    spans = {version: (g, d) for g, d, _, version in cfg.sweep}
+    cells = {version: (g, d, seed) for g, d, seed, version in cfg.sweep}  # a cell's seed is in its name
     queued = {}
     for sub in record["submissions"]:
         for version, job_id in sub.get("jobs", {}).items():
@@ -166,7 +166,7 @@ def _queued_settings(cfg, record, waiting) -> dict:
             except UserError:
                 continue
             resolve_device_defaults(then, pick_device(then.device).type)
-            queued[version] = (job_id, cell_settings(then, *spans[version]))
+            queued[version] = (job_id, cell_settings(then, *cells[version]))
     return queued
 
 

@@ -62,12 +62,15 @@ def grid(cells) -> str:
     return f"{len(cells)} cells (span [{', '.join(spans)}] × seed {sorted({str(seed) for _, _, seed, _ in cells})})"
 
 
-def cell_settings(cfg, g_span, d_span) -> dict:
+def cell_settings(cfg, g_span, d_span, seed) -> dict:
     """A cell's settings as its config.json will hold them: the sweep's, with the cell's spans
-    and what the cell's own start resolves (--diffaug's default), through JSON."""
+    and seed (none without --seed: the cell draws its own, whatever it is) and what the
+    cell's own start resolves (--diffaug's default), through JSON."""
     from parameter import default_diffaug
-    cell = {**vars(cfg), "g_span": g_span, "d_span": d_span,
+    cell = {**vars(cfg), "g_span": g_span, "d_span": d_span, "seed": seed,
             "diffaug": default_diffaug(cfg) if cfg.diffaug is None else cfg.diffaug}
+    if seed is None:
+        del cell["seed"]
     return json.loads(json.dumps(cell, default=str))
 
 
@@ -92,15 +95,12 @@ def check_start(cfg, queued=None):
     if cfg.launcher != "local":  # resolved by each job's node (unless given), not by this host
         skip |= DEVICE_RESOLVED - set(cfg.given)
     for g_span, d_span, seed, version in cfg.sweep:
-        cell = cell_settings(cfg, g_span, d_span)
-        cell["seed"] = seed  # None (no --seed): each cell draws its own, whatever it is
-        if seed is None:
-            cell.pop("seed")
+        cell = cell_settings(cfg, g_span, d_span, seed)
         if n_images is not None:
             cell["dataset_size"] = n_images
         ran = [(f"ran ({path.name})", saved) for path, saved in saved_configs(Path(cfg.log_path) / version)]
-        if version in (queued or {}):  # its seed is in its name, and the submitting command holds the list
-            ran.append((f"is queued (job {queued[version][0]})", {**queued[version][1], "seed": seed}))
+        if version in (queued or {}):
+            ran.append((f"is queued (job {queued[version][0]})", queued[version][1]))
         for how, saved in ran:
             differ = [k for k in cell if k not in skip and k in saved and cell[k] != saved[k]]
             if differ:

@@ -179,7 +179,7 @@ def test_a_slurm_sweep_leaves_what_the_device_resolves_to_its_nodes(tmp_path):
     cell = tmp_path / "logs" / cfg.sweep[0][3]
     cell.mkdir(parents=True)  # a cell that ran on a GPU node with the GPU's defaults
     gpu = {"amp": "bf16", "compile": "default", "channels_last": True, "cuda_graph": True, "fid_step": 10000}
-    (cell / "config.json").write_text(json.dumps({**cell_settings(cfg, 0, 0), **gpu}))
+    (cell / "config.json").write_text(json.dumps({**cell_settings(cfg, 0, 0, 1), **gpu}))
     check_start(cfg)  # submitted from a login node without a GPU: not a difference
     with pytest.raises(UserError, match="ran \\(config.json\\) with --amp bf16, where this command gives --amp none"):
         check_start(configure([*args, "--launcher", "slurm", "--amp", "none"]))  # given: every node runs it
@@ -195,11 +195,11 @@ def test_a_folder_of_a_cells_name_trained_with_another_seed_is_refused(tmp_path)
     g_span, d_span, seed, version = cfg.sweep[0]
     (tmp_path / "logs" / version).mkdir(parents=True)
     config = tmp_path / "logs" / version / "config.json"
-    config.write_text(json.dumps({**cell_settings(cfg, g_span, d_span), "seed": 5}))
+    config.write_text(json.dumps({**cell_settings(cfg, g_span, d_span, seed), "seed": 5}))
     with pytest.raises(UserError, match=f"its cell {version} ran \\(config.json\\) with --seed 5, where this command "
                                         f"gives --seed {seed};"):
         check_start(cfg)
-    config.write_text(json.dumps({**cell_settings(cfg, g_span, d_span), "seed": seed}))
+    config.write_text(json.dumps(cell_settings(cfg, g_span, d_span, seed)))
     check_start(cfg)  # its own seed: the cell, continued
     # without --seed every cell draws its own: nothing to compare
     check_start(configure([*SWEEP, *out_dirs(tmp_path), *small_data(), "--span", "0,3"]))
