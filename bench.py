@@ -206,14 +206,15 @@ def run(argv=None):
     args.fid_samples, args.fid_batch_size = pick(args.fid_samples, FID_SAMPLES, 16), pick(args.fid_batch_size, 500, 16)
     if args.n_images < args.batch_size:  # every path would fail on it, after the JPEGs were made
         raise UserError(f"--n_images {args.n_images} is fewer than --batch_size {args.batch_size}; raise --n_images")
-    own = {w for w in common_flags(args, device, Path()) if w.startswith("--")} | {"--span", "--version"}
+    common = common_flags(args, device, Path())  # the folders do not matter to the checks
+    own = {w for w in common if w.startswith("--")} | {"--span", "--version"}
     clash = [w.split("=")[0] for w in args.fast_flags.split() if w.split("=")[0] in own]
     if clash:  # the table's header would name the benchmark's value, not the one timed
         raise UserError(f"--fast_flags: {', '.join(clash)} is bench.py's own; give bench.py's flag instead "
                         f"(--batch_size, --imsize, --conv_dim, --spans, --device), or none for its data and folders")
     for name, flags in path_flags(args).items():  # as main.py checks them: now, not after a path was timed
         try:
-            resolve_device_defaults(parse_flags(common_flags(args, device, Path()) + flags), device.type)
+            resolve_device_defaults(parse_flags(common + flags), device.type)
         except UserError as e:
             raise UserError(f"the {name} path{' (--fast_flags)' if name == 'fast' else ''}: {e}") from None
     if args.profile and not gpu:
