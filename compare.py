@@ -14,7 +14,7 @@ from pathlib import Path
 
 from choices import NO_ATTENTION, span_text
 from files import atomic_open, check_output_file, csv_header
-from metrics import METRICS, higher_is_better
+from metrics import METRICS, headline_column, higher_is_better
 from plots import figure_path, plot_attention, plot_groups
 from report_html import write_page
 from runs import load_run
@@ -302,7 +302,7 @@ def check_logged(groups, column="fid", ema=False) -> list:
     if all(stated) and not any(metric in m for m in stated):
         logged = [name for name in METRICS if any(name in m for m in stated)]
         raise UserError(f"no run logged {shown}: they trained with --metrics {','.join(logged)}; pass --column "
-                        f"{METRICS[logged[0]].columns[0]} (or another column of theirs)")
+                        f"{headline_column(logged)} (or another column of theirs)")
     if ema and not any((r.config or {}).get("ema_decay") for g in groups for r in g.runs):
         raise UserError(f"no run logged {shown}: they trained without an EMA generator (--ema_decay); drop --ema")
     return groups

@@ -25,7 +25,8 @@ from distributed import gather_rows
 from files import atomic_open, check_array_file, csv_rows_until, file_lock
 from folders import STATS_FOLDER, checkpoints
 from inception import FEATURES, check_published_weights, load_inception, weights_id
-from metrics import METRICS, _is_stats_file, feature_stats, higher_is_better, load_stats, save_stats
+from metrics import METRICS, _is_stats_file, feature_stats, headline_column, higher_is_better, load_stats
+from metrics import save_stats
 from sampling import fixed_latents, uint8_batches, whole_batches
 from utils import UserError, is_tty, warn
 
@@ -283,7 +284,7 @@ class FIDMonitor:
             w.writerows(rows)
         if rows:
             from plots import plot_fid  # here: matplotlib, 0.4 s, for the runs that measure FID
-            column = METRICS[self.cfg.metrics[0]].columns[0]  # FID first (registry order), else e.g. IS
+            column = headline_column(self.cfg.metrics)
             plot_fid({self.cfg.version: rows}, self.path.with_name("fid.png"), column, higher_is_better(column))
 
 

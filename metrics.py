@@ -294,6 +294,12 @@ def higher_is_better(column) -> bool:
     return any(m.higher_is_better for m in METRICS.values() if column in m.columns)
 
 
+def headline_column(names) -> str:
+    """The fid.csv column that stands for runs that logged metrics `names` (in the registry's
+    order, as parse_metrics gives them): "fid", or the first column of their first metric."""
+    return METRICS[names[0]].columns[0]
+
+
 def parse_metrics(text) -> list:
     """'is,fid' -> ["fid", "is"], checked against the registry (UserError otherwise)."""
     try:

@@ -237,7 +237,7 @@ def report(cfg, results, why="their output above says why") -> int:
     that logged FID (as `fid.py compare` prints it) and the command that compares them
     again. Returns the sweep's exit code."""
     from compare import group_runs, load_run, show  # here: a Slurm job imports this module, and needs no report
-    from metrics import METRICS
+    from metrics import headline_column
     line, code = sweep_summary(results, why)
     print(line, flush=True)
     dirs = [Path(cfg.log_path) / version for version, _ in results]
@@ -246,7 +246,7 @@ def report(cfg, results, why="their output above says why") -> int:
     if gone:  # finished by its checkpoints, yet the report would leave it out without a word
         print(f"sweep: not in the report: {', '.join(gone)}: finished (its checkpoints say) but its log folder is "
               f"not in {cfg.log_path}; move it back there to count it", flush=True)
-    column = METRICS[cfg.metrics[0]].columns[0]  # FID, or the first metric of a sweep without it
+    column = headline_column(cfg.metrics)
     if any((d / "fid.csv").is_file() for d in dirs):  # every cell started counts, with FID or not
         show(group_runs([load_run(d, column) for d in started]),
              Path(cfg.log_path) / f"{cfg.sweep_name}_fid_compare.png", column, flag="--log_path",
