@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,22 @@ class OneLineParser(argparse.ArgumentParser):
     entry point prints it as one line naming the fix, exactly as a mistake found later
     (argparse would print a usage dump and exit)."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
-        raise UserError(f"{message} (see python {self.prog} --help)")
+        raise UserError(f"{message}{self._dash_value_hint(message)} (see python {self.prog} --help)")
+
+    def _dash_value_hint(self, message):
+        """argparse reads a word starting with '-' as a flag unless it is one plain negative
+        number, so `--seed -1,2` says only "expected one argument": name the spelling it takes."""
+        flag = re.fullmatch(r"argument (\S+): expected one argument", message)
+        words = getattr(self, "_words", [])
+        for word, value in zip(words, words[1:]):
+            if flag and word in flag[1].split("/") and value[:1] == "-" and value[1:2].isdigit():
+                return f"; {value} reads as a flag: write {word}={value}"
+        return ""
 
 
 _warned = set()

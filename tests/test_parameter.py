@@ -69,6 +69,18 @@ def test_a_seed_out_of_range_is_one_line(tmp_path, seed):
     assert "--seed" in err and "out of range" in err
 
 
+def test_a_value_argparse_reads_as_a_flag_names_the_spelling_it_takes(tmp_path):
+    import fid
+    # argparse takes "-1" as a value but "-1,2" as a flag; its own words are "expected one argument"
+    err = one_line(run_main(["--span", "0,3", "--seed", "-1,2"], cwd=tmp_path))
+    assert "argument --seed: expected one argument; -1,2 reads as a flag: write --seed=-1,2" in err
+    assert "write --seed=" not in one_line(run_main(["--seed"], cwd=tmp_path))  # nothing after it: no hint
+    # the spelling it names is read as the value (here out of range, which the next message says)
+    assert "--seed -1 is out of range" in one_line(run_main(["--span", "0,3", "--seed=-1,2"], cwd=tmp_path))
+    err = one_line(run_main(["a", "b", "--batch_size", "-5,3"], cwd=tmp_path, entry=fid.main))
+    assert "write --batch_size=-5,3" in err
+
+
 def test_speed_flags_resolve_to_the_plain_path_on_cpu():
     cfg = configure(["--device", "cpu"])
     assert (cfg.amp, cfg.compile, cfg.channels_last, cfg.cache, cfg.cuda_graph) == ("none", "none", False, False, False)
