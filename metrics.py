@@ -75,7 +75,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu", factor1=None, facto
     ab = a.T @ b
     tr_covmean = torch.linalg.svdvals(ab).sum() if ab.numel() else 0.0
     diff = mu1 - mu2
-    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+    traces = float(sigma1.trace() + sigma2.trace())
+    value = float(diff @ diff + traces - 2 * tr_covmean)
+    # the distance is >= 0; a set against itself ends as rounding of the traces' size (-4e-15),
+    # which would print as "-0.0000": within that rounding it is 0
+    return 0.0 if -1e-12 * max(traces, 1.0) < value < 0 else value
 
 
 def _fid(a, b, device, options):

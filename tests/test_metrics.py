@@ -97,6 +97,11 @@ def test_fid_closed_forms():
     # zero covariance (all-identical images) and mixed rank
     assert metrics.frechet_distance(mu1, np.zeros((d, d)), mu2, sigma) == pytest.approx(
         np.sum((mu1 - mu2) ** 2) + np.trace(sigma), rel=1e-12)
+    # a set against itself is 0 exactly, where the sum of its terms rounds to about -4e-15
+    # ("-0.0000" printed); a distance above rounding stays as it is (the closed forms above)
+    feats = rng.normal(size=(40, d))
+    assert metrics.frechet_distance(*metrics.feature_stats(feats), *metrics.feature_stats(feats)) == 0.0
+    assert metrics.frechet_distance(*metrics.feature_stats(feats), *metrics.feature_stats(feats[:39])) > 0
 
 
 def test_fid_ill_conditioned_full_rank_matches_exact():
