@@ -143,6 +143,16 @@ def _source_stats(dataset: ImageDataset) -> list:
     return [(name, st.st_size, st.st_mtime_ns) for p, name in files for st in [p.stat()]]
 
 
+def source_digest(dataset: ImageDataset) -> str:
+    """A digest of _source_stats: another value when a source file changed, was added or
+    removed. What --cache's file name, the FID reference statistics and a resumed run's check
+    of its data compare; computed once per dataset object (one stat per file: a second or
+    so for CelebA on a local disk)."""
+    if getattr(dataset, "_source_digest", None) is None:
+        dataset._source_digest = hashlib.sha1(json.dumps(_source_stats(dataset)).encode()).hexdigest()
+    return dataset._source_digest
+
+
 def cache_path(dataset: ImageDataset) -> Path:
     """Where --cache keeps the decoded array: CACHE_PREFIX<dataset>_<size>_<hash>.npy
     next to the data when writable, else in ./data_cache. The folder scan never takes
@@ -150,7 +160,7 @@ def cache_path(dataset: ImageDataset) -> Path:
     the decoded pixels: the transform (size, crop, resize), the count, and each source
     file's name, size and mtime, so a changed, added or removed file makes a new
     cache instead of serving stale images."""
-    key = {**dataset.key(), "files": hashlib.sha1(json.dumps(_source_stats(dataset)).encode()).hexdigest()}
+    key = {**dataset.key(), "files": source_digest(dataset)}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     src = Path(key["path"])
     folder = src if src.is_dir() else src.parent

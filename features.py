@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from batches import loader_batches, worker_options
+from batches import loader_batches, source_digest, worker_options
 from checkpoint import generator_from_checkpoint
 from choices import FID_SAMPLES
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
@@ -189,10 +189,16 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     # runs starting together (a sweep's --jobs) wait for the one computing them instead of repeating it
     computed = False
     if rank == 0:
+        sources = source_digest(dataset)
         with file_lock(path.with_name(f".{path.name}.lock")):
-            if not path.exists() or (with_features and not feats_path.exists()):
+            stale = path.exists() and _sources_changed(path, sources)
+            if stale:  # (its features too: a run without KID/PRDC would not rewrite them)
+                warn(f"the images under {dataset.description['path']} changed since {path} was computed from them "
+                     f"(a file changed, added or removed): computing the FID reference statistics again")
+                feats_path.unlink(missing_ok=True)
+            if stale or not path.exists() or (with_features and not feats_path.exists()):
                 _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path,
-                                   feats_path, key, keep)
+                                   feats_path, key, keep, sources)
                 computed = True
     if world > 1:
         dist.barrier()
@@ -203,8 +209,15 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     return Reference(mu, sigma, pool3, path, n=n, computed=computed)
 
 
+def _sources_changed(path, sources) -> bool:
+    """Whether statistics at `path` were computed from other files than `sources`
+    (batches.source_digest) say; files written before they recorded it are taken as they are."""
+    recorded = load_stats(path)[2]["sources"]
+    return recorded is not None and recorded != sources
+
+
 def _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path, key,
-                       with_features):
+                       with_features, sources):
     g = torch.Generator().manual_seed(0)
     idx = range(n) if n == len(dataset) else torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist()
     if images is not None:
@@ -217,7 +230,7 @@ def _compute_reference(dataset, model, n, batch_size, device, num_workers, progr
         loader = _Sized(loader_batches(loader), len(loader))
     pool3, _ = extract_features(model, loader, device, progress, desc="FID reference")
     mu, sigma = feature_stats(pool3)
-    save_stats(path, mu, sigma, key, n)
+    save_stats(path, mu, sigma, key, n, sources)
     if with_features:
         with atomic_open(feats_path) as f:
             np.save(f, pool3.astype(np.float32))

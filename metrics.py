@@ -209,14 +209,16 @@ def _prdc(a, b, device, options):
     return precision_recall_density_coverage(real, a.pool3[:m], k, device, radii)
 
 
-def save_stats(path, mu, sigma, key=None, n=None):
-    """Write mu, sigma, n and a JSON key (what produced the stats) to an .npz, atomically:
-    when writing fails (disk full, read-only, folder gone) `path` keeps what it had and a
-    UserError names it and the fix."""
+def save_stats(path, mu, sigma, key=None, n=None, sources=None):
+    """Write mu, sigma, n, a JSON key (what produced the stats) and, for a training set, the
+    digest of its files (`sources`: what tells statistics of changed images) to an .npz,
+    atomically: when writing fails (disk full, read-only, folder gone) `path` keeps what it
+    had and a UserError names it and the fix."""
+    extra = {} if sources is None else {"sources": np.array(sources)}
     try:
         with atomic_open(path) as f:  # parallel runs may write the same stats; a file object keeps np.savez's name
             np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                     n=np.int64(-1 if n is None else n), key=np.array(json.dumps(key or {}, sort_keys=True)))
+                     n=np.int64(-1 if n is None else n), key=np.array(json.dumps(key or {}, sort_keys=True)), **extra)
     except OSError as e:
         raise write_failed("statistics file", path, e) from None
 
@@ -237,7 +239,7 @@ def _is_stats_file(path):
 
 def load_stats(path):
     """(mu, sigma, meta) from our .npz or a pytorch-fid one (mu/sigma only);
-    meta = {"n": int or None, "key": dict}."""
+    meta = {"n": int or None, "key": dict, "sources": str or None (save_stats)}."""
     check_array_file(Path(path))
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -246,6 +248,7 @@ def load_stats(path):
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             n = int(f["n"]) if "n" in f.files else -1
             key = json.loads(str(f["key"])) if "key" in f.files else {}
+            sources = str(f["sources"]) if "sources" in f.files else None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read statistics {path}: {e}") from None
     # what would otherwise come out as "FID: nan" or a negative FID, printed as a result
@@ -261,7 +264,7 @@ def load_stats(path):
     shifted = sigma + (1e-6 * scale) * np.eye(len(sigma))
     if torch.linalg.cholesky_ex(torch.from_numpy(shifted)).info.item() != 0:
         raise UserError(f"statistics {path}: sigma has negative eigenvalues, so it is no covariance; recompute them")
-    return mu, sigma, {"n": None if n < 0 else n, "key": key}
+    return mu, sigma, {"n": None if n < 0 else n, "key": key, "sources": sources}
 
 
 @dataclass(frozen=True)

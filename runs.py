@@ -18,7 +18,7 @@ from utils import UserError
 # to one group: the random seed (what a group varies), names and paths, bookkeeping, speed-only
 # settings that give identical images, and how long it ran.
 NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path", "attn_path", "image_path",
-                "package_version", "git_commit", "torch", "device", "world_size", "num_workers", "cache",
+                "package_version", "git_commit", "torch", "device", "world_size", "dataset_files", "num_workers", "cache",
                 "resume", "pretrained_model", "start_checkpoint", "train", "n_samples", "parallel",
                 "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step", "fid_batch_size",
                 "jobs", "span", "sweep", "given", "trust_checkpoint", "config"}

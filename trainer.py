@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from batches import make_batches
+from batches import make_batches, source_digest
 from data_loader import training_set
 from device import pick_device
 from distributed import convert_sync_bn, dist_info
@@ -142,9 +142,10 @@ class Trainer:
         other_loss = " or --adv_loss hinge" if self.cfg.adv_loss != "hinge" else ""
         return Diverged(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr{other_loss}")
 
-    def _write_config(self, n_images):
+    def _write_config(self, dataset):
         info = {**vars(self.cfg), "package_version": __version__, "git_commit": git_commit(),
-                "dataset_size": n_images, "world_size": self.world, "torch": torch.__version__,
+                "dataset_size": len(dataset), "dataset_files": source_digest(dataset), "world_size": self.world,
+                "torch": torch.__version__,
                 "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name()}
         path = self.dirs["log"] / "config.json"
         if self.cfg.start_checkpoint:  # a resumed run: keep the original, record this part beside it
@@ -246,7 +247,7 @@ class Trainer:
                 warn(f"removed {stale} half-written file(s) of an interrupted earlier run of '{cfg.version}'")
         dataset = training_set(cfg)
         if self.is_main and cfg.start_checkpoint:
-            self._note_other_data(len(dataset))
+            self._note_other_data(dataset)
         # the real images D's attention distance is measured on: the same 64 for every run on this data
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:64]
         self.attn_real = torch.stack([dataset[int(i)] for i in pick]).float().div_(127.5).sub_(1)
@@ -254,21 +255,25 @@ class Trainer:
         stream = make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world)
         fid_monitor = self._fid_monitor(dataset, getattr(stream, "images", None))
         if self.is_main:
-            self._write_config(len(dataset))
+            self._write_config(dataset)
             if cfg.fid_step == 0 and self.device.type == "cpu":
                 print("note: FID is off on CPU unless asked for: --fid_step N (--fid_samples M)")
         return iter(stream), fid_monitor
 
-    def _note_other_data(self, n_images):
+    def _note_other_data(self, dataset):
         """A resumed run whose training set changed since its last start: said, not refused
         (images added on purpose continue the run)."""
         try:
             configs = saved_configs(self.dirs["log"])
         except UserError:  # a damaged config is the report's to refuse, not the resume's
             return
-        before = configs[-1][1].get("dataset_size") if configs else None
-        if before is not None and before != n_images:
-            warn(f"the training set has {n_images} images; the run trained on {before} until step {self.step}")
+        before = configs[-1][1] if configs else {}
+        if before.get("dataset_size") not in (None, len(dataset)):
+            warn(f"the training set has {len(dataset)} images; the run trained on {before['dataset_size']} until "
+                 f"step {self.step}")
+        elif before.get("dataset_files") not in (None, source_digest(dataset)):  # (runs from before it: unknown)
+            warn(f"the training set's files changed since the run's last start (a file changed, added or removed, "
+                 f"or another --image_path): it trained on the earlier ones until step {self.step}")
 
     def _close_interval(self, log, signalled):
         """At a log step: the interval's mean losses (global under torchrun), the NaN check,

@@ -175,6 +175,32 @@ def test_reference_from_decoded_images_equals_reference_from_the_dataset(tmp_pat
         np.testing.assert_array_equal(given.sigma, loaded.sigma)
 
 
+def test_reference_statistics_of_changed_images_are_computed_again(tmp_path, image_folder, capsys):
+    # the statistics' file name holds what decides the images, not the files' contents: an image
+    # overwritten in place (same name, same count) must not leave a new run measured against them
+    ds, weights = folder_and_stand_in_weights(tmp_path, image_folder)
+    args = dict(model=PerImage(), weights=weights, resize="tf1", cap=0, batch_size=4, device="cpu", progress=False,
+                cache_dir=tmp_path / "stats", with_features=True)
+    first = features.reference_stats(ds, **args)
+    assert "changed since" not in capsys.readouterr().err
+    rebuild = lambda: build_dataset(configure(["--dataset", "folder", "--image_path", str(image_folder),
+                                               "--imsize", "32"]))  # as a new run builds it
+    assert not features.reference_stats(rebuild(), **args).computed  # the same files: the same statistics
+    Image.fromarray(np.full((40, 36, 3), 7, np.uint8)).save(image_folder / "a" / "b" / "rgb0.jpg")
+    changed = rebuild()
+    again = features.reference_stats(changed, **args)
+    assert again.computed and again.path == first.path
+    assert f"the images under {image_folder} changed since {first.path}" in capsys.readouterr().err
+    images = torch.stack([changed[i] for i in range(len(changed))])
+    np.testing.assert_array_equal(again.pool3, images.float().flatten(1)[:, :64].numpy())  # the new images'
+    np.testing.assert_allclose(again.mu, again.pool3.mean(0), rtol=1e-12)
+    assert not features.reference_stats(rebuild(), **args).computed  # and then they are current again
+    # statistics written before files were recorded are used as they are (no way to tell)
+    metrics.save_stats(first.path, first.mu, first.sigma, metrics.load_stats(first.path)[2]["key"], len(ds))
+    Image.fromarray(np.full((40, 36, 3), 9, np.uint8)).save(image_folder / "a" / "b" / "rgb0.jpg")
+    assert not features.reference_stats(rebuild(), **args).computed
+
+
 def test_load_images_formats_and_errors(tmp_path, capsys):
     imgs = structured_images(3, 0, 0)
     np.save(tmp_path / "a.npy", imgs)

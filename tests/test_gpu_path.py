@@ -61,7 +61,7 @@ def test_decoding_and_the_fid_reference_start_their_workers_alike(monkeypatch, i
     assert (seen["multiprocessing_context"], seen["timeout"]) == ("spawn", LOADER_TIMEOUT_S)
     seen = spy_dataloader(monkeypatch, features)
     with pytest.raises(Stop):
-        features._compute_reference(ds, None, 8, 4, torch.device("cuda"), 2, False, None, None, None, {}, False)
+        features._compute_reference(ds, None, 8, 4, torch.device("cuda"), 2, False, None, None, None, {}, False, "")
     assert (seen["multiprocessing_context"], seen["timeout"]) == ("spawn", LOADER_TIMEOUT_S)
 
 

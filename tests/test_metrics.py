@@ -242,10 +242,13 @@ def test_stats_roundtrip_and_pytorch_fid_format(tmp_path):
     sigma = a @ a.T  # a covariance: load_stats refuses what is not one
     metrics.save_stats(tmp_path / "s", mu, sigma, key={"resize": "tf1"}, n=7)  # no ".npz" appended
     m2, s2, meta = metrics.load_stats(tmp_path / "s")
-    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma) and meta == {"n": 7, "key": {"resize": "tf1"}}
+    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma)
+    assert meta == {"n": 7, "key": {"resize": "tf1"}, "sources": None}
+    metrics.save_stats(tmp_path / "t.npz", mu, sigma, key={"resize": "tf1"}, n=7, sources="3f2a")  # a training set's
+    assert metrics.load_stats(tmp_path / "t.npz")[2] == {"n": 7, "key": {"resize": "tf1"}, "sources": "3f2a"}
     np.savez_compressed(tmp_path / "pf.npz", mu=mu, sigma=sigma)  # what pytorch-fid --save-stats writes
     m3, s3, meta = metrics.load_stats(tmp_path / "pf.npz")
-    assert np.array_equal(m3, mu) and np.array_equal(s3, sigma) and meta == {"n": None, "key": {}}
+    assert np.array_equal(m3, mu) and np.array_equal(s3, sigma) and meta == {"n": None, "key": {}, "sources": None}
 
 
 def exact_fid(x, y):

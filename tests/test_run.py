@@ -184,6 +184,23 @@ def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path)
     assert [g["lr"] for g in t.d_opt.param_groups] == [1e-4]  # the Adam steps ran with it
 
 
+def test_a_resume_on_changed_files_of_as_many_images_says_so(tmp_path, capsys):
+    data = tmp_path / "data" / "emoji64.npz"
+    data.parent.mkdir()
+    np.savez(data, images=np.zeros((8, 64, 64, 3), np.uint8))
+    run = [*TINY, *out_dirs(tmp_path), "--image_path", str(data.parent), "--version", "c", "--log_step", "1",
+           "--sample_step", "100"]
+    main.main([*run, "--total_step", "2"])
+    np.savez(data, images=np.full((8, 64, 64, 3), 9, np.uint8))  # the array replaced: the same count
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 5_000_000_000))  # whatever the clock
+    capsys.readouterr()
+    main.main([*run, "--total_step", "3", "--resume"])
+    assert "warning: the training set's files changed since the run's last start (a file changed, added or " \
+           "removed, or another --image_path): it trained on the earlier ones until step 2" in capsys.readouterr().err
+    main.main([*run, "--total_step", "4", "--resume"])  # the same files as at its last start: nothing to say
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_bare_resume_keeps_every_setting_of_the_run_and_sampling_draws_as_it_did(tmp_path, capsys,
                                                                                     monkeypatch):
