@@ -70,6 +70,9 @@ def load(path, mmap=False, trust=False, training=False) -> Checkpoint:
     file is the user's own. Every failure is one UserError line."""
     unreadable = UserError(f"cannot read checkpoint {path} (not a checkpoint file, or cut short); use another "
                            f"step or re-copy the file")
+    if not Path(path).exists() or Path(path).is_dir():  # (a checkpoint is a file: <model_save_path>/<run>/<step>.pt)
+        raise UserError(f"no checkpoint file {path}" + (": it is a folder; pass one of its <step>.pt files"
+                                                         if Path(path).is_dir() else ""))
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
         raise unreadable
     try:

@@ -366,7 +366,8 @@ def training_set(cfg) -> ImageDataset:
     run checks at its start, and a sweep once before any of its cells starts."""
     dataset = build_dataset(cfg)
     if len(dataset) < cfg.batch_size:
-        raise UserError(f"the dataset has {len(dataset)} images, fewer than --batch_size {cfg.batch_size}")
+        raise UserError(f"the dataset has {len(dataset)} image{'s' * (len(dataset) != 1)}, fewer than --batch_size "
+                        f"{cfg.batch_size}: give --batch_size {len(dataset)} or less, or more images")
     return dataset
 
 

@@ -106,6 +106,8 @@ def test_user_mistakes_raise_user_error_never_exit(two_sets, capsys):
              (lambda: api.metrics(a, a, "fid,ssim"), "choose a comma list"),
              (lambda: api.statistics({"mu": np.zeros(8), "sigma": np.eye(8)}), "holds statistics already"),
              (lambda: api.generate(root / "a.npy", 4), "cannot read checkpoint"),
+             (lambda: api.generate(root / "models" / "99.pt", 4), f"no checkpoint file {root / 'models' / '99.pt'}"),
+             (lambda: api.generate(root, 4), f"no checkpoint file {root}: it is a folder; pass one of its <step>.pt"),
              (lambda: api.generate(root / "a.npy", 0), "n must be an integer >= 1, got 0"),
              # counts are checked before the checkpoint is read; these were torch's TypeErrors or ran
              (lambda: api.generate(root / "a.npy", 2.7), "n must be an integer >= 1, got 2.7"),

@@ -22,7 +22,7 @@ from conftest import main_args, one_line_exit_2, out_dirs
     (["--adv_loss", "wgan"], "invalid choice"),
     (["--resume"], "no checkpoint"),
     (["--train", "false"], "no checkpoint"),
-    (["--batch_size", "5000"], "fewer than --batch_size 5000"),
+    (["--batch_size", "5000"], "images, fewer than --batch_size 5000: give --batch_size 1432 or less, or more images"),
     (["--fid_samples", "1"], "--fid_samples 1 is too few"),
     (["--metrics", "fid,is", "--fid_samples", "5"], "IS >= 10"),
     (["--metrics", "fid,ssim"], "--metrics 'fid,ssim': choose a comma list of fid,is,kid,prdc"),
