@@ -204,7 +204,7 @@ def resolve_start(cfg):
     cfg.start_checkpoint = None
     if not cfg.train:
         if not found:
-            raise UserError(f"no checkpoint in {folder}: train first, or pass the --version "
+            raise UserError(f"no checkpoint in {folder}{_unnamed(folder)}: train first, or pass the --version "
                             f"(and --model_save_path) of a trained run")
         step, ck = (cfg.pretrained_model, None) if cfg.pretrained_model is not None else \
             _newest_loadable(found, cfg, "sampling")
@@ -216,7 +216,7 @@ def resolve_start(cfg):
                     _continue_with(cfg, checkpoint.read_config(started, "move it away to start the run over"),
                                    rank0, binding=False)
                 return
-            raise UserError(f"--resume: no checkpoint in {folder}; drop --resume to start run "
+            raise UserError(f"--resume: no checkpoint in {folder}{_unnamed(folder)}; drop --resume to start run "
                             f"'{cfg.version}' from scratch")
         step, ck = _newest_loadable(found, cfg, "--resume")
     elif cfg.pretrained_model is not None:
@@ -276,6 +276,13 @@ def _continue_with(cfg, saved, rank0, binding=True):
     cfg.span = cfg.g_span if cfg.g_span == cfg.d_span else None
     if differ and rank0:
         print(f"note: using the checkpoint's settings {', '.join(differ)} (flags given differ)")
+
+
+def _unnamed(folder) -> str:
+    """For a folder without checkpoints: its .pt files that main.py would not take for one."""
+    other = sorted(p.name for p in Path(folder).glob("*.pt")) if Path(folder).is_dir() else []
+    return (f" (main.py takes <step>.pt files, as it writes them, not {', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}: rename one to its step, e.g. 1000.pt)") if other else ""
 
 
 def _newest_loadable(found, cfg, what):

@@ -38,6 +38,19 @@ def test_main_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message
     assert message in err
 
 
+def test_pt_files_not_named_by_their_step_are_named_in_the_no_checkpoint_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "flat").mkdir(parents=True)
+    (tmp_path / "models" / "flat" / "my_ckpt.pt").write_bytes(b"")
+    for extra in (["--train", "false"], ["--resume"]):
+        err = one_line_exit_2(capsys, main.main, [*out_dirs(tmp_path), "--version", "flat", "--device", "cpu", *extra])
+        assert "no checkpoint in" in err and "(main.py takes <step>.pt files, as it writes them, not my_ckpt.pt: " \
+            "rename one to its step, e.g. 1000.pt)" in err
+    (tmp_path / "models" / "flat" / "my_ckpt.pt").unlink()  # an empty folder: the line as before
+    assert "takes <step>.pt" not in one_line_exit_2(capsys, main.main, [*out_dirs(tmp_path), "--version", "flat",
+                                                                        "--device", "cpu", "--train", "false"])
+
+
 def test_main_bad_checkpoints_are_one_line(tmp_path, capsys):
     folder = tmp_path / "models" / "c"
     folder.mkdir(parents=True)
