@@ -348,6 +348,9 @@ def _from_path(path: Path, size: int, crop, name: str) -> ImageDataset:
 
 
 def _missing(path: Path, what: str, url: str, layout: str) -> UserError:
+    if path.parent.name == path.name:  # --image_path named the dataset's own folder, not the one holding it
+        return UserError(f"no {what} images at {path}: --image_path is the folder that holds {what}/; pass "
+                         f"--image_path {path.parent.parent}")
     return UserError(f"no {what} images at {path}: download them from {url} and put them there "
                      f"({layout}), or pass --image_path DIR")
 

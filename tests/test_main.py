@@ -13,6 +13,8 @@ from conftest import main_args, one_line_exit_2, out_dirs
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "celeb", "--image_path", "nowhere"], "kaggle.com/datasets/jessicali9530/celeba-dataset"),
+    (["--dataset", "celeb", "--image_path", "x/CelebA"], "is the folder that holds CelebA/; pass --image_path x"),
+    (["--dataset", "lsun", "--image_path", "LSUN"], "is the folder that holds LSUN/; pass --image_path ."),
     (["--dataset", "lsun", "--image_path", "nowhere"], "kaggle.com"),
     (["--dataset", "folder", "--image_path", "nowhere"], "there is no --image_path nowhere"),
     (["--spna", "3"], "unknown argument --spna; did you mean --span?"),
