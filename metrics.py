@@ -91,7 +91,8 @@ def inception_score(logits_unbiased, splits=10, shuffle=True, seed=2020):
     logits = np.asarray(logits_unbiased, dtype=np.float64)
     n = len(logits)
     if n < splits:
-        raise UserError(f"Inception Score needs at least splits={splits} images, got {n}")
+        raise UserError(f"Inception Score needs an image per split, at least {splits} (--isc_splits, isc_splits= in "
+                        f"the API), got {n}: pass more images or fewer splits")
     if shuffle:  # same permutation as torch-fidelity for a given seed
         logits = logits[np.random.RandomState(seed).permutation(n)]
     log_p = logits - logits.max(axis=1, keepdims=True)

@@ -227,6 +227,9 @@ def test_prdc_in_the_registry_takes_as_many_real_as_generated_samples():
 
 
 def test_inception_score_closed_form():
+    with pytest.raises(metrics.UserError, match=r"an image per split, at least 10 \(--isc_splits, isc_splits= in "
+                                                r"the API\), got 9: pass more images or fewer splits"):
+        metrics.inception_score(np.zeros((9, 1008)), splits=10)  # (the API's keyword, not "splits=")
     # confident predictions spread evenly over k classes in each split: IS = k exactly-ish
     k, n = 5, 20
     logits = np.zeros((n, 1008))
