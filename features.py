@@ -22,7 +22,7 @@ from checkpoint import generator_from_checkpoint
 from choices import FID_SAMPLES
 from data_loader import IMAGE_EXTS, as_nhwc_uint8, image_files, load_array, quiet_pil, to_rgb
 from distributed import gather_rows
-from files import atomic_open, check_array_file, csv_rows_until, file_lock
+from files import atomic_open, check_array_file, csv_header, csv_rows_until, file_lock
 from folders import STATS_FOLDER, checkpoints
 from inception import FEATURES, check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, headline_column, higher_is_better, load_stats
@@ -258,6 +258,8 @@ class FIDMonitor:
         self.columns = ["step", "fid", "fid_ema", "samples", "seconds"]  # fid's always: compare reads them
         self.columns += [c for c in self.metric_columns if c not in self.columns]
         self.path = Path(log_dir) / "fid.csv"
+        # a resumed run with other --metrics keeps the columns it measured before (blank from here on)
+        self.columns += [c for c in csv_header(self.path) or [] if c not in self.columns]
         if rank == 0:  # a resumed run drops what was logged after its checkpoint
             self._write(csv_rows_until(self.path, start_step))
 

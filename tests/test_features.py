@@ -91,6 +91,22 @@ def test_checkpoint_input_reproduces_the_logged_fid(two_runs, weights):
 
 
 @pytest.mark.slow
+def test_a_resume_with_fewer_metrics_keeps_the_columns_measured_before(two_runs, tmp_path):
+    import shutil
+    root, _ = two_runs
+    run = "sagan_emoji_span1_32px"  # fid, is, kid, prdc at step 5, its last
+    for sub in (f"logs/{run}", f"models/{run}", "logs/fid_stats"):
+        shutil.copytree(root / sub, tmp_path / sub)
+    before = read_csv(tmp_path / f"logs/{run}/fid.csv")
+    r = run_main([*out_dirs(tmp_path), "--version", run, "--resume", "--total_step", "10", "--metrics", "fid"],
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    after = read_csv(tmp_path / f"logs/{run}/fid.csv")
+    assert [row["step"] for row in after] == ["5", "10"] and after[0] == before[0]  # every column of step 5 kept
+    assert np.isfinite(float(after[1]["fid"])) and after[1]["is"] == after[1]["precision_ema"] == ""
+
+
+@pytest.mark.slow
 def test_offline_without_weights_warns_once_and_trains_on(tmp_path, monkeypatch):
     for name, value in {"TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9",
                         "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}.items():
