@@ -229,6 +229,10 @@ def resolve_start(cfg):
         if run_started(cfg):
             where = f"checkpoints up to step {max(found)} in {folder}" if found else \
                 f"a config or logs in {run_dirs(cfg)['log']}, no checkpoint yet"
+            if cfg.config is not None:  # a new run from another's config: --resume is refused with --config
+                raise UserError(f"run '{cfg.version}' already exists ({where}); give this run its own --version "
+                                f"(its name comes from the dataset, span and size, not from the flags changed), or "
+                                f"delete that run's folders to start over")
             raise UserError(f"run '{cfg.version}' already exists ({where}); add --resume to continue it "
                             f"(from step 0 when it has no checkpoint), pick another --version, or delete "
                             f"its folders to start over")

@@ -373,4 +373,5 @@ def test_a_run_from_another_runs_config_differs_only_in_the_flag_given(tmp_path)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/sagan_emoji_span0_32px/*")}
     err = one_line(run_main(["--config", "logs/sagan_emoji_span0_32px/config.json", "--d_lr", "1e-4"], cwd=tmp_path))
     assert "run 'sagan_emoji_span0_32px' already exists" in err and "--version" in err
+    assert "--resume" not in err  # which --config refuses: the line offered it, and the next command failed
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/sagan_emoji_span0_32px/*")} == before
