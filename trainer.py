@@ -257,7 +257,8 @@ class Trainer:
         if self.is_main:
             self._write_config(dataset)
             if cfg.fid_step == 0 and self.device.type == "cpu":
-                print("note: FID is off on CPU unless asked for: --fid_step N (--fid_samples M)")
+                asked = "" if cfg.metrics == ["fid"] else f" (and with it --metrics {','.join(cfg.metrics)})"
+                print(f"note: FID{asked} is off on CPU unless asked for: --fid_step N (--fid_samples M)")
         return iter(stream), fid_monitor
 
     def _note_other_data(self, dataset):

@@ -15,7 +15,7 @@ from conftest import REPO, main_args, make_trainer, out_dirs, read_csv, run_main
 from sagan_models import attention_layers
 from conftest import one_line_exit_2
 import main
-from conftest import TINY
+from conftest import TINY, small_data
 from conftest import one_line
 from conftest import step_args
 from conftest import stop_at
@@ -24,11 +24,18 @@ import shlex
 import trainer
 
 
+def test_metrics_asked_for_on_a_cpu_without_fid_step_are_named_in_the_note(tmp_path):
+    r = run_main([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "1", "--metrics", "fid,is"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "note: FID (and with it --metrics fid,is) is off on CPU unless asked for: --fid_step N" in r.stdout
+
+
 @pytest.mark.slow
 def test_tiny_run_on_bundled_data_writes_every_output(tmp_path):
     r = run_main(train_args(tmp_path, "--total_step", "20", "--span", "2", "--ema_decay", "0.9", bundled=True),
                  cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "note: FID is off on CPU unless asked for: --fid_step N" in r.stdout
     v = "sagan_emoji_span2_32px"
     for path in [f"samples/{v}/10_fake.png", f"samples/{v}/20_fake.png", f"samples/{v}/20_fake_ema.png",
                  f"attn/{v}/10_attn.png", f"attn/{v}/20_attn.png"]:
