@@ -194,7 +194,8 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
             stale = path.exists() and _sources_changed(path, sources)
             if stale:  # (its features too: a run without KID/PRDC would not rewrite them)
                 warn(f"the images under {dataset.description['path']} changed since {path} was computed from them "
-                     f"(a file changed, added or removed): computing the FID reference statistics again")
+                     f"(a file changed, added or removed, by name, size and mtime; a copy without its mtimes "
+                     f"counts too): computing the FID reference statistics again")
                 feats_path.unlink(missing_ok=True)
             if stale or not path.exists() or (with_features and not feats_path.exists()):
                 _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path,

@@ -274,7 +274,8 @@ class Trainer:
                  f"step {self.step}")
         elif before.get("dataset_files") not in (None, source_digest(dataset)):  # (runs from before it: unknown)
             warn(f"the training set's files changed since the run's last start (a file changed, added or removed, "
-                 f"or another --image_path): it trained on the earlier ones until step {self.step}")
+                 f"by name, size and mtime, or another --image_path): it trained on the earlier ones until step "
+                 f"{self.step}")
 
     def _close_interval(self, log, signalled):
         """At a log step: the interval's mean losses (global under torchrun), the NaN check,

@@ -196,7 +196,8 @@ def test_a_resume_on_changed_files_of_as_many_images_says_so(tmp_path, capsys):
     capsys.readouterr()
     main.main([*run, "--total_step", "3", "--resume"])
     assert "warning: the training set's files changed since the run's last start (a file changed, added or " \
-           "removed, or another --image_path): it trained on the earlier ones until step 2" in capsys.readouterr().err
+           "removed, by name, size and mtime, or another --image_path): it trained on the earlier ones until step 2" \
+        in capsys.readouterr().err
     main.main([*run, "--total_step", "4", "--resume"])  # the same files as at its last start: nothing to say
     assert "warning" not in capsys.readouterr().err
 
