@@ -162,6 +162,9 @@ def configure(argv=None, flags=None) -> Config:
     # here, and its checkpoint's --adv_loss decides --compile's auto
     resolve_device_defaults(cfg, pick_device(cfg.device).type, world)
     _check_fid_weights(cfg, inherited="fid_weights" in set(cfg.given) - given_now)
+    if cfg.train and "lambda_gp" in given_now and cfg.adv_loss != "wgan-gp" and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: --lambda_gp weights wgan-gp's gradient penalty; this run's --adv_loss {cfg.adv_loss} has none, "
+              f"so it changes nothing (add --adv_loss wgan-gp for the penalty)")
     if cfg.batch_size % world:  # the run's batch size: given, or its checkpoint's
         raise UserError(f"--batch_size {cfg.batch_size} must divide evenly over the {world} torchrun processes")
     if cfg.diffaug is None:  # not given and not from a checkpoint

@@ -184,6 +184,7 @@ def test_resume_keeps_the_optimizer_settings_unless_new_ones_are_given(tmp_path)
     assert [g["lr"] for g in t.d_opt.param_groups] == [1e-4]  # the Adam steps ran with it
 
 
+@pytest.mark.slow
 def test_a_resume_on_changed_files_of_as_many_images_says_so(tmp_path, capsys):
     data = tmp_path / "data" / "emoji64.npz"
     data.parent.mkdir()

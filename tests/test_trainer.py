@@ -24,6 +24,17 @@ import shlex
 import trainer
 
 
+@pytest.mark.slow
+def test_lambda_gp_without_wgan_gp_is_noted_as_changing_nothing(tmp_path):
+    note = "note: --lambda_gp weights wgan-gp's gradient penalty; this run's --adv_loss hinge has none"
+    r = run_main([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "1", "--lambda_gp", "5"], cwd=tmp_path)
+    assert r.returncode == 0 and note in r.stdout, r.stdout + r.stderr
+    r = run_main([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "1", "--lambda_gp", "5", "--adv_loss",
+                  "wgan-gp", "--version", "w"], cwd=tmp_path)
+    assert r.returncode == 0 and "--lambda_gp" not in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.slow
 def test_metrics_asked_for_on_a_cpu_without_fid_step_are_named_in_the_note(tmp_path):
     r = run_main([*TINY, *out_dirs(tmp_path), *small_data(), "--total_step", "1", "--metrics", "fid,is"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
