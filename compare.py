@@ -17,7 +17,7 @@ from files import atomic_open, check_output_file, csv_header
 from metrics import METRICS, headline_column, higher_is_better
 from plots import figure_path, plot_attention, plot_groups
 from report_html import write_page
-from runs import load_run
+from runs import load_run, settings_by_content
 from stats import compare_arms, holm_within, reach_summary, summarize
 from utils import OneLineParser, UserError, finite_float, json_line, write_failed
 
@@ -70,10 +70,10 @@ def group_runs(runs) -> list:
     between groups (e.g. "span 3"); runs without a config.json stay alone. A group holding
     one seed twice (a run copied, or given under two names) is refused: it is one sample."""
     groups = []
-    for run in runs:
-        hit = next((g for g in groups if run.config and g.settings == run.settings), None)
+    for run, settings in zip(runs, settings_by_content(runs)):
+        hit = next((g for g in groups if run.config and g.settings == settings), None)
         if hit is None:
-            groups.append(Group("", run.settings, [run]))
+            groups.append(Group("", settings, [run]))
         else:
             hit.runs.append(run)
     # what labels a group: the settings that vary among groups with a config (a folder with

@@ -248,6 +248,7 @@ class FIDMonitor:
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.progress = rank == 0 and is_tty()
         self.model = load_inception(weights, cfg.fid_resize, device, cfg.fid_precision)
+        self.weights_id = weights_id(weights)  # config.json records it: runs compare by the weights, not their path
         self.ref = reference_stats(
             dataset, self.model, weights, cfg.fid_resize, cfg.fid_ref_samples, cfg.fid_batch_size, device,
             Path(cfg.log_path) / STATS_FOLDER, with_features=any(METRICS[m].needs == "features" for m in cfg.metrics),

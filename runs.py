@@ -2,6 +2,7 @@
 metric column, attention.csv and status.json (how its last process ended), checked as read
 (one-line errors for files this package did not write)."""
 import csv
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from utils import UserError
 # to one group: the random seed (what a group varies), names and paths, bookkeeping, speed-only
 # settings that give identical images, and how long it ran.
 NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path", "attn_path", "image_path",
-                "package_version", "git_commit", "torch", "device", "world_size", "dataset_files", "num_workers", "cache",
+                "package_version", "git_commit", "torch", "device", "world_size", "dataset_files", "fid_weights_id",
+                "num_workers", "cache",
                 "resume", "pretrained_model", "start_checkpoint", "train", "n_samples", "parallel",
                 "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step", "fid_batch_size",
                 "jobs", "span", "sweep", "given", "trust_checkpoint", "config"}
@@ -55,6 +57,26 @@ class Run:
     @property
     def name(self) -> str:
         return f"seed{self.seed}" if self.seed is not None else self.folder.name
+
+
+def settings_by_content(runs) -> list:
+    """Each run's settings, with its --fid_weights as the weights' content: the id the run
+    recorded (config.json's fid_weights_id), else the one id that the given runs with its path
+    recorded (a run from before the id was recorded), else its path. So runs of the same
+    weights at other paths (another machine) group together, and no older run leaves its group."""
+    ids = {}
+    for r in runs:
+        if r.config.get("fid_weights_id"):
+            ids.setdefault(json.dumps(r.config.get("fid_weights")), set()).add(r.config["fid_weights_id"])
+    out = []
+    for r in runs:
+        s = r.settings
+        if "fid_weights" in s:
+            known = ids.get(json.dumps(s["fid_weights"]), set())
+            if r.config.get("fid_weights_id") or len(known) == 1:
+                s["fid_weights"] = r.config.get("fid_weights_id") or next(iter(known))
+        out.append(s)
+    return out
 
 
 def _read_csv(path: Path) -> list:

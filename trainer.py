@@ -142,10 +142,10 @@ class Trainer:
         other_loss = " or --adv_loss hinge" if self.cfg.adv_loss != "hinge" else ""
         return Diverged(f"{what} became NaN/inf by step {self.step}; {where}. Try a lower --d_lr/--g_lr{other_loss}")
 
-    def _write_config(self, dataset):
+    def _write_config(self, dataset, fid_monitor):
         info = {**vars(self.cfg), "package_version": __version__, "git_commit": git_commit(),
                 "dataset_size": len(dataset), "dataset_files": source_digest(dataset), "world_size": self.world,
-                "torch": torch.__version__,
+                "fid_weights_id": fid_monitor.weights_id if fid_monitor else None, "torch": torch.__version__,
                 "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name()}
         path = self.dirs["log"] / "config.json"
         if self.cfg.start_checkpoint:  # a resumed run: keep the original, record this part beside it
@@ -255,7 +255,7 @@ class Trainer:
         stream = make_batches(dataset, cfg, self.step * cfg.d_iters, self.device, self.rank, self.world)
         fid_monitor = self._fid_monitor(dataset, getattr(stream, "images", None))
         if self.is_main:
-            self._write_config(dataset)
+            self._write_config(dataset, fid_monitor)
             if cfg.fid_step == 0 and self.device.type == "cpu":
                 asked = "" if cfg.metrics == ["fid"] else f" (and with it --metrics {','.join(cfg.metrics)})"
                 print(f"note: FID{asked} is off on CPU unless asked for: --fid_step N (--fid_samples M)")

@@ -196,6 +196,26 @@ def test_other_settings_split_groups_and_find_their_own_baseline(tmp_path):
     assert line(out, "p")[2] == f"{p:.3g}" and by[("span 2, d_lr=0.0001", 100)]["baseline"] == "span 0, d_lr=0.0001"
 
 
+def test_fid_weights_group_by_their_content_not_their_path(tmp_path):
+    w1, w2 = "6726825d00000001", "0123456789abcdef"  # the ids config.json records (inception.weights_id)
+    runs = [make_run(tmp_path, "a0", {100: 10}, seed=0, fid_weights="/cluster/w.pth", fid_weights_id=w1),
+            make_run(tmp_path, "a1", {100: 12}, seed=1, fid_weights=None, fid_weights_id=w1),  # the same file here
+            make_run(tmp_path, "a2", {100: 11}, seed=2, fid_weights="/cluster/w.pth"),  # recorded no id: a0's
+            make_run(tmp_path, "b0", {100: 30}, seed=0, fid_weights="/other/w.pth", fid_weights_id=w2),
+            make_run(tmp_path, "c0", {100: 50}, seed=0, fid_weights="/old/w.pth")]  # no id, no run to tell it
+    _, by = compare_csv(tmp_path, runs)
+    groups = list(dict.fromkeys(g for g, _ in by))
+    assert groups == [f"span 0, fid_weights={w1}", f"b0 (span 0, fid_weights={w2})", "c0 (span 0, fid_weights=/old/w.pth)"]
+    assert by[(groups[0], 100)]["n"] == "3"
+    # two ids for one path (the file replaced between runs): a run of that path without an id stays apart
+    more = runs[:4] + [make_run(tmp_path, "d0", {100: 70}, seed=3, fid_weights="/cluster/w.pth", fid_weights_id=w2)]
+    _, by = compare_csv(tmp_path, more)
+    groups = list(dict.fromkeys(g for g, _ in by))
+    assert {g: by[(g, 100)]["n"] for g in groups} == {f"span 0, fid_weights={w1}": "2",
+                                                      "a2 (span 0, fid_weights=/cluster/w.pth)": "1",
+                                                      f"span 0, fid_weights={w2}": "2"}
+
+
 def test_runs_without_seeds_to_group_compare_as_before(tmp_path):
     runs = [make_run(tmp_path, "x", {10: 5.0}, seed=1), make_run(tmp_path, "y", {10: 7.0}, seed=2, g_span=1, d_span=1)]
     r = run_main(["compare", *runs, "--out", tmp_path / "p.png"], entry=fid.main)

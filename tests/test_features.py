@@ -2,8 +2,11 @@
 batch), checkpoints; FID during training (the monitor), and the reference-statistics cache.
 The metrics themselves are checked against pytorch-fid / torch-fidelity in test_metrics.py."""
 import csv
+import hashlib
+import json
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +56,7 @@ def read_csv(path):
 
 
 @pytest.mark.slow
-def test_training_writes_fid_rows_and_plot(two_runs):
+def test_training_writes_fid_rows_and_plot(two_runs, weights):
     root, results = two_runs
     for span, r in results.items():
         assert r.returncode == 0, r.stderr
@@ -67,6 +70,9 @@ def test_training_writes_fid_rows_and_plot(two_runs):
             assert all(0 <= float(row[k]) <= 1 for k in ("precision", "recall", "coverage"))
             assert int(row["samples"]) == FID_SAMPLES and float(row["seconds"]) > 0
         assert (log / "fid.png").stat().st_size > 1000
+        # the weights it measured with, by content (compare groups by it): sha256's first 16 hex digits
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+        assert json.loads((log / "config.json").read_text())["fid_weights_id"] == digest
     # the reference statistics were computed once, by the first run, and reused by the second
     stats = list((root / "logs/fid_stats").glob("*.npz"))
     assert len(stats) == 1

@@ -69,6 +69,7 @@ def test_tiny_run_on_bundled_data_writes_every_output(tmp_path):
     assert [r["fixed"] for r in attn[:4]] == ["0", "0", "0", "0"]
     cfg = json.loads((tmp_path / f"logs/{v}/config.json").read_text())
     assert cfg["dataset_size"] == 1432 and cfg["g_span"] == 2 and cfg["seed"] == 3
+    assert cfg["fid_weights_id"] is None  # no FID measured: no weights to name
     assert {"package_version", "git_commit", "g_lr", "batch_size", "mask_mode", "fid_step"} <= set(cfg)
     ck = torch.load(tmp_path / f"models/{v}/20.pt", weights_only=False)
     assert {"G", "D", "G_ema", "g_opt", "d_opt", "step", "rng", "config", "fixed_z"} <= set(ck)
@@ -114,7 +115,8 @@ def test_a_signal_during_a_fid_saves_that_steps_checkpoint_as_it_says(tmp_path, 
     # the FID stands in as a step that takes long, and gets the Ctrl-C; before, the run said
     # "finishing the FID of step 2 first, then saving a checkpoint" and trained step 3 first
     import trainer
-    monkeypatch.setattr(trainer.Trainer, "_fid_monitor", lambda self, *a, **k: object())
+    from types import SimpleNamespace  # a stand-in monitor: config.json asks it for its weights' id
+    monkeypatch.setattr(trainer.Trainer, "_fid_monitor", lambda self, *a, **k: SimpleNamespace(weights_id=None))
     monkeypatch.setattr(trainer.Trainer, "_evaluate_fid", lambda self, m: os.kill(os.getpid(), signal.SIGINT))
     r = run_main(step_args(tmp_path, "--total_step", "6", "--model_save_step", "5", "--fid_step", "2"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
