@@ -102,11 +102,22 @@ def check_start(cfg, queued=None):
         if version in (queued or {}):
             ran.append((f"is queued (job {queued[version][0]})", queued[version][1]))
         for how, saved in ran:
-            differ = [k for k in cell if k not in skip and k in saved and cell[k] != saved[k]]
+            differ = [k for k in cell if k not in skip and k in saved and cell[k] != saved[k]
+                      and not _same_weights(k, cell, saved)]
             if differ:
                 raise UserError(f"sweep '{cfg.sweep_name}': its cell {version} {how} with {_as_flags(saved, differ)}, "
                                 f"where this command gives {_as_flags(cell, differ)}; give the cell's settings to "
                                 f"continue this sweep, or another --version to start a new sweep beside it")
+
+
+def _same_weights(key, cell, saved) -> bool:
+    """Whether a --fid_weights path other than the one a cell ran with holds the same file (the
+    id its config.json recorded): another machine's path to the same weights is no other setting."""
+    if key != "fid_weights" or not saved.get("fid_weights_id") or not cell.get("fid_weights") \
+            or not Path(cell["fid_weights"]).is_file():
+        return False
+    from inception import weights_id  # here: torch, and a hash of the file, only when the paths differ
+    return weights_id(cell["fid_weights"]) == saved["fid_weights_id"]
 
 
 def _as_flags(config, keys) -> str:

@@ -168,6 +168,18 @@ def test_sweep_runs_the_grid_and_continues_an_interrupted_cell_exactly(tmp_path,
                                         f"gives {saved['dataset_size']} training images"):
         check_start(configure(list(map(str, args))))
     resumed.write_text(json.dumps(saved))
+    # the same FID weights at another path (another machine's): the same experiment; other weights are not
+    import shutil
+    moved = tmp_path / "elsewhere" / "w.pth"
+    moved.parent.mkdir()
+    shutil.copyfile(fid_weights, moved)
+    at = [str(a) for a in args].index(str(fid_weights))
+    with_weights = lambda path: [*map(str, args[:at]), str(path), *map(str, args[at + 1:])]
+    check_start(configure(with_weights(moved)))
+    other = moved.with_name("other.pth")
+    other.write_bytes(moved.read_bytes()[:-1] + b"x")  # one byte other: other weights
+    with pytest.raises(UserError, match=f"where this command gives --fid_weights {other}"):
+        check_start(configure(with_weights(other)))
     # more steps, another FID batch size: the same experiment, continued
     check_start(configure([*map(str, args), "--total_step", "6", "--fid_batch_size", "4", "--log_step", "1"]))
 
