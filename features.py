@@ -26,7 +26,7 @@ from files import atomic_open, check_array_file, csv_header, csv_rows_until, fil
 from folders import STATS_FOLDER, checkpoints
 from inception import FEATURES, check_published_weights, load_inception, weights_id
 from metrics import METRICS, _is_stats_file, feature_stats, headline_column, higher_is_better, load_stats
-from metrics import save_stats
+from metrics import recorded_sources, save_stats
 from sampling import fixed_latents, uint8_batches, whole_batches
 from utils import UserError, is_tty, warn
 
@@ -191,7 +191,8 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
     if rank == 0:
         sources = source_digest(dataset)
         with file_lock(path.with_name(f".{path.name}.lock")):
-            stale = path.exists() and _sources_changed(path, sources)
+            # (statistics written before the files were recorded are taken as they are)
+            stale = path.exists() and recorded_sources(path) not in (None, sources)
             if stale:  # (its features too: a run without KID/PRDC would not rewrite them)
                 warn(f"the images under {dataset.description['path']} changed since {path} was computed from them "
                      f"(a file changed, added or removed, by name, size and mtime; a copy without its mtimes "
@@ -208,13 +209,6 @@ def reference_stats(dataset, model, weights, resize, cap, batch_size, device, ca
         raise UserError(f"{path} holds statistics for other data ({meta['key']}); delete it to recompute")
     pool3 = np.load(feats_path).astype(np.float64) if with_features or (keep and feats_path.exists()) else None
     return Reference(mu, sigma, pool3, path, n=n, computed=computed)
-
-
-def _sources_changed(path, sources) -> bool:
-    """Whether statistics at `path` were computed from other files than `sources`
-    (batches.source_digest) say; files written before they recorded it are taken as they are."""
-    recorded = load_stats(path)[2]["sources"]
-    return recorded is not None and recorded != sources
 
 
 def _compute_reference(dataset, model, n, batch_size, device, num_workers, progress, images, path, feats_path, key,

@@ -238,6 +238,17 @@ def _is_stats_file(path):
     return len(has) == 2
 
 
+def recorded_sources(path):
+    """The training files' digest save_stats recorded in a statistics file, or None (a file
+    from before it was recorded, or unreadable: load_stats reports that). Reads that entry
+    alone, without the checks load_stats makes of mu and sigma."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return str(f["sources"]) if "sources" in f.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
 def load_stats(path):
     """(mu, sigma, meta) from our .npz or a pytorch-fid one (mu/sigma only);
     meta = {"n": int or None, "key": dict, "sources": str or None (save_stats)}."""

@@ -20,10 +20,9 @@ from utils import UserError
 # settings that give identical images, and how long it ran.
 NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path", "attn_path", "image_path",
                 "package_version", "git_commit", "torch", "device", "world_size", "dataset_files", "fid_weights_id",
-                "num_workers", "cache",
-                "resume", "pretrained_model", "start_checkpoint", "train", "n_samples", "parallel",
-                "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step", "fid_batch_size",
-                "jobs", "span", "sweep", "given", "trust_checkpoint", "config"}
+                "num_workers", "cache", "resume", "pretrained_model", "start_checkpoint", "train", "n_samples",
+                "parallel", "use_tensorboard", "log_step", "sample_step", "model_save_step", "total_step",
+                "fid_batch_size", "jobs", "span", "sweep", "given", "trust_checkpoint", "config"}
 
 @dataclass
 class Outcome:
