@@ -181,12 +181,12 @@ def statistics(images, out=None, *, fid_weights=None, fid_resize="tf1", fid_prec
     passed to metrics() later."""
     if out is not None:  # before minutes of feature extraction
         if Path(out).is_dir():
-            raise UserError(f"--save-stats: {out} is a folder; give a file name, e.g. {Path(out) / 'stats.npz'}")
+            raise UserError(f"out={out} is a folder; give a file name, e.g. {Path(out) / 'stats.npz'}")
         if Path(out).suffix.lower() != ".npz":  # what every reader of statistics looks for
-            raise UserError(f"--save-stats: statistics are an .npz file; give a name ending in .npz, not {out}")
+            raise UserError(f"out={out}: statistics are an .npz file; give a name ending in .npz")
         if Path(out).exists() and not _is_stats_file(out):  # images, a checkpoint: never written over
-            raise UserError(f"--save-stats: {out} exists and holds no statistics; give another file name")
-        check_writable(Path(out).absolute().parent, "--save-stats")
+            raise UserError(f"out={out} exists and holds no statistics; give another file name")
+        check_writable(Path(out).absolute().parent, "out")
     _check_counts(batch_size=batch_size, fid_samples=fid_samples)
     _in_memory(images)
     if _stats_only(images):

@@ -124,7 +124,7 @@ def generator_from_checkpoint(path, ema=False, trust=False):
     ck = load(path, trust=trust)
     cfg = argparse.Namespace(**ck.config)
     if ema and ck.G_ema is None:
-        raise UserError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema")
+        raise UserError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema (ema=True in the API)")
     try:
         G = build_generator(cfg)
         G.load_state_dict(ck.G_ema if ema else ck.G)

@@ -128,7 +128,12 @@ def test_user_mistakes_raise_user_error_never_exit(two_sets, capsys):
              (lambda: api.metrics(a, a, batch_size=0), "batch_size must be an integer >= 1, got 0"),
              (lambda: api.metrics(a, a, kid_subsets=2.5), "kid_subsets must be an integer >= 1, got 2.5"),
              (lambda: api.statistics(list(a)), "a uint8 image array or tensor, or a dict of statistics; got a list"),
+             # out= is named as the API spells it (fid.py's own messages say --save-stats)
+             (lambda: api.statistics(a, root), f"out={root} is a folder; give a file name"),
+             (lambda: api.statistics(a, root / "s.txt"), f"out={root / 's.txt'}: statistics are an .npz file"),
+             (lambda: api.statistics(a, root / "junk.npz"), f"out={root / 'junk.npz'} exists and holds no statistics"),
              (lambda: api.metrics(a, tuple(a)), "got a tuple")]
+    (root / "junk.npz").write_bytes(b"not statistics")
     for call, message in cases:
         with pytest.raises(utils.UserError, match=re.escape(message)):
             call()
@@ -156,7 +161,7 @@ def test_compare_runs_gives_the_numbers_of_fid_py_compare(tmp_path, capsys):
     rows = api.compare_runs(runs, reach=41)
     assert capsys.readouterr().out == ""
     with pytest.raises(utils.UserError, match=re.escape("no run logged fid_ema: they trained without an EMA "
-                                                        "generator (--ema_decay); drop --ema")):
+                                                        "generator (--ema_decay); drop --ema (ema=True in the API)")):
         api.compare_runs(runs, ema=True)  # as fid.py compare --ema: not rows of n = 0
     one = api.compare_runs(str(runs[-1]))  # one folder as a string: a list of one, not its characters
     assert one == api.compare_runs([runs[-1]]) and {r["group"] for r in one} == {"s3_alone (span 3)"}

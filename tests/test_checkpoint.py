@@ -2,6 +2,7 @@
 checkpoint loads it with weights_only=True; a file that is not a checkpoint is one line;
 checkpoints of versions before 0.2 load only behind --trust_checkpoint."""
 import random
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import fid
 import main
 from conftest import TINY, one_line_exit_2, out_dirs
 from checkpoint import rng_state, set_rng_state
+from utils import UserError
 
 
 def train(tmp_path, *extra):
@@ -140,6 +142,9 @@ def test_fid_reads_a_pre_0_2_checkpoint_only_when_trusted(tmp_path, capsys):
     G, cfg = checkpoint.generator_from_checkpoint(path, trust=True)  # what fid.py --trust_checkpoint builds
     assert cfg.imsize == 32
     assert all(torch.equal(v, ck["G"][k]) for k, v in G.state_dict().items())
+    with pytest.raises(UserError, match=re.escape(f"{path} has no EMA generator (trained without --ema_decay); drop "
+                                                  f"--ema (ema=True in the API)")):
+        checkpoint.generator_from_checkpoint(path, ema=True, trust=True)  # fid.py --ema, api.generate(ema=True)
 
 
 @pytest.mark.slow
