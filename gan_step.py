@@ -3,6 +3,7 @@ device, with DiffAugment on everything D sees, the EMA of G, and the optimizers;
 the whole step can be one CUDA graph. Everything around the step (data, logs, outputs,
 checkpoints) is the Trainer's."""
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,13 @@ from diffaug import augment
 
 NO_BUFFER_SYNC = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
     else {"broadcast_buffers": False}
+
+
+def quiet_cuda_home_warning():
+    """Inductor compiles CPU kernels through torch.utils.cpp_extension, whose import warns "No
+    CUDA runtime is found, using CUDA_HOME=..." on a machine without CUDA: nothing a CPU run
+    needs, so a CPU run with --compile default does not show it."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def persistent_buffers(model):
@@ -61,6 +69,8 @@ class GANStep:
             G, D = (DDP(m, device_ids=ids, **NO_BUFFER_SYNC) for m in (G, D))
         D_frozen = self.D
         if self.cfg.compile == "default":
+            if self.device.type == "cpu":
+                quiet_cuda_home_warning()
             G, D, D_frozen = (torch.compile(m) for m in (G, D, D_frozen))
         return G, D, D_frozen
 

@@ -142,6 +142,15 @@ class Interval:
         return means, steps, train, wall
 
 
+def rate_text(it_s) -> str:
+    """A console line's speed: it/s, or s/it below one step a second, so that a slow first
+    interval (torch.compile's minute of compiling, a CUDA graph's capture) reads as its
+    seconds, not as "0.0 it/s"."""
+    if it_s >= 1 or it_s <= 0:
+        return f"{it_s:.1f} it/s"
+    return f"{1 / it_s:.1f} s/it"
+
+
 class RunLog:
     """Rank 0's record of training: metrics.csv (one row per --log_step interval; a resumed
     run drops the rows after its checkpoint), the same numbers on the run's TensorBoard, and progress:
@@ -203,7 +212,7 @@ class RunLog:
         self.bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}", refresh=False)
         now = time.perf_counter()
         if not is_tty() and (now - self.last_print > 5 or step == self.total or self.last_print == 0):
-            print(f"step {step}/{self.total}  {it_s:.1f} it/s  d_loss {values[0]:.4f}  g_loss {values[1]:.4f}  "
+            print(f"step {step}/{self.total}  {rate_text(it_s)}  d_loss {values[0]:.4f}  g_loss {values[1]:.4f}  "
                   f"D(real) {values[2]:.3f}  D(fake) {values[3]:.3f}", flush=True)
             self.last_print = now
 

@@ -1,11 +1,14 @@
 """The training step: D's loss against separate forwards, --d_iters, the EMA recurrence,
 wgan-gp's double backward, Adam state in the parameters' layout, every CPU speed option
 against the reference losses, DiffAugment on everything D sees."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from batches import make_batches
-from conftest import make_trainer, out_dirs, run_main, TINY, train_args
+from conftest import REPO, make_trainer, out_dirs, run_main, TINY, train_args
 from data_loader import build_dataset
 from run import configure
 from sagan_models import attention_layers
@@ -100,6 +103,19 @@ def test_every_cpu_speed_option_gives_the_reference_losses(tmp_path, image_folde
     # bfloat16 autocast: same losses to bf16 precision
     bf16 = _first_steps(tmp_path, image_folder, ["--attn_impl", "fused", "--amp", "bf16", "--cache"])
     torch.testing.assert_close(bf16, ref, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.slow
+def test_a_cpu_run_with_compile_does_not_show_torchs_cuda_home_warning(tmp_path):
+    # a process of its own: the warning comes once per process, when inductor first imports
+    # torch.utils.cpp_extension (here right after the Trainer, as compiling the first step would)
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+            f"from pathlib import Path; from conftest import make_trainer\n"
+            f"make_trainer(Path({str(tmp_path)!r}), '--compile', 'default')\n"
+            f"import torch.utils.cpp_extension")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "CUDA_HOME" not in r.stderr and "No CUDA runtime" not in r.stderr, r.stderr
 
 
 def test_trainer_augments_what_d_sees_in_both_steps_and_never_when_sampling(tmp_path):

@@ -93,6 +93,13 @@ def test_a_metrics_csv_of_another_network_is_refused_before_anything_is_touched(
     assert {p: p.read_bytes() for p in (tmp_path / "logs/c").iterdir()} == before
 
 
+def test_a_slow_interval_prints_seconds_per_step_not_zero_it_s():
+    from runlog import rate_text
+    # the first interval of --compile default on a CPU: 1 step in 48 s was "0.0 it/s"
+    assert rate_text(1 / 48) == "48.0 s/it" and rate_text(0.4) == "2.5 s/it"
+    assert rate_text(18.44) == "18.4 it/s" and rate_text(1.0) == "1.0 it/s"
+
+
 def test_a_signal_during_fid_says_the_fid_is_finished_first(capsys):
     with trainer.StopSignals() as stop:
         with stop.busy("the FID of step 10"):
