@@ -1,7 +1,8 @@
 """Files that survive kills, full disks and parallel writers: atomic writes, file locks,
-checks that an output can be written, and log CSVs read back without their broken lines;
-NumPy files checked before numpy reads them (it would offer to run code from them)."""
+checks that an output can be written, log CSVs read back without their broken lines, a run's
+status.json; NumPy files checked before numpy reads them (it would offer to run code from them)."""
 import csv
+import json
 import os
 import re
 import shutil
@@ -186,3 +187,38 @@ def check_array_file(path):
         where = f" (array {', '.join(objects)})" if objects != [""] else ""
         raise UserError(f"{path} holds Python objects{where}, not numbers, and is not loaded (unpickling them "
                         f"could run code from the file); save a numeric array instead")
+
+
+# status.json in a run's log folder: how the last process that trained the run ended. Written by
+# runlog.RunStatus from inside the run; by a sweep (record_unseen_end) for a cell it saw die
+# without a word; read by the compare report.
+STATUS_FILE = "status.json"
+STATUSES = ("running", "finished", "stopped", "diverged", "failed")
+
+
+def write_status(log_folder, status, step, total_step, reason=""):
+    record = {"status": status, "step": step, "total_step": total_step, "reason": reason}
+    with atomic_open(Path(log_folder) / STATUS_FILE, "w") as f:
+        f.write(json.dumps(record, indent=2))
+
+
+def read_status(log_folder) -> dict:
+    """The run's status.json, or {} if it has none (a run from before the file existed, or
+    one that never trained) or it cannot be read."""
+    try:
+        record = json.loads((Path(log_folder) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    ok = isinstance(record, dict) and record.get("status") in STATUSES and isinstance(record.get("step"), int)
+    return record if ok else {}
+
+
+def record_unseen_end(log_folder, reason):
+    """A run whose process died without recording its end (kill -9, out of memory: its
+    status.json still says "running") becomes "failed" with `reason`, at its last logged
+    step, as whoever saw the process end knows. A run that recorded its own end is left as it is."""
+    status = read_status(log_folder)
+    if status.get("status") != "running":
+        return
+    logged = [int(r["step"]) for r in csv_rows_until(Path(log_folder) / "metrics.csv", 2 ** 62)]
+    write_status(log_folder, "failed", max([status["step"], *logged]), status.get("total_step"), reason[:300])

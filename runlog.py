@@ -3,7 +3,6 @@ device, read once per interval), attention.csv, the run's TensorBoard writer, pr
 lines, the signals that stop a run at a checkpoint, and status.json: how the run's last
 process ended."""
 import csv
-import json
 import signal
 import sys
 import time
@@ -12,13 +11,9 @@ from contextlib import contextmanager
 import torch
 from tqdm import tqdm
 
-from files import atomic_open, csv_header, csv_rows_until
+from files import STATUS_FILE, atomic_open, csv_header, csv_rows_until, write_status
 from sagan_models import attention_layers
 from utils import UserError, is_tty, warn
-
-STATUS_FILE = "status.json"
-STATUSES = ("running", "finished", "stopped", "diverged", "failed")
-
 
 class Diverged(UserError):
     """A loss or a weight became NaN/inf: the run stops, and status.json says so."""
@@ -31,16 +26,14 @@ class RunStatus:
     that dies without a word (kill -9, out of memory, power cut) leaves that; at the end
     "finished" (--total_step reached), "stopped" (a signal: a checkpoint was saved, resume
     continues it), "diverged" (NaN/inf) or "failed" (any other error, its first line in
-    "reason"). The compare report counts failed runs from it (read_status). Rank 0 writes it."""
+    "reason"). The compare report counts failed runs from it (files.read_status). Rank 0 writes it."""
 
     def __init__(self, trainer):
         self.t = trainer
         self.path = trainer.dirs["log"] / STATUS_FILE if trainer.is_main else None
 
     def _write(self, status, reason=""):
-        record = {"status": status, "step": self.t.step, "total_step": self.t.cfg.total_step, "reason": reason}
-        with atomic_open(self.path, "w") as f:
-            f.write(json.dumps(record, indent=2))
+        write_status(self.path.parent, status, self.t.step, self.t.cfg.total_step, reason)
 
     def __enter__(self):
         if self.path is not None:
@@ -61,16 +54,6 @@ class RunStatus:
             warn(f"could not record the run's end in {self.path} ({e.strerror or e})")
         return False
 
-
-def read_status(folder) -> dict:
-    """The run's status.json as written by RunStatus, or {} if it has none (a run from before
-    the file existed, or one that never trained) or it cannot be read."""
-    try:
-        record = json.loads((folder / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    ok = isinstance(record, dict) and record.get("status") in STATUSES and isinstance(record.get("step"), int)
-    return record if ok else {}
 
 class StopSignals:
     """SIGINT / SIGTERM while training are remembered (not raised), so the loop can save a

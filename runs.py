@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoint import read_config
-from files import csv_rows_until
+from files import csv_rows_until, read_status
 from folders import run_configs
-from runlog import read_status
 from utils import UserError
 
 

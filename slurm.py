@@ -22,7 +22,7 @@ from pathlib import Path
 
 from choices import SLURM_SIGNAL_DELAY_S
 from files import atomic_open, file_lock
-from sweep import cell_argv, cell_result, cell_settings, cell_state, check_start, grid, report
+from sweep import cell_argv, cell_result, cell_settings, cell_state, check_start, grid, record_failure, report
 from utils import REPO, UserError
 
 # Requeues after a time limit (preemptions are not counted) before submitit gives a cell up:
@@ -74,7 +74,9 @@ class CellJob:
         self.proc = subprocess.Popen([sys.executable, self.main_py, *args], env=env,
                                      preexec_fn=lambda: signal.signal(warning, signal.SIG_IGN))
         code = self.proc.wait()
-        return cell_result(cell_state(self.cfg, self.version) == "done", code)
+        result = cell_result(cell_state(self.cfg, self.version) == "done", code)
+        record_failure(self.cfg, self.version, result)
+        return result
 
     def checkpoint(self):
         """submitit's hook, called in the signal handler: stop the cell (SIGTERM: it saves a
@@ -267,4 +269,5 @@ def _outcome(cfg, version, job_id, folder) -> str:
         result = "ok"
     else:
         result = "failed (the job ended without a result: cancelled, out of time or memory, or its node failed)"
+    record_failure(cfg, version, result)
     return f"{result[:-1]}; log {_log(folder, job_id)})" if result.startswith("failed") else result

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from choices import span_text
+from files import record_unseen_end
 from folders import checkpoints, run_started
 from utils import UserError
 
@@ -161,6 +162,14 @@ def cell_result(done, returncode) -> str:
     return "interrupted" if returncode in STOPPED_CODES else f"failed ({how})"
 
 
+def record_failure(cfg, version, result):
+    """A failed cell whose process died without recording it (status.json still "running":
+    killed by a signal, out of memory) gets the sweep's reason in its status.json, so that
+    the compare report calls it failed, as the sweep's summary does."""
+    if result.startswith("failed"):
+        record_unseen_end(Path(cfg.log_path) / version, f"{result} (seen by the sweep)")
+
+
 def sweep_summary(results, why="their output above says why"):
     """(the sweep's closing line, its exit code) from [(version, result)], result as
     run_sweep sets it: "done before", "ok", "interrupted", "failed (...)" or None (never
@@ -234,6 +243,7 @@ def run_sweep(cfg, argv, main_py) -> int:
                 if c.reader is not None:  # its last lines first
                     c.reader.join(timeout=10)
                 c.result = cell_result(cell_state(cfg, c.version) == "done", c.proc.returncode)
+                record_failure(cfg, c.version, c.result)
                 print(f"sweep: {c.version} {c.result}", flush=True)
             if stop["signal"] is not None and not running:
                 break

@@ -138,7 +138,8 @@ def test_rt_is_logged_per_interval(tmp_path, monkeypatch):
 
 
 def test_status_json_records_how_the_run_ended(tmp_path):
-    from runlog import Diverged, RunStatus, read_status
+    from files import read_status
+    from runlog import Diverged, RunStatus
     t = SimpleNamespace(dirs={"log": tmp_path}, is_main=True, step=4, cfg=SimpleNamespace(total_step=10))
     ends = []
     for error, step in ((None, 10), (None, 6), (Diverged("a loss became NaN/inf by step 7; ..."), 7),

@@ -289,6 +289,42 @@ def test_the_report_of_a_sweep_without_fid_or_with_ema_compares_what_it_logged(t
         f"{tmp_path / 'logs'}; move it back there to count it" in out
 
 
+FAKE_CELL = """import json, os, signal, sys
+from pathlib import Path
+args = sys.argv[1:]
+log = Path(args[args.index("--log_path") + 1]) / args[args.index("--version") + 1]
+log.mkdir(parents=True)
+(log / "config.json").write_text(json.dumps({"total_step": 10}))
+(log / "status.json").write_text(json.dumps({"status": "running", "step": 0, "total_step": 10, "reason": ""}))
+(log / "metrics.csv").write_text("step,seconds\\n3,0.1\\n6,0.2\\n")
+os.kill(os.getpid(), signal.SIGKILL if "span0" in str(log) else signal.SIGTERM)
+"""
+
+
+def test_a_cell_killed_without_a_word_is_failed_in_the_report_as_in_the_summary(tmp_path, capsys):
+    # A cell killed outright (kill -9, the OOM killer) leaves status.json at "running": the
+    # compare report called it "running or killed" where the sweep's summary said failed. The
+    # sweep saw it die, and records why. (A stand-in for main.py: a cell that logged steps 3
+    # and 6, then was killed; the span-2 cell by SIGTERM before any checkpoint.)
+    from files import read_status
+    from runs import load_run
+    from sweep import run_sweep
+    fake = tmp_path / "fake_main.py"
+    fake.write_text(FAKE_CELL)
+    argv = [*SWEEP, *out_dirs(tmp_path), "--span", "0,2", "--seed", "1", "--total_step", "10"]
+    assert run_sweep(configure(argv), argv, str(fake)) == 1
+    out = capsys.readouterr().out
+    killed, stopped = tmp_path / "logs/sagan_emoji_span0_32px_seed1", tmp_path / "logs/sagan_emoji_span2_32px_seed1"
+    assert f"sweep: {killed.name} failed (killed by SIGKILL)" in out and f"failed: 1 ({killed.name})" in out
+    status = read_status(killed)
+    assert (status["status"], status["step"]) == ("failed", 6)
+    assert status["reason"] == "failed (killed by SIGKILL) (seen by the sweep)"
+    run = load_run(killed, "fid")
+    assert run.outcome.failed and run.outcome.step == 6
+    # a stop by signal is the cell's own to record (here it could not: the sweep leaves it as it was)
+    assert f"sweep: {stopped.name} interrupted" in out and read_status(stopped)["status"] == "running"
+
+
 def _cell_pid(lock):
     """The process named in a run lock ("process PID (main.py ...)"), or None before it is written."""
     m = re.match(r"process (\d+) ", lock.read_text()) if lock.is_file() else None
