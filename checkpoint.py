@@ -124,7 +124,8 @@ def generator_from_checkpoint(path, ema=False, trust=False):
     ck = load(path, trust=trust)
     cfg = argparse.Namespace(**ck.config)
     if ema and ck.G_ema is None:
-        raise UserError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema (ema=True in the API)")
+        raise UserError(f"{path} has no EMA generator (trained without --ema_decay); drop --ema (in the API: "
+                        f"ema=False)")
     try:
         G = build_generator(cfg)
         G.load_state_dict(ck.G_ema if ema else ck.G)

@@ -305,7 +305,7 @@ def check_logged(groups, column="fid", ema=False) -> list:
                         f"{headline_column(logged)} (or another column of theirs)")
     if ema and not any((r.config or {}).get("ema_decay") for g in groups for r in g.runs):
         raise UserError(f"no run logged {shown}: they trained without an EMA generator (--ema_decay); drop --ema "
-                        f"(ema=True in the API)")
+                        f"(in the API: ema=False)")
     return groups
 
 

@@ -216,9 +216,20 @@ def read_status(log_folder) -> dict:
 def record_unseen_end(log_folder, reason):
     """A run whose process died without recording its end (kill -9, out of memory: its
     status.json still says "running") becomes "failed" with `reason`, at its last logged
-    step, as whoever saw the process end knows. A run that recorded its own end is left as it is."""
-    status = read_status(log_folder)
-    if status.get("status") != "running":
+    step, as whoever saw the process end knows. A run that recorded its own end, or that a
+    live process holds (its run lock), is left as it is."""
+    log_folder = Path(log_folder).resolve()
+    try:
+        import fcntl
+    except ImportError:  # no run locks here (run.lock_run): no way to tell a live run from a dead one
         return
-    logged = [int(r["step"]) for r in csv_rows_until(Path(log_folder) / "metrics.csv", 2 ** 62)]
-    write_status(log_folder, "failed", max([status["step"], *logged]), status.get("total_step"), reason[:300])
+    with open(log_folder.parent / f".{log_folder.name}.lock", "a+") as lock:  # the run's lock (run.lock_run)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live process trains the run (another start, a resumed job): its status is its own
+            return
+        status = read_status(log_folder)
+        if status.get("status") != "running":
+            return
+        logged = [int(r["step"]) for r in csv_rows_until(log_folder / "metrics.csv", 2 ** 62)]
+        write_status(log_folder, "failed", max([status["step"], *logged]), status.get("total_step"), reason[:300])

@@ -15,11 +15,19 @@ NO_BUFFER_SYNC = {"forward_sync_buffers": False} if "forward_sync_buffers" in in
     else {"broadcast_buffers": False}
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def quiet_cuda_home_warning():
     """Inductor compiles CPU kernels through torch.utils.cpp_extension, whose import warns "No
     CUDA runtime is found, using CUDA_HOME=..." on a machine without CUDA: nothing a CPU run
-    needs, so a CPU run with --compile default does not show it."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    needs, so a CPU run with --compile default does not show it (that line only: the module's
+    other warnings, a wrong compiler, stay)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
 
 
 def persistent_buffers(model):

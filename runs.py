@@ -25,7 +25,7 @@ NOT_SETTINGS = {"seed", "version", "log_path", "model_save_path", "sample_path",
 
 @dataclass
 class Outcome:
-    """How a run ended, from its status.json (runlog.RunStatus) and its logs."""
+    """How a run ended, from its status.json (runlog.RunStatus, or a sweep that saw it die) and its logs."""
     kind: str  # "finished", "stopped early", "diverged", "failed", or "unknown" (no config.json, no status)
     step: int  # the step it failed or stopped at; its last logged step otherwise
     what: str = ""  # in a word or three: "diverged", "interrupted", "running or killed", ...

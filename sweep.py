@@ -16,7 +16,7 @@ from pathlib import Path
 from choices import span_text
 from files import record_unseen_end
 from folders import checkpoints, run_started
-from utils import UserError
+from utils import UserError, warn
 
 SWEEP_FLAGS = ("--span", "--g_span", "--d_span", "--seed", "--version", "--jobs",  # what each cell sets for itself
                "--launcher", "--slurm_partition", "--slurm_time", "--slurm_gpus", "--slurm_cpus",  # the sweep's
@@ -166,8 +166,12 @@ def record_failure(cfg, version, result):
     """A failed cell whose process died without recording it (status.json still "running":
     killed by a signal, out of memory) gets the sweep's reason in its status.json, so that
     the compare report calls it failed, as the sweep's summary does."""
-    if result.startswith("failed"):
-        record_unseen_end(Path(cfg.log_path) / version, f"{result} (seen by the sweep)")
+    if not result.startswith("failed (") or cell_state(cfg, version) == "done":  # done: as good as finished
+        return
+    try:
+        record_unseen_end(Path(cfg.log_path) / version, f"{result[len('failed ('):-1]}; the sweep saw its process end")
+    except OSError as e:  # a note lost, never the sweep
+        warn(f"could not record how {version} ended in its status.json ({e.strerror or e})")
 
 
 def sweep_summary(results, why="their output above says why"):

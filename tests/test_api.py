@@ -161,7 +161,7 @@ def test_compare_runs_gives_the_numbers_of_fid_py_compare(tmp_path, capsys):
     rows = api.compare_runs(runs, reach=41)
     assert capsys.readouterr().out == ""
     with pytest.raises(utils.UserError, match=re.escape("no run logged fid_ema: they trained without an EMA "
-                                                        "generator (--ema_decay); drop --ema (ema=True in the API)")):
+                                                        "generator (--ema_decay); drop --ema (in the API: ema=False)")):
         api.compare_runs(runs, ema=True)  # as fid.py compare --ema: not rows of n = 0
     one = api.compare_runs(str(runs[-1]))  # one folder as a string: a list of one, not its characters
     assert one == api.compare_runs([runs[-1]]) and {r["group"] for r in one} == {"s3_alone (span 3)"}

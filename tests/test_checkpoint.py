@@ -143,7 +143,7 @@ def test_fid_reads_a_pre_0_2_checkpoint_only_when_trusted(tmp_path, capsys):
     assert cfg.imsize == 32
     assert all(torch.equal(v, ck["G"][k]) for k, v in G.state_dict().items())
     with pytest.raises(UserError, match=re.escape(f"{path} has no EMA generator (trained without --ema_decay); drop "
-                                                  f"--ema (ema=True in the API)")):
+                                                  f"--ema (in the API: ema=False)")):
         checkpoint.generator_from_checkpoint(path, ema=True, trust=True)  # fid.py --ema, api.generate(ema=True)
 
 

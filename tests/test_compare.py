@@ -348,7 +348,7 @@ def test_compare_outputs_it_cannot_write_are_one_line_before_any_work(tmp_path):
               "the attention plot beside --out and --html both name"),
              (["--reach", "nan"], "argument --reach: expected a finite number, got 'nan'"),
              (["--reach", "inf"], "expected a finite number"),
-             (["--ema"], "no run logged fid_ema: they trained without an EMA generator (--ema_decay); drop --ema (ema=True in the API)")]
+             (["--ema"], "no run logged fid_ema: they trained without an EMA generator (--ema_decay); drop --ema (in the API: ema=False)")]
     for extra, message in cases:
         r = run_main(["compare", run, *extra], entry=fid.main)
         assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -318,11 +318,38 @@ def test_a_cell_killed_without_a_word_is_failed_in_the_report_as_in_the_summary(
     assert f"sweep: {killed.name} failed (killed by SIGKILL)" in out and f"failed: 1 ({killed.name})" in out
     status = read_status(killed)
     assert (status["status"], status["step"]) == ("failed", 6)
-    assert status["reason"] == "failed (killed by SIGKILL) (seen by the sweep)"
+    assert status["reason"] == "killed by SIGKILL; the sweep saw its process end"
     run = load_run(killed, "fid")
     assert run.outcome.failed and run.outcome.step == 6
     # a stop by signal is the cell's own to record (here it could not: the sweep leaves it as it was)
     assert f"sweep: {stopped.name} interrupted" in out and read_status(stopped)["status"] == "running"
+
+
+def test_the_sweep_leaves_the_status_of_a_live_run_and_of_a_finished_cell(tmp_path):
+    # record_unseen_end never writes over a run a live process holds (its run lock: another
+    # start of the cell, a resumed job), nor marks failed a cell killed after its last checkpoint
+    from files import read_status, record_unseen_end, write_status
+    from run import lock_run, unlock_run
+    from sweep import record_failure
+    log = tmp_path / "logs" / "v"
+    log.mkdir(parents=True)
+    write_status(log, "running", 3, 10)
+    lock_run(tmp_path / "logs" / ".v.lock", "run 'v'")
+    try:
+        record_unseen_end(log, "killed")
+        assert read_status(log)["status"] == "running"
+    finally:
+        unlock_run()
+    record_unseen_end(log, "killed")
+    assert (read_status(log)["status"], read_status(log)["reason"]) == ("failed", "killed")
+    cfg = configure([*SWEEP, *out_dirs(tmp_path), "--span", "0,2", "--seed", "1", "--total_step", "10"])
+    done = tmp_path / "logs" / "sagan_emoji_span0_32px_seed1"
+    done.mkdir()
+    write_status(done, "running", 0, 10)
+    (tmp_path / "models" / done.name).mkdir(parents=True)
+    (tmp_path / "models" / done.name / "10.pt").write_bytes(b"")
+    record_failure(cfg, done.name, "failed (killed by SIGKILL, after its last checkpoint)")
+    assert read_status(done)["status"] == "running"  # compare: finished by its steps, as the sweep's "done before"
 
 
 def _cell_pid(lock):
