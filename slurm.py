@@ -22,7 +22,7 @@ from pathlib import Path
 
 from choices import SLURM_SIGNAL_DELAY_S
 from files import atomic_open, file_lock
-from sweep import cell_argv, cell_result, cell_settings, cell_state, check_start, grid, record_failure, report
+from sweep import cell_argv, cell_end, cell_settings, cell_state, check_start, grid, record_failure, report
 from utils import REPO, UserError
 
 # Requeues after a time limit (preemptions are not counted) before submitit gives a cell up:
@@ -58,7 +58,7 @@ class CellJob:
         return {**vars(self), "proc": None}
 
     def __call__(self) -> str:
-        """Run the cell; its result as the local sweep names it (sweep.cell_result)."""
+        """Run the cell; its result as the local sweep names it (sweep.cell_end)."""
         state = cell_state(self.cfg, self.version)
         if state == "done":
             return "ok"
@@ -73,10 +73,7 @@ class CellJob:
         # this process's to act on (checkpoint), and stops on the SIGTERM it is sent then.
         self.proc = subprocess.Popen([sys.executable, self.main_py, *args], env=env,
                                      preexec_fn=lambda: signal.signal(warning, signal.SIG_IGN))
-        code = self.proc.wait()
-        result = cell_result(cell_state(self.cfg, self.version) == "done", code)
-        record_failure(self.cfg, self.version, result)
-        return result
+        return cell_end(self.cfg, self.version, self.proc.wait())
 
     def checkpoint(self):
         """submitit's hook, called in the signal handler: stop the cell (SIGTERM: it saves a
@@ -264,10 +261,12 @@ def _outcome(cfg, version, job_id, folder) -> str:
     if path.is_file():
         with open(path, "rb") as f:
             kind, value = pickle.load(f)
-        result = value if kind == "success" else "failed (an error in the job)"
+        result = value if kind == "success" else "failed (an error in the job)"  # success: cell_end recorded it
+        if kind != "success" and cell_state(cfg, version) != "done":
+            record_failure(cfg, version, result)
     elif cell_state(cfg, version) == "done":
         result = "ok"
-    else:
+    else:  # the job could not record the cell's end
         result = "failed (the job ended without a result: cancelled, out of time or memory, or its node failed)"
-    record_failure(cfg, version, result)
+        record_failure(cfg, version, result)
     return f"{result[:-1]}; log {_log(folder, job_id)})" if result.startswith("failed") else result

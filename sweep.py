@@ -162,11 +162,21 @@ def cell_result(done, returncode) -> str:
     return "interrupted" if returncode in STOPPED_CODES else f"failed ({how})"
 
 
+def cell_end(cfg, version, returncode) -> str:
+    """cell_result of a cell whose process ended; a failed cell short of --total_step gets
+    its end recorded (record_failure). A cell done is as good as finished, however it ended."""
+    done = cell_state(cfg, version) == "done"
+    result = cell_result(done, returncode)
+    if not done:
+        record_failure(cfg, version, result)
+    return result
+
+
 def record_failure(cfg, version, result):
-    """A failed cell whose process died without recording it (status.json still "running":
-    killed by a signal, out of memory) gets the sweep's reason in its status.json, so that
-    the compare report calls it failed, as the sweep's summary does."""
-    if not result.startswith("failed (") or cell_state(cfg, version) == "done":  # done: as good as finished
+    """A failed cell (not done) whose process died without recording it (status.json still
+    "running": killed by a signal, out of memory) gets the sweep's reason in its status.json,
+    so that the compare report calls it failed, as the sweep's summary does."""
+    if not result.startswith("failed ("):
         return
     try:
         record_unseen_end(Path(cfg.log_path) / version, f"{result[len('failed ('):-1]}; the sweep saw its process end")
@@ -246,8 +256,7 @@ def run_sweep(cfg, argv, main_py) -> int:
                 running.remove(c)
                 if c.reader is not None:  # its last lines first
                     c.reader.join(timeout=10)
-                c.result = cell_result(cell_state(cfg, c.version) == "done", c.proc.returncode)
-                record_failure(cfg, c.version, c.result)
+                c.result = cell_end(cfg, c.version, c.proc.returncode)
                 print(f"sweep: {c.version} {c.result}", flush=True)
             if stop["signal"] is not None and not running:
                 break

@@ -330,7 +330,7 @@ def test_the_sweep_leaves_the_status_of_a_live_run_and_of_a_finished_cell(tmp_pa
     # start of the cell, a resumed job), nor marks failed a cell killed after its last checkpoint
     from files import read_status, record_unseen_end, write_status
     from run import lock_run, unlock_run
-    from sweep import record_failure
+    from sweep import cell_end
     log = tmp_path / "logs" / "v"
     log.mkdir(parents=True)
     write_status(log, "running", 3, 10)
@@ -348,7 +348,7 @@ def test_the_sweep_leaves_the_status_of_a_live_run_and_of_a_finished_cell(tmp_pa
     write_status(done, "running", 0, 10)
     (tmp_path / "models" / done.name).mkdir(parents=True)
     (tmp_path / "models" / done.name / "10.pt").write_bytes(b"")
-    record_failure(cfg, done.name, "failed (killed by SIGKILL, after its last checkpoint)")
+    assert cell_end(cfg, done.name, -signal.SIGKILL) == "failed (killed by SIGKILL, after its last checkpoint)"
     assert read_status(done)["status"] == "running"  # compare: finished by its steps, as the sweep's "done before"
 
 
