@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from folders import run_lock_path
 from utils import UserError, warn
 
 
@@ -223,7 +224,7 @@ def record_unseen_end(log_folder, reason):
         import fcntl
     except ImportError:  # no run locks here (run.lock_run): no way to tell a live run from a dead one
         return
-    with open(log_folder.parent / f".{log_folder.name}.lock", "a+") as lock:  # the run's lock (run.lock_run)
+    with open(run_lock_path(log_folder.parent, log_folder.name), "a+") as lock:  # the run's lock (run.lock_run)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # a live process trains the run (another start, a resumed job): its status is its own

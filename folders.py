@@ -12,6 +12,11 @@ def run_dirs(cfg) -> dict:
     return {k: Path(getattr(cfg, f"{k}_path")) / cfg.version for k in OUTPUT_FOLDERS}
 
 
+def run_lock_path(root, version) -> Path:
+    """The lock file in an output root that makes one process a run's only writer (run.lock_run)."""
+    return Path(root) / f".{version}.lock"
+
+
 def checkpoint_path(model_folder, step: int) -> Path:
     """Where the checkpoint of `step` goes in a run's model folder."""
     return Path(model_folder) / f"{step}.pt"

@@ -10,7 +10,7 @@ from pathlib import Path
 import checkpoint
 from device import pick_device
 from files import check_writable
-from folders import OUTPUT_FOLDERS, checkpoints, run_dirs, run_started
+from folders import OUTPUT_FOLDERS, checkpoints, run_dirs, run_lock_path, run_started
 from parameter import (Config, build_parser, check_metric_samples, default_diffaug, flag_words, parse_flags,
                        resolve_device_defaults)
 from utils import UserError, warn
@@ -155,7 +155,7 @@ def configure(argv=None, flags=None) -> Config:
         # a lock in every output root: two runs that share any one of the run's folders
         # (same --version and --model_save_path, other --log_path) cannot both write
         for root in dict.fromkeys(Path(getattr(cfg, f"{k}_path")).resolve() for k in OUTPUT_FOLDERS):
-            lock_run(root / f".{cfg.version}.lock", f"run '{cfg.version}'")
+            lock_run(run_lock_path(root, cfg.version), f"run '{cfg.version}'")
     given_now = set(cfg.given)
     resolve_start(cfg)
     # after the start's settings: what the run's command gave (a --cuda_graph) may not run
